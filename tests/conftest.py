@@ -1,0 +1,202 @@
+"""Test session: a real Kafka broker and a real Redis on free ports (the demo's own code starts
+them), the real model, and helpers that wait on conditions with a bound, never on sleeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from streamtune.settings import REPO_ROOT, Settings
+from streamtune.stack import EmbeddedKafka, EmbeddedRedis, find_free_port
+
+
+def wait_until(cond: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last one
+            last_exc = e
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+@dataclass
+class Stack:
+    kafka: EmbeddedKafka
+    redis: EmbeddedRedis
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka.bootstrap_servers
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("stack")
+    kafka = EmbeddedKafka(work_dir=work / "kafka")
+    red = EmbeddedRedis(work / "redis")
+    kafka.start()
+    red.start()
+    try:
+        yield Stack(kafka, red)
+    finally:
+        red.stop()
+        kafka.stop()
+
+
+@pytest.fixture
+def settings(stack: Stack, tmp_path: Path) -> Settings:
+    """Settings isolated per test: own topic prefix, consumer group and Redis database keys."""
+    tag = uuid.uuid4().hex[:8]
+    return Settings(
+        bootstrap_servers=stack.bootstrap,
+        redis_url=stack.redis_url,
+        topic_prefix=f"t{tag}.",
+        group_id=f"scorer-{tag}",
+        topic_partitions=2,
+        metrics_port=find_free_port(),
+        state_dir=tmp_path / "state",
+        batch_max_events=16,
+        batch_max_ms=30,
+        commit_interval_s=0.2,
+        torch_threads=1,
+        log_json=True,
+    )
+
+
+@pytest.fixture
+def redis_client(stack: Stack) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTUNE_")}
+    for name, value in settings.model_dump().items():
+        env[f"STREAMTUNE_{name.upper()}"] = str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ScorerProcess:
+    """A real ``streamtune scorer`` process."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ScorerProcess:
+        out = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streamtune.cli", "scorer"],
+            env=settings_env(self.settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+        wait_until(self.ready, 180, "the scorer to load its model and serve /metrics", poll_s=0.3)
+        return self
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return str(r.read().decode())
+
+    def ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"scorer exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+        try:
+            self.metrics()
+        except OSError:
+            return False
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def scorer_factory(tmp_path: Path) -> Iterator[Callable[[Settings], ScorerProcess]]:
+    started: list[ScorerProcess] = []
+
+    def make(s: Settings) -> ScorerProcess:
+        p = ScorerProcess(s, tmp_path / f"scorer-{len(started)}.log")
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        if p.proc is not None and p.proc.poll() is None:
+            p.stop()
+
+
+def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float = 120) -> list[Any]:
+    """Read a topic from the beginning until ``expected`` records arrived (bounded)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        settings.topic(topic),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=1000,
+    )
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for msg in consumer:
+                records.append(msg)
+                if len(records) >= expected:
+                    break
+    finally:
+        consumer.close()
+    return records
+
+
+def load_json(raw: bytes) -> Any:
+    return json.loads(raw)

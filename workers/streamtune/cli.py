@@ -1,0 +1,160 @@
+"""The ``streamtune`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from streamtune.errors import StreamtuneError
+from streamtune.settings import Settings
+from streamtune.tasks import TASK_NAMES
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Real-time scoring with hot-swappable LoRA adapters.")
+console = Console(stderr=True)
+
+ALL = "all"
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = "STREAMTUNE_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        console.print(f"[red]error:[/] {name}: {err['msg']}")
+        raise typer.Exit(2) from e
+
+
+def _tasks(task: str) -> list[str]:
+    if task == ALL:
+        return list(TASK_NAMES)
+    if task not in TASK_NAMES:
+        console.print(f"[red]error:[/] unknown task {task!r}; one of {', '.join(TASK_NAMES)} or all")
+        raise typer.Exit(2)
+    return [task]
+
+
+@app.command()
+def scorer() -> None:
+    """Run the scoring worker (scale out by starting more: they share one consumer group)."""
+    from streamtune.scorer.main import run_scorer
+
+    run_scorer(_settings())
+
+
+@app.command()
+def topics() -> None:
+    """Create the missing topics (partitions and replication from settings)."""
+    from streamtune.topics import ensure_topics, topic_specs
+
+    s = _settings()
+    created = ensure_topics(s)
+    for spec in topic_specs(s):
+        state = "created" if spec.name in created else "exists"
+        console.print(f"{spec.name:32} partitions={spec.partitions} replication={spec.replication} {state}")
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Option(help="review_sentiment | query_class | purchase_intent | all")] = ALL,
+    seed: int = 13,
+    epochs: int = 1,
+    train_rows: Annotated[int, typer.Option(help="Training rows per text task (0: all)")] = 3000,
+    max_len: int = 128,
+    if_missing: Annotated[bool, typer.Option(help="Only train tasks that have no version yet")] = False,
+) -> None:
+    """Fine-tune a task's adapter on the shipped data, evaluate on held-out rows, publish a version."""
+    from streamtune.logs import configure_logging
+    from streamtune.registry import LocalRegistry
+    from streamtune.training.bootstrap import TrainConfig, train_task
+
+    s = _settings()
+    configure_logging(s.log_level, json=False)
+    registry = LocalRegistry(s.adapter_dir)
+    cfg = TrainConfig(seed=seed, epochs=epochs, train_rows=train_rows, max_len=max_len)
+    for t in _tasks(task):
+        if if_missing and registry.latest(t) is not None:
+            continue
+        m = train_task(t, s.base_model, s.data_dir, registry, cfg)
+        table = Table(title=f"{t} v{m.version} (held-out rows: {m.training['held_out_rows']})")
+        table.add_column("model")
+        for k in m.metrics:
+            table.add_column(k, justify="right")
+        table.add_row("streamtune", *[f"{v:.3f}" for v in m.metrics.values()])
+        for name, vals in m.baselines.items():
+            table.add_row(name, *[f"{vals.get(k, float('nan')):.3f}" for k in m.metrics])
+        Console().print(table)
+
+
+@app.command()
+def replay(
+    task: Annotated[str, typer.Option(help="Task to replay, or all")] = ALL,
+    limit: Annotated[int, typer.Option(help="Valid events per task at most")] = 1000,
+    rate: Annotated[float, typer.Option(help="Events per second in total (0: as fast as possible)")] = 0.0,
+    malformed: Annotated[float, typer.Option(help="Share of deliberately malformed events (0-1)")] = 0.0,
+    labels: Annotated[bool, typer.Option(help="Also produce each event's label on `labels`")] = False,
+    seed: int = 7,
+    skip: Annotated[int, typer.Option(help="Skip this many rows per data set first")] = 0,
+) -> None:
+    """Produce events from the shipped data sets."""
+    from streamtune.replay import replay as run_replay
+
+    report = run_replay(_settings(), _tasks(task), limit, rate, malformed, labels, seed, skip)
+    print(json.dumps({"sent": report.sent, "malformed": report.malformed, "labels": report.labels,
+                      "seconds": round(report.seconds, 2)}))
+
+
+@app.command()
+def tail(
+    topic: Annotated[str, typer.Argument(help="e.g. scores.review, scores.search, scores.click, events.dlq")],
+    from_beginning: bool = False,
+    max_messages: Annotated[int, typer.Option(help="Stop after this many (0: run until Ctrl-C)")] = 0,
+    raw: Annotated[bool, typer.Option(help="Print the JSON as received")] = False,
+) -> None:
+    """Subscribe to an output topic and print results readably."""
+    from streamtune.tail import run_tail
+
+    run_tail(_settings(), topic, from_beginning, max_messages, raw)
+
+
+@app.command()
+def schemas(write: Annotated[bool, typer.Option(help="Regenerate schemas/ from the typed models")] = False) -> None:
+    """List (or regenerate) the JSON Schemas of every payload."""
+    from streamtune import schemas as sch
+
+    if write:
+        for p in sch.write_all():
+            console.print(str(p))
+    else:
+        for name in sch.SCHEMA_MODELS:
+            console.print(f"{name}: {sch.SCHEMA_DIR / (name + '.json')}")
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Stop after this many seconds (0: until Ctrl-C)")] = 0.0,
+    rate: Annotated[float, typer.Option(help="Replay rate, events/s in total")] = 60.0,
+    malformed: Annotated[float, typer.Option(help="Share of malformed events in the replay")] = 0.02,
+) -> None:
+    """Start the embedded stack, a scorer and a replay, and show a live view."""
+    from streamtune.demo import run_demo
+
+    run_demo(_settings(), duration=duration, rate=rate, malformed=malformed)
+
+
+def main() -> None:
+    try:
+        app()
+    except StreamtuneError as e:
+        console.print(f"[red]error:[/] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""The one exception root of streamtune.
+
+Third-party errors are wrapped (``raise StreamtuneError(...) from e``) where they cross
+a module boundary, so callers only ever need to catch :class:`StreamtuneError`.
+"""
+
+from __future__ import annotations
+
+
+class StreamtuneError(Exception):
+    """Root of every error streamtune raises on purpose."""
+
+
+class StackError(StreamtuneError):
+    """The embedded local stack (Kafka, Redis) could not be fetched or started."""
+
+
+class ConfigError(StreamtuneError):
+    """A setting is missing or invalid; the message names the setting."""
+
+
+class StartupError(StreamtuneError):
+    """A worker cannot start: a dependency is unreachable or a required file is missing.
+
+    The message is one line that names the setting to fix.
+    """
+
+
+class DecodeError(StreamtuneError):
+    """An input event could not be decoded or validated (it goes to the dead-letter topic)."""
+
+
+class AdapterError(StreamtuneError):
+    """An adapter version is missing, corrupt, incompatible or fails verification."""
+
+
+class SinkError(StreamtuneError):
+    """Writing results to Redis or the output topics failed."""

@@ -1,0 +1,200 @@
+"""Typed models of every payload on our topics.
+
+The JSON Schemas in ``schemas/`` are generated from these models (``streamtune schemas --write``)
+and a test checks that the committed files equal what the models produce, so the two cannot drift.
+Models are frozen; unknown fields are ignored so producers can add fields without breaking scorers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_REVIEW_TEXT = 10_000
+MAX_TITLE = 1_000
+MAX_QUERY = 512
+MAX_ID = 128
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+TaskName = Literal["review_sentiment", "query_class", "purchase_intent"]
+PageType = Literal["administrative", "informational", "product"]
+VisitorType = Literal["returning", "new", "other"]
+SentimentLabel = Literal["negative", "neutral", "positive"]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    event_id: Id = Field(description="Unique id of the event; results are keyed by it")
+    ts: datetime = Field(description="When the event happened (ISO-8601, UTC recommended)")
+
+
+class ReviewEvent(_Event):
+    """A product review (topic ``events.review``)."""
+
+    model_config = ConfigDict(title="review.v1", json_schema_extra={"$id": "review.v1.json"})
+
+    product_id: Id
+    text: str = Field(min_length=1, max_length=MAX_REVIEW_TEXT)
+    title: str | None = Field(None, max_length=MAX_TITLE)
+    user_id: Id | None = None
+    rating: int | None = Field(None, ge=1, le=5)
+
+    def model_text(self) -> str:
+        """What the sentiment model reads: the title (when given) then the text."""
+        return f"{self.title}. {self.text}" if self.title else self.text
+
+
+class SearchEvent(_Event):
+    """A product search (topic ``events.search``)."""
+
+    model_config = ConfigDict(title="search.v1", json_schema_extra={"$id": "search.v1.json"})
+
+    session_id: Id
+    query: str = Field(min_length=1, max_length=MAX_QUERY)
+    user_id: Id | None = None
+    shown_product_ids: list[Id] | None = Field(None, max_length=1000)
+
+
+class ClickEvent(_Event):
+    """One page view of a shopping session (topic ``events.click``), with its session context."""
+
+    model_config = ConfigDict(title="click.v1", json_schema_extra={"$id": "click.v1.json"})
+
+    session_id: Id
+    page_type: PageType
+    duration_s: float = Field(ge=0.0, le=86_400.0)
+    page_value: float = Field(ge=0.0)
+    bounce_rate: Probability
+    exit_rate: Probability
+    month: int = Field(ge=1, le=12)
+    visitor_type: VisitorType
+    weekend: bool
+    special_day: Probability
+    traffic_type: int = Field(ge=1, le=1000)
+    region: int = Field(ge=1, le=1000)
+    browser: int = Field(ge=1, le=1000)
+    operating_system: int = Field(ge=1, le=1000)
+
+
+class LabelEvent(BaseModel):
+    """A (late) ground-truth label for an earlier event or session (topic ``labels``).
+
+    ``review_sentiment`` takes a sentiment name or a 1-5 rating, ``query_class`` a class name,
+    ``purchase_intent`` 0 or 1 and a ``session_id``.
+    """
+
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", title="label.v1", json_schema_extra={"$id": "label.v1.json"}
+    )
+
+    event_id: Id | None = None
+    session_id: Id | None = None
+    task: TaskName
+    label: str | int
+    ts: datetime
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelEvent:
+        if (self.event_id is None) == (self.session_id is None):
+            raise ValueError("exactly one of event_id or session_id is required")
+        if self.task == "purchase_intent":
+            if self.session_id is None or self.label not in (0, 1):
+                raise ValueError("purchase_intent labels a session_id with 0 or 1")
+        elif self.task == "review_sentiment":
+            ok = self.label in (1, 2, 3, 4, 5) or self.label in ("negative", "neutral", "positive")
+            if not ok:
+                raise ValueError("review_sentiment label is a 1-5 rating or negative/neutral/positive")
+        elif not isinstance(self.label, str) or not self.label:
+            raise ValueError("query_class label is a class name")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Output events
+
+
+class AdapterRef(BaseModel):
+    """Which adapter produced a result."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: TaskName
+    version: int = Field(ge=1)
+
+
+class ClassProbability(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    probability: Probability
+
+
+class _Score(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    event_id: Id
+    task: TaskName
+    adapter: AdapterRef
+    label: str = Field(description="The most likely class")
+    event_ts: datetime
+    scored_at: datetime
+
+
+class ReviewScore(_Score):
+    """Sentiment of one review (topic ``scores.review``, key ``product_id``)."""
+
+    model_config = ConfigDict(title="score.review.v1", json_schema_extra={"$id": "score.review.v1.json"})
+
+    product_id: Id
+    probabilities: dict[SentimentLabel, Probability]
+
+
+class SearchScore(_Score):
+    """Product class of one search query (topic ``scores.search``, key ``session_id``)."""
+
+    model_config = ConfigDict(title="score.search.v1", json_schema_extra={"$id": "score.search.v1.json"})
+
+    session_id: Id
+    top: list[ClassProbability] = Field(min_length=1, max_length=10, description="Best classes first")
+
+
+class ClickScore(_Score):
+    """Purchase probability of a session after one page view (topic ``scores.click``, key ``session_id``)."""
+
+    model_config = ConfigDict(title="score.click.v1", json_schema_extra={"$id": "score.click.v1.json"})
+
+    session_id: Id
+    purchase_probability: Probability
+    page_views: int = Field(ge=1)
+
+
+class DeadLetter(BaseModel):
+    """An input the scorer could not use (topic ``events.dlq``). Nothing is dropped silently."""
+
+    model_config = ConfigDict(frozen=True, title="dlq.v1", json_schema_extra={"$id": "dlq.v1.json"})
+
+    source_topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    key: str | None = None
+    error: str = Field(description="Why the event was refused, in words")
+    raw: str | None = Field(None, description="The raw value when it is UTF-8")
+    raw_b64: str | None = Field(None, description="The raw value, base64, when it is not UTF-8")
+    received_at: datetime
+
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "review.v1": ReviewEvent,
+    "search.v1": SearchEvent,
+    "click.v1": ClickEvent,
+    "label.v1": LabelEvent,
+    "score.review.v1": ReviewScore,
+    "score.search.v1": SearchScore,
+    "score.click.v1": ClickScore,
+    "dlq.v1": DeadLetter,
+}

@@ -1,0 +1,32 @@
+"""The purchase-intent model: a small MLP on session features, LoRA-adaptable through peft."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from streamtune.features import FEATURE_DIM
+
+CLICK_LORA_TARGETS = ["fc1", "fc2", "out"]
+CLICK_BASE_WEIGHTS = "base_model.safetensors"
+CLICK_BASE_NAME = "streamtune/click-mlp"
+
+
+class ClickNet(nn.Module):
+    """Standardise, two hidden layers, one logit. The scaler is a buffer so it ships with the weights."""
+
+    def __init__(self, dim: int = FEATURE_DIM, hidden: int = 64) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden // 2)
+        self.out = nn.Linear(hidden // 2, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        x = self.act(self.fc1(x))
+        x = self.act(self.fc2(x))
+        logits: torch.Tensor = self.out(x).squeeze(-1)
+        return logits

@@ -1,0 +1,172 @@
+"""Versioned, immutable adapter registry.
+
+On-disk shape, one directory per version::
+
+    <root>/<task>/<version>/
+        manifest.json              task, version, parent, base model name + sha256, metrics, file sha256s
+        adapter_config.json        peft LoRA config
+        adapter_model.safetensors  LoRA weights (safetensors only, never pickle)
+        head.safetensors           task head (text tasks)  | base_model.safetensors (click model)
+
+Publishing writes into a hidden temporary directory and renames it into place, so a reader
+never sees half a version; an existing version is never overwritten. Storage sits behind
+:class:`AdapterStore` so an object store can be added without touching the workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streamtune.errors import AdapterError
+from streamtune.events import TaskName
+
+MANIFEST = "manifest.json"
+ModelKind = Literal["text-lora", "click-mlp-lora"]
+
+
+class BaseModelRef(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    sha256: str
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task: TaskName
+    version: int = Field(ge=1)
+    parent_version: int | None = None
+    kind: ModelKind
+    base_model: BaseModelRef
+    labels: list[str]
+    created_at: datetime
+    training: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    baselines: dict[str, dict[str, float]] = {}
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class AdapterStore(Protocol):
+    """What the workers need from a registry; the local directory is the default implementation."""
+
+    def versions(self, task: str) -> list[int]: ...
+
+    def manifest(self, task: str, version: int) -> Manifest: ...
+
+    def fetch(self, task: str, version: int) -> Path:
+        """A local directory holding the version's files (downloaded first for remote stores)."""
+        ...
+
+    def publish(self, build_dir: Path, manifest: Manifest) -> Manifest: ...
+
+
+class LocalRegistry:
+    """The registry as a local (or mounted) directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _dir(self, task: str, version: int) -> Path:
+        return self.root / task / str(version)
+
+    def versions(self, task: str) -> list[int]:
+        d = self.root / task
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def latest(self, task: str) -> int | None:
+        v = self.versions(task)
+        return v[-1] if v else None
+
+    def manifest(self, task: str, version: int) -> Manifest:
+        path = self._dir(task, version) / MANIFEST
+        if not path.is_file():
+            raise AdapterError(f"{task} v{version}: manifest missing at {path}")
+        try:
+            m = Manifest.model_validate_json(path.read_bytes())
+        except ValidationError as e:
+            raise AdapterError(f"{task} v{version}: manifest invalid: {e.errors()[0]['msg']}") from e
+        if m.task != task or m.version != version:
+            raise AdapterError(f"{task} v{version}: manifest names {m.task} v{m.version}")
+        return m
+
+    def fetch(self, task: str, version: int) -> Path:
+        return self._dir(task, version)
+
+    def verify(self, task: str, version: int, base_sha256: str | None = None) -> Manifest:
+        """Check the manifest, every file's checksum and (optionally) the base model.
+
+        Raises :class:`AdapterError` saying exactly what is wrong.
+        """
+        m = self.manifest(task, version)
+        d = self._dir(task, version)
+        if not m.files:
+            raise AdapterError(f"{task} v{version}: manifest lists no files")
+        for name, digest in m.files.items():
+            path = d / name
+            if not path.is_file():
+                raise AdapterError(f"{task} v{version}: file {name} missing")
+            actual = sha256_file(path)
+            if actual != digest:
+                raise AdapterError(f"{task} v{version}: checksum mismatch for {name}")
+        if base_sha256 is not None and m.kind == "text-lora" and m.base_model.sha256 != base_sha256:
+            raise AdapterError(
+                f"{task} v{version}: trained for base model {m.base_model.name} "
+                f"({m.base_model.sha256[:12]}), the scorer runs {base_sha256[:12]}"
+            )
+        return m
+
+    def publish(self, build_dir: Path, manifest: Manifest) -> Manifest:
+        """Publish the files in ``build_dir`` as ``manifest.version`` of ``manifest.task``.
+
+        Checksums are computed here; the version directory appears atomically (rename).
+        """
+        task, version = manifest.task, manifest.version
+        target = self._dir(task, version)
+        if target.exists():
+            raise AdapterError(f"{task} v{version} already exists; versions are immutable")
+        files = {
+            p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file() and p.name != MANIFEST
+        }
+        final = manifest.model_copy(update={"files": files})
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+        try:
+            for name in files:
+                shutil.copy2(build_dir / name, tmp / name)
+            (tmp / MANIFEST).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
+            for p in tmp.iterdir():
+                with p.open("rb") as f:
+                    os.fsync(f.fileno())
+            os.rename(tmp, target)  # fails if target appeared meanwhile: never overwrite
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise AdapterError(f"publishing {task} v{version} failed: {e}") from e
+        return final
+
+    def next_version(self, task: str) -> int:
+        return (self.latest(task) or 0) + 1
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data

@@ -1,0 +1,258 @@
+"""``streamtune replay``: the shipped data sets as events on the input topics.
+
+Event generation is pure (rows to typed events, deterministic ids), so tests can compute the
+expected aggregates from the same events; only :func:`replay` touches Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from streamtune.errors import StartupError
+from streamtune.events import ClickEvent, LabelEvent, ReviewEvent, SearchEvent
+from streamtune.features import PAGE_COLUMNS
+from streamtune.settings import Settings
+from streamtune.tasks import LABELS_TOPIC, TASKS
+from streamtune.training import data
+
+log = structlog.get_logger(__name__)
+
+TOPIC_OF = {t.name: t.input_topic for t in TASKS.values()}
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    task: str
+    key: str
+    value: bytes
+    valid: bool
+    label: LabelEvent | None = None
+
+
+def _ts(now: datetime | None) -> datetime:
+    return now or datetime.now(UTC)
+
+
+def review_events(data_dir: Path, now: datetime | None = None) -> Iterator[tuple[ReviewEvent, LabelEvent]]:
+    for r in data.load_reviews(data_dir):
+        ts = _ts(now)
+        ev = ReviewEvent(
+            event_id=f"review-{r.review_id}",
+            ts=ts,
+            product_id=r.product_id,
+            text=r.text,
+            title=r.title or None,
+            rating=None,  # the rating is the label; it arrives later on `labels`
+        )
+        yield ev, LabelEvent(event_id=ev.event_id, task="review_sentiment", label=r.rating, ts=ts)
+
+
+def search_events(data_dir: Path, now: datetime | None = None) -> Iterator[tuple[SearchEvent, LabelEvent]]:
+    for q in data.load_queries(data_dir):
+        ts = _ts(now)
+        ev = SearchEvent(event_id=f"search-{q.query_id}", ts=ts, session_id=f"qs-{q.query_id}", query=q.query)
+        yield ev, LabelEvent(event_id=ev.event_id, task="query_class", label=q.label, ts=ts)
+
+
+def session_clicks(row: dict[str, str], now: datetime | None = None) -> list[ClickEvent]:
+    """One data-set row as page views whose aggregate reproduces the row.
+
+    Each page type's duration is spread evenly over its pages; rates and page value are the
+    row's averages on every page, so their mean is the row's value.
+    """
+    sid = f"s-{row['session_id']}"
+    pages: list[tuple[str, float]] = []
+    for page, (count_col, dur_col) in PAGE_COLUMNS.items():
+        n = int(float(row[count_col]))
+        dur = max(float(row[dur_col]), 0.0)
+        pages += [(page, dur / n)] * n if n else []
+    clicks = []
+    for i, (page, dur) in enumerate(pages):
+        clicks.append(
+            ClickEvent(
+                event_id=f"click-{row['session_id']}-{i}",
+                ts=_ts(now),
+                session_id=sid,
+                page_type=page,  # type: ignore[arg-type]
+                duration_s=min(dur, 86_400.0),
+                page_value=float(row["PageValues"]),
+                bounce_rate=float(row["BounceRates"]),
+                exit_rate=float(row["ExitRates"]),
+                month=int(float(row["Month"])),
+                visitor_type="returning" if row["ReturningVisitor"] == "1" else "new",
+                weekend=row["Weekend"] == "1",
+                special_day=float(row["SpecialDay"]),
+                traffic_type=int(float(row["TrafficType"])),
+                region=int(float(row["Region"])),
+                browser=int(float(row["Browser"])),
+                operating_system=int(float(row["OperatingSystems"])),
+            )
+        )
+    return clicks
+
+
+def click_events(
+    data_dir: Path, max_pages: int = 40, now: datetime | None = None
+) -> Iterator[tuple[list[ClickEvent], LabelEvent]]:
+    """Sessions (at most ``max_pages`` page views, to keep replays varied) and their purchase label."""
+    for row in data.load_sessions(data_dir):
+        clicks = session_clicks(row, now)
+        if not clicks or len(clicks) > max_pages:
+            continue
+        label = LabelEvent(
+            session_id=clicks[0].session_id, task="purchase_intent", label=int(row["Revenue"]), ts=_ts(now)
+        )
+        yield clicks, label
+
+
+MALFORMED_KINDS = ("invalid_json", "missing_field", "oversize", "bad_enum", "not_utf8", "wrong_type")
+
+
+def malform(task: str, valid: dict[str, object], kind: str) -> bytes:
+    """A deliberately broken version of a valid event (each kind is one way producers break)."""
+    v = dict(valid)
+    if kind == "invalid_json":
+        return json.dumps(v).encode()[:-7] + b"}{"
+    if kind == "not_utf8":
+        return b"\xff\xfe" + json.dumps(v).encode("utf-16-le")
+    if kind == "missing_field":
+        v.pop({"review_sentiment": "text", "query_class": "query", "purchase_intent": "page_type"}[task])
+    elif kind == "oversize":
+        if task == "review_sentiment":
+            v["text"] = "x" * 10_001
+        elif task == "query_class":
+            v["query"] = "q" * 513
+        else:
+            v["session_id"] = "s" * 200
+    elif kind == "bad_enum":
+        if task == "purchase_intent":
+            v["page_type"] = "checkout"
+        else:
+            v["ts"] = "yesterday"
+    elif kind == "wrong_type":
+        v["event_id"] = 12345
+    return json.dumps(v).encode()
+
+
+def _events(task: str, data_dir: Path) -> Iterator[tuple[str, list[bytes], LabelEvent]]:
+    if task == "review_sentiment":
+        for ev, lab in review_events(data_dir):
+            yield ev.product_id, [ev.model_dump_json().encode()], lab
+    elif task == "query_class":
+        for s, lab in search_events(data_dir):
+            yield s.session_id, [s.model_dump_json().encode()], lab
+    else:
+        for clicks, lab in click_events(data_dir):
+            yield clicks[0].session_id, [c.model_dump_json().encode() for c in clicks], lab
+
+
+def plan(
+    data_dir: Path,
+    tasks: list[str],
+    limit: int,
+    malformed_share: float = 0.0,
+    seed: int = 7,
+    skip: int = 0,
+) -> Iterator[Outgoing]:
+    """Events of the given tasks interleaved, ``limit`` valid events per task at most.
+
+    A click session counts all its page views. ``malformed_share`` of the records are
+    replaced by broken ones (and reported as invalid); a session's last click stays valid.
+    """
+    rng = random.Random(seed)
+    sources = {t: _events(t, data_dir) for t in tasks}
+    for t in tasks:
+        for _ in range(skip):
+            next(sources[t], None)
+    sent = dict.fromkeys(tasks, 0)
+    while sources:
+        for task in list(sources):
+            item = next(sources[task], None)
+            if item is None or sent[task] >= limit:
+                del sources[task]
+                continue
+            key, values, label = item
+            for i, value in enumerate(values):
+                if malformed_share and i < len(values) - 1 and rng.random() < malformed_share:
+                    kind = rng.choice(MALFORMED_KINDS)
+                    yield Outgoing(task, key, malform(task, json.loads(value), kind), valid=False)
+                    continue
+                sent[task] += 1
+                last = i == len(values) - 1
+                yield Outgoing(task, key, value, valid=True, label=label if last else None)
+
+
+@dataclass
+class ReplayReport:
+    sent: dict[str, int] = field(default_factory=dict)
+    malformed: dict[str, int] = field(default_factory=dict)
+    labels: int = 0
+    seconds: float = 0.0
+
+
+def producer(settings: Settings) -> KafkaProducer:
+    try:
+        return KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            acks="all",
+            linger_ms=5,
+            retries=5,
+            client_id="streamtune-replay",
+        )
+    except (KafkaError, OSError, ValueError) as e:
+        raise StartupError(
+            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.bootstrap_servers} ({e})"
+        ) from e
+
+
+def replay(
+    settings: Settings,
+    tasks: list[str],
+    limit: int,
+    rate: float = 0.0,
+    malformed_share: float = 0.0,
+    labels: bool = False,
+    seed: int = 7,
+    skip: int = 0,
+    should_stop: object = None,
+) -> ReplayReport:
+    """Produce events; ``rate`` events/s in total (0: as fast as possible)."""
+    report = ReplayReport(sent=dict.fromkeys(tasks, 0), malformed=dict.fromkeys(tasks, 0))
+    prod = producer(settings)
+    started = time.monotonic()
+    n = 0
+    try:
+        for out in plan(settings.data_dir, tasks, limit, malformed_share, seed, skip):
+            if callable(should_stop) and should_stop():
+                break
+            if rate > 0:
+                due = started + n / rate
+                if (wait := due - time.monotonic()) > 0:
+                    time.sleep(wait)  # pacing the producer, not waiting for a condition
+            prod.send(settings.topic(TOPIC_OF[out.task]), key=out.key.encode(), value=out.value)
+            n += 1
+            if out.valid:
+                report.sent[out.task] += 1
+            else:
+                report.malformed[out.task] += 1
+            if labels and out.label is not None:
+                lkey = (out.label.event_id or out.label.session_id or "").encode()
+                prod.send(settings.topic(LABELS_TOPIC), key=lkey, value=out.label.model_dump_json().encode())
+                report.labels += 1
+        prod.flush(timeout=60)
+    finally:
+        prod.close(timeout=10)
+    report.seconds = time.monotonic() - started
+    log.info("replay_done", sent=report.sent, malformed=report.malformed, labels=report.labels,
+             seconds=round(report.seconds, 2))
+    return report

@@ -1,0 +1,1 @@
+"""The scoring worker: Faust agents at the edges, pure stages in between."""

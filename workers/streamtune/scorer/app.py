@@ -1,0 +1,182 @@
+"""Faust wiring of the scorer: agents read raw records in micro-batches and hand them to the
+:class:`BatchProcessor`; the session table lives here because Faust owns it.
+
+Delivery: a batch's events are acknowledged only after its Redis writes and output events are
+flushed (Faust then commits acknowledged offsets). Each message is pinned with an extra
+reference while its batch is in flight, so a batch that fails or is cancelled is never
+acknowledged by ``take_events``' cleanup: its offsets stay uncommitted and are re-delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+import structlog
+from faust.streams import _current_event
+
+from streamtune.decode import Decoded, Source
+from streamtune.events import ClickEvent
+from streamtune.features import SessionState, apply_click, is_expired
+from streamtune.model.runtime import ModelRuntime
+from streamtune.scorer.pipeline import BatchProcessor
+from streamtune.settings import Settings
+from streamtune.sink import RedisSink
+from streamtune.tasks import TASKS
+from streamtune.telemetry import ScorerMetrics
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ScorerResources:
+    """Heavy, long-lived things, created by the lifecycle code before the app starts."""
+
+    runtime: ModelRuntime
+    metrics: ScorerMetrics
+    model_executor: ThreadPoolExecutor
+
+
+class FaustPublisher:
+    """Output events through the app's producer; ``flush`` waits until every send is acknowledged."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+        self._pending: list[Awaitable[Any]] = []
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        fut = await self.app.producer.send(topic, key, value, None, None, None)
+        self._pending.append(fut)
+
+    async def flush(self) -> None:
+        await self.app.producer.flush()
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+def build_app(settings: Settings, res: ScorerResources) -> faust.App:
+    app = faust.App(
+        settings.group_id,
+        broker=[f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(",")],
+        store="memory://",
+        datadir=str(Path(settings.state_dir) / settings.group_id),
+        web_enabled=False,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        topic_disable_leader=True,
+        table_standby_replicas=0,
+        broker_commit_interval=settings.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+        producer_acks=-1,
+    )
+    publisher = FaustPublisher(app)
+    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    sink = RedisSink(
+        redis_client,
+        score_ttl_s=settings.score_ttl_s,
+        session_ttl_s=settings.session_ttl_s,
+        retry_max_s=settings.redis_retry_max_s,
+        on_retry=res.metrics.redis_retries.inc,
+    )
+    processor = BatchProcessor(settings, res.runtime, res.model_executor, sink, publisher, res.metrics)
+    sessions = app.Table(
+        "sessions",
+        default=None,
+        partitions=settings.topic_partitions,
+        key_serializer="json",
+        value_serializer="json",
+    )
+    click_topic_name = settings.topic(TASKS["purchase_intent"].input_topic)
+    within = settings.batch_max_ms / 1000.0
+
+    def topic(task: str) -> faust.TopicT:
+        return app.topic(settings.topic(TASKS[task].input_topic), key_serializer="raw", value_serializer="raw")
+
+    async def run(task: str, stream: faust.StreamT, events_by_pos: dict[tuple[int, int], Any] | None) -> None:
+        async for events in stream.take_events(settings.batch_max_events, within=within):
+            for ev in events:
+                ev.message.incref()  # pin until the batch is flushed (see module docstring)
+            records = [
+                (
+                    ev.message.value,
+                    Source(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key),
+                )
+                for ev in events
+            ]
+            if events_by_pos is not None:
+                events_by_pos.clear()
+                events_by_pos.update({(ev.message.partition, ev.message.offset): ev for ev in events})
+            try:
+                await processor.process(task, records, update_sessions if task == "purchase_intent" else None)
+            except Exception:
+                log.exception("batch_failed", task=task, first_offset=records[0][1].offset)
+                raise
+            for ev in events:
+                ev.message.decref()
+
+    click_events: dict[tuple[int, int], Any] = {}
+
+    async def update_sessions(decoded: list[Decoded[ClickEvent]]) -> list[SessionState]:
+        """Apply clicks to the table in order; each table write is attributed to its own event,
+        so its changelog record lands in that event's partition (Faust co-partitioning)."""
+        states = []
+        for d in decoded:
+            sid = d.event.session_id
+            raw = sessions.get(sid)
+            prev = SessionState.model_validate(raw) if raw else None
+            new, applied = apply_click(prev, d.event, d.source.partition, d.source.offset)
+            if applied:
+                token = _current_event.set(weakref.ref(click_events[(d.source.partition, d.source.offset)]))
+                try:
+                    sessions[sid] = new.model_dump(mode="json")
+                finally:
+                    _current_event.reset(token)
+            states.append(new)
+        res.metrics.sessions_active.set(len(sessions.data))
+        return states
+
+    @app.agent(topic("review_sentiment"), name="score-reviews")
+    async def score_reviews(stream: faust.StreamT) -> None:
+        await run("review_sentiment", stream, None)
+
+    @app.agent(topic("query_class"), name="score-searches")
+    async def score_searches(stream: faust.StreamT) -> None:
+        await run("query_class", stream, None)
+
+    @app.agent(topic("purchase_intent"), name="score-clicks")
+    async def score_clicks(stream: faust.StreamT) -> None:
+        await run("purchase_intent", stream, click_events)
+
+    @app.timer(settings.session_sweep_s)
+    async def expire_sessions() -> None:
+        """Drop sessions idle longer than ``session_inactivity_s`` (only partitions we own)."""
+        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == click_topic_name}
+        now = time.time()
+        expired = 0
+        for key, raw in list(sessions.data.items()):
+            state = SessionState.model_validate(raw)
+            if state.partition in owned and is_expired(state, now, settings.session_inactivity_s):
+                sessions.data.pop(key, None)
+                sessions.send_changelog(state.partition, key, None, value_serializer="raw")
+                expired += 1
+        if expired:
+            res.metrics.sessions_expired.inc(expired)
+            log.info("sessions_expired", count=expired)
+        res.metrics.sessions_active.set(len(sessions.data))
+
+    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
+    async def _close(app: faust.App, **_: Any) -> None:
+        await redis_client.aclose()
+
+    return app

@@ -1,0 +1,121 @@
+"""One micro-batch, end to end: decode, score (once), encode, write, publish, flush.
+
+Kafka specifics stay in :mod:`streamtune.scorer.app`; this class sees records and two
+outputs (a Redis sink and a publisher), so the wiring can be exercised directly in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+
+from streamtune.decode import Decoded, Source, split
+from streamtune.encode import Result, click_results, review_results, search_results
+from streamtune.events import ClickEvent, DeadLetter, ReviewEvent, SearchEvent
+from streamtune.features import SessionState, session_row, vectorize
+from streamtune.model.runtime import ModelRuntime, Scored
+from streamtune.settings import Settings
+from streamtune.sink import RedisSink
+from streamtune.tasks import DLQ_TOPIC, TASKS
+from streamtune.telemetry import ScorerMetrics
+
+log = structlog.get_logger(__name__)
+
+
+class Publisher(Protocol):
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
+# Applies decoded clicks to the session table (in stream order) and returns each click's
+# session state after it; supplied by the Faust layer, which owns the table.
+SessionUpdater = Callable[[list[Decoded[ClickEvent]]], Awaitable[list[SessionState]]]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    scored: int
+    dead: int
+    version: int | None
+
+
+class BatchProcessor:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: ModelRuntime,
+        model_executor: Executor,
+        sink: RedisSink,
+        publisher: Publisher,
+        metrics: ScorerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.executor = model_executor
+        self.sink = sink
+        self.publisher = publisher
+        self.metrics = metrics
+
+    async def _score(self, task: str, inputs: Sequence[Any]) -> Scored:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        scored = await loop.run_in_executor(self.executor, self.runtime.score, task, list(inputs))
+        self.metrics.model_seconds.labels(task).observe(time.perf_counter() - started)
+        return scored
+
+    async def process(
+        self,
+        task: str,
+        records: list[tuple[bytes | None, Source]],
+        sessions: SessionUpdater | None = None,
+    ) -> BatchOutcome:
+        spec = TASKS[task]
+        good, bad = split(spec.event_model, records)
+        for dl in bad:
+            await self._dead_letter(task, dl)
+        results: list[Result] = []
+        version = None
+        if good:
+            now = datetime.now(UTC)
+            if task == "review_sentiment":
+                reviews: list[ReviewEvent] = [d.event for d in good]  # type: ignore[misc]
+                scored = await self._score(task, [r.model_text() for r in reviews])
+                results = review_results(reviews, scored, now)
+            elif task == "query_class":
+                searches: list[SearchEvent] = [d.event for d in good]  # type: ignore[misc]
+                scored = await self._score(task, [s.query for s in searches])
+                results = search_results(searches, scored, now)
+            else:
+                assert sessions is not None, "purchase_intent needs the session table"
+                states = await sessions(good)  # type: ignore[arg-type]
+                scored = await self._score(task, [vectorize(session_row(s)) for s in states])
+                clicks: list[ClickEvent] = [d.event for d in good]  # type: ignore[misc]
+                results = click_results(clicks, [s.page_views for s in states], scored, now)
+            version = scored.version
+            await self.sink.write(results, now.isoformat())
+            done = time.time()
+            out_topic = self.settings.topic(spec.output_topic)
+            for r in results:
+                await self.publisher.send(out_topic, r.key.encode("utf-8"), r.payload())
+                self.metrics.latency.labels(task).observe(max(0.0, done - r.event_ts.timestamp()))
+            self.metrics.scored.labels(task).inc(len(results))
+            self.metrics.batch_size.labels(task).observe(len(good))
+            self.metrics.adapter_version.labels(task).set(scored.version)
+        await self.publisher.flush()
+        return BatchOutcome(scored=len(results), dead=len(bad), version=version)
+
+    async def _dead_letter(self, task: str, dl: DeadLetter) -> None:
+        self.metrics.dead_letters.labels(task).inc()
+        log.warning(
+            "dead_letter", topic=dl.source_topic, partition=dl.partition, offset=dl.offset, error=dl.error
+        )
+        key = dl.key.encode("utf-8") if dl.key is not None else None
+        await self.publisher.send(self.settings.topic(DLQ_TOPIC), key, dl.model_dump_json().encode("utf-8"))

@@ -1,0 +1,47 @@
+"""Prometheus metrics of a worker, on its own registry (no module-level mutable state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class ScorerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.scored = Counter("streamtune_events_scored", "Events scored", ["task"], registry=r)
+        self.dead_letters = Counter(
+            "streamtune_dead_letters", "Events sent to the dead-letter topic", ["task"], registry=r
+        )
+        self.batch_size = Histogram(
+            "streamtune_batch_size", "Events per model batch", ["task"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.model_seconds = Histogram(
+            "streamtune_model_seconds", "Model time per batch", ["task"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "streamtune_event_to_redis_seconds",
+            "Event time to Redis write",
+            ["task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.adapter_version = Gauge(
+            "streamtune_adapter_version", "Adapter version in use", ["task"], registry=r
+        )
+        self.redis_retries = Counter("streamtune_redis_retries", "Redis write retries", registry=r)
+        self.sessions_expired = Counter(
+            "streamtune_sessions_expired", "Session states expired after inactivity", registry=r
+        )
+        self.sessions_active = Gauge("streamtune_sessions_active", "Sessions held in the table", registry=r)
+
+    def serve(self, port: int) -> None:
+        if port:
+            start_http_server(port, addr="127.0.0.1", registry=self.registry)

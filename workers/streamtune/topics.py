@@ -1,0 +1,71 @@
+"""Topic layout and creation (``streamtune topics``; the scorer also creates missing topics at start)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+from kafka import KafkaAdminClient
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+
+from streamtune.errors import StartupError
+from streamtune.settings import Settings
+from streamtune.tasks import DLQ_TOPIC, LABELS_TOPIC, RELEASES_TOPIC, TASKS
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int
+    config: dict[str, str]
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    p, r = settings.topic_partitions, settings.topic_replication
+    names = [t.input_topic for t in TASKS.values()] + [t.output_topic for t in TASKS.values()]
+    names += [DLQ_TOPIC, LABELS_TOPIC]
+    specs = [TopicSpec(settings.topic(n), p, r, {}) for n in names]
+    # One record per task (the current release); compaction keeps it forever.
+    specs.append(TopicSpec(settings.topic(RELEASES_TOPIC), 1, r, {"cleanup.policy": "compact"}))
+    return specs
+
+
+def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(
+            bootstrap_servers=settings.bootstrap_servers.split(","),
+            client_id="streamtune-admin",
+            request_timeout_ms=int(timeout_s * 1000),
+        )
+    except (NoBrokersAvailable, KafkaError, OSError, ValueError) as e:
+        raise StartupError(
+            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.bootstrap_servers} ({e})"
+        ) from e
+
+
+def ensure_topics(settings: Settings) -> list[str]:
+    """Create the missing topics; returns the names created."""
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        missing = [s for s in topic_specs(settings) if s.name not in existing]
+        created = []
+        for spec in missing:
+            try:
+                admin.create_topics(
+                    [NewTopic(spec.name, spec.partitions, spec.replication, topic_configs=spec.config)]
+                )
+                created.append(spec.name)
+            except TopicAlreadyExistsError:  # another process won the race
+                pass
+        if created:
+            log.info("topics_created", topics=created)
+        return created
+    except KafkaError as e:
+        raise StartupError(f"cannot create topics on {settings.bootstrap_servers}: {e}") from e
+    finally:
+        admin.close()

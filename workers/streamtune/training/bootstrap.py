@@ -1,0 +1,283 @@
+"""``streamtune train``: fine-tune a task's version on the shipped data, evaluate, publish.
+
+Same command + same seed (+ same machine and thread count) gives the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from torch import nn
+
+from streamtune.features import vectorize
+from streamtune.model.click import CLICK_BASE_NAME, CLICK_BASE_WEIGHTS, CLICK_LORA_TARGETS, ClickNet
+from streamtune.model.encoder import (
+    LORA_TARGETS,
+    Head,
+    base_model_name,
+    base_model_sha256,
+    load_base,
+    mean_pool,
+    tokenize,
+)
+from streamtune.registry import BaseModelRef, LocalRegistry, Manifest, sha256_file
+from streamtune.training import data
+from streamtune.training import metrics as M
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 13
+    epochs: int = 2
+    train_rows: int = 4000  # per text task; 0 = all
+    eval_rows: int = 0  # 0 = the whole held-out split
+    max_len: int = 128
+    batch_size: int = 16
+    lr: float = 1e-3
+    lora_r: int = 8
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _embed(tok: Any, model: nn.Module, texts: Sequence[str], max_len: int, bs: int = 64) -> torch.Tensor:
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), bs):
+            b = tokenize(tok, list(texts[i : i + bs]), max_len)
+            h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            outs.append(mean_pool(h, b["attention_mask"]))
+    return torch.cat(outs)
+
+
+def _text_split(task: str, data_dir: Path, cfg: TrainConfig) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+    """(train texts, train labels, test texts, test labels, label names)."""
+    pct = data.HELD_OUT_PERCENT[task]
+    if task == "review_sentiment":
+        rows = data.load_reviews(data_dir)
+        train = [r for r in rows if not data.is_held_out(r.review_id, pct)]
+        test = [r for r in rows if data.is_held_out(r.review_id, pct)]
+        xtr, ytr = [r.model_text() for r in train], [r.label for r in train]
+        xte, yte = [r.model_text() for r in test], [r.label for r in test]
+        names = list(data.SENTIMENTS)
+    else:
+        qs = data.load_queries(data_dir)
+        train_q = [q for q in qs if not data.is_held_out(q.query_id, pct)]
+        test_q = [q for q in qs if data.is_held_out(q.query_id, pct)]
+        xtr, ytr = [q.query for q in train_q], [q.label for q in train_q]
+        xte, yte = [q.query for q in test_q], [q.label for q in test_q]
+        names = sorted({q.label for q in qs})  # the class taxonomy is known up front
+    rng = random.Random(cfg.seed)
+    if cfg.train_rows and len(xtr) > cfg.train_rows:
+        idx = sorted(rng.sample(range(len(xtr)), cfg.train_rows))
+        xtr, ytr = [xtr[i] for i in idx], [ytr[i] for i in idx]
+    if cfg.eval_rows and len(xte) > cfg.eval_rows:
+        idx = sorted(rng.sample(range(len(xte)), cfg.eval_rows))
+        xte, yte = [xte[i] for i in idx], [yte[i] for i in idx]
+    return xtr, ytr, xte, yte, names
+
+
+def train_text_task(
+    task: str, base_path: str, data_dir: Path, registry: LocalRegistry, cfg: TrainConfig
+) -> Manifest:
+    seed_everything(cfg.seed)
+    started = time.monotonic()
+    xtr, ytr_names, xte, yte_names, names = _text_split(task, data_dir, cfg)
+    index = {n: i for i, n in enumerate(names)}
+    ytr = [index[y] for y in ytr_names]
+    yte = [index[y] for y in yte_names]
+    tok, base = load_base(base_path)
+    hidden = int(base.config.hidden_size)
+    head = Head(hidden, len(names))
+    if task == "query_class":
+        # Prototype init: each class starts at the embedding of its own name, so classes
+        # with few (or no) training queries are still reachable.
+        protos = torch.nn.functional.normalize(_embed(tok, base, names, cfg.max_len), dim=-1)
+        with torch.no_grad():
+            head.linear.weight.copy_(protos * 20.0)
+            head.linear.bias.zero_()
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05, target_modules=LORA_TARGETS)
+    model = get_peft_model(base, lora)
+    counts = np.bincount(ytr, minlength=len(names)).astype(float)
+    weights = torch.tensor(np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** 0.5, 1.0),
+                           dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weights / weights.mean())
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = 0
+    total_steps = cfg.epochs * ((len(xtr) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(total_steps, 1)))
+    for epoch in range(cfg.epochs):
+        model.train()
+        head.train()
+        order = torch.randperm(len(xtr), generator=gen).tolist()
+        running = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            b = tokenize(tok, [xtr[j] for j in idx], cfg.max_len)
+            h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            logits = head(mean_pool(h, b["attention_mask"]))
+            loss = loss_fn(logits, torch.tensor([ytr[j] for j in idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+            running += loss.item()
+        log.info("epoch_done", task=task, epoch=epoch + 1, mean_loss=round(running / max(1, len(order) / cfg.batch_size), 4))
+    model.eval()
+    head.eval()
+    with torch.inference_mode():
+        pooled = _embed(tok, model, xte, cfg.max_len)
+        probs = torch.softmax(head(pooled), dim=-1).numpy()
+    if task == "review_sentiment":
+        metrics = M.classification_metrics(yte, probs)
+        base_maj = M.classification_metrics(yte, M.majority_probs(ytr, len(yte), len(names)))
+        base_tfidf = M.classification_metrics(yte, M.tfidf_logreg_probs(xtr, ytr, xte, len(names), cfg.seed))
+    else:
+        metrics = M.topk_metrics(yte, probs)
+        base_maj = M.topk_metrics(yte, M.majority_probs(ytr, len(yte), len(names)))
+        base_tfidf = M.topk_metrics(yte, M.tfidf_logreg_probs(xtr, ytr, xte, len(names), cfg.seed))
+    seconds = time.monotonic() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        build = Path(tmp)
+        model.save_pretrained(str(build), safe_serialization=True)
+        (build / "README.md").unlink(missing_ok=True)
+        _portable_adapter_config(build / "adapter_config.json", base_model_name(base_path))
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(build / "head.safetensors"))
+        manifest = Manifest(
+            task=task,  # type: ignore[arg-type]
+            version=registry.next_version(task),
+            parent_version=None,
+            kind="text-lora",
+            base_model=BaseModelRef(name=base_model_name(base_path), sha256=base_model_sha256(base_path)),
+            labels=names,
+            created_at=datetime.now(UTC),
+            training=_training_record(cfg, len(xtr), len(xte), seconds, data_file(task)),
+            metrics=metrics,
+            baselines={"majority": base_maj, "tfidf_logreg": base_tfidf},
+        )
+        return registry.publish(build, manifest)
+
+
+def data_file(task: str) -> str:
+    return {"review_sentiment": data.REVIEWS, "query_class": data.QUERIES, "purchase_intent": data.SESSIONS}[task]
+
+
+def _training_record(cfg: TrainConfig, n_train: int, n_test: int, seconds: float, source: str) -> dict[str, Any]:
+    return {
+        "data": source,
+        "train_rows": n_train,
+        "held_out_rows": n_test,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "max_len": cfg.max_len,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "lora_r": cfg.lora_r,
+        "torch_threads": torch.get_num_threads(),
+        "seconds": round(seconds, 1),
+    }
+
+
+def _portable_adapter_config(path: Path, base_name: str) -> None:
+    """peft records the absolute base path; keep the published file machine-independent."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base_name
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _session_arrays(rows: list[dict[str, str]]) -> tuple[np.ndarray, list[int]]:
+    x = np.array([vectorize(r) for r in rows], dtype=np.float32)
+    y = [int(r["Revenue"]) for r in rows]
+    return x, y
+
+
+def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) -> Manifest:
+    """Train the click MLP (its "base"), then a LoRA adapter on top of it through peft."""
+    seed_everything(cfg.seed)
+    started = time.monotonic()
+    pct = data.HELD_OUT_PERCENT["purchase_intent"]
+    rows = data.load_sessions(data_dir)
+    train = [r for r in rows if not data.is_held_out(r["session_id"], pct)]
+    test = [r for r in rows if data.is_held_out(r["session_id"], pct)]
+    xtr, ytr = _session_arrays(train)
+    xte, yte = _session_arrays(test)
+    net = ClickNet(dim=xtr.shape[1])
+    with torch.no_grad():
+        net.mean.copy_(torch.from_numpy(xtr.mean(0)))
+        net.std.copy_(torch.from_numpy(xtr.std(0) + 1e-6))
+    xt, yt = torch.from_numpy(xtr), torch.tensor(ytr, dtype=torch.float32)
+    pos_weight = torch.tensor((len(ytr) - sum(ytr)) / max(sum(ytr), 1))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float) -> None:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        module.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(xt), generator=gen)
+            for i in range(0, len(order), 128):
+                idx = order[i : i + 128]
+                loss = loss_fn(module(xt[idx]), yt[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        module.eval()
+
+    fit(net, list(net.parameters()), epochs=15 * cfg.epochs, lr=3e-3)
+    base_state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=CLICK_LORA_TARGETS))
+    fit(model, [p for p in model.parameters() if p.requires_grad], epochs=3 * cfg.epochs, lr=1e-3)
+    with torch.inference_mode():
+        p = torch.sigmoid(model(torch.from_numpy(xte))).numpy()
+    metrics = M.binary_metrics(yte, p)
+    baselines = {
+        "majority": M.binary_metrics(yte, np.full(len(yte), float(np.mean(ytr)))),
+        "logreg": M.binary_metrics(yte, M.logreg_binary(xtr, ytr, xte, cfg.seed)),
+    }
+    seconds = time.monotonic() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        build = Path(tmp)
+        save_file(base_state, str(build / CLICK_BASE_WEIGHTS))
+        model.save_pretrained(str(build), safe_serialization=True)
+        (build / "README.md").unlink(missing_ok=True)
+        _portable_adapter_config(build / "adapter_config.json", CLICK_BASE_NAME)
+        manifest = Manifest(
+            task="purchase_intent",
+            version=registry.next_version("purchase_intent"),
+            kind="click-mlp-lora",
+            base_model=BaseModelRef(name=CLICK_BASE_NAME, sha256=sha256_file(build / CLICK_BASE_WEIGHTS)),
+            labels=["no_purchase", "purchase"],
+            created_at=datetime.now(UTC),
+            training=_training_record(cfg, len(ytr), len(yte), seconds, data.SESSIONS),
+            metrics=metrics,
+            baselines=baselines,
+        )
+        return registry.publish(build, manifest)
+
+
+def train_task(task: str, base_path: str, data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) -> Manifest:
+    if task == "purchase_intent":
+        return train_click_task(data_dir, registry, cfg)
+    return train_text_task(task, base_path, data_dir, registry, cfg)
