@@ -23,11 +23,22 @@ from streamtune.settings import REPO_ROOT, Settings
 from streamtune.stack import EmbeddedKafka, EmbeddedRedis, find_free_port
 
 
-def wait_until(cond: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.1) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout_s``."""
+def wait_until(
+    cond: Callable[[], Any],
+    timeout_s: float,
+    what: str,
+    poll_s: float = 0.1,
+    guard: Callable[[], None] | None = None,
+) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout_s``.
+
+    ``guard`` runs before each poll and fails fast (e.g. when a worker process died).
+    """
     deadline = time.monotonic() + timeout_s
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
+        if guard is not None:
+            guard()
         try:
             value = cond()
             if value:
@@ -128,10 +139,13 @@ class ScorerProcess:
         with urllib.request.urlopen(url, timeout=2) as r:
             return str(r.read().decode())
 
-    def ready(self) -> bool:
+    def assert_alive(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"scorer exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+
+    def ready(self) -> bool:
+        self.assert_alive()
         try:
             self.metrics()
         except OSError:

@@ -15,7 +15,12 @@ from streamtune.errors import StreamtuneError
 from streamtune.settings import Settings
 from streamtune.tasks import TASK_NAMES
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Real-time scoring with hot-swappable LoRA adapters.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Real-time scoring with hot-swappable LoRA adapters.",
+)
 console = Console(stderr=True)
 
 ALL = "all"

@@ -57,11 +57,15 @@ def review_events(data_dir: Path, now: datetime | None = None) -> Iterator[tuple
         yield ev, LabelEvent(event_id=ev.event_id, task="review_sentiment", label=r.rating, ts=ts)
 
 
-def search_events(data_dir: Path, now: datetime | None = None) -> Iterator[tuple[SearchEvent, LabelEvent]]:
+def search_events(
+    data_dir: Path, now: datetime | None = None
+) -> Iterator[tuple[SearchEvent, LabelEvent | None]]:
+    """Queries; the few without a class in the data set get no label."""
     for q in data.load_queries(data_dir):
         ts = _ts(now)
         ev = SearchEvent(event_id=f"search-{q.query_id}", ts=ts, session_id=f"qs-{q.query_id}", query=q.query)
-        yield ev, LabelEvent(event_id=ev.event_id, task="query_class", label=q.label, ts=ts)
+        label = LabelEvent(event_id=ev.event_id, task="query_class", label=q.label, ts=ts) if q.label else None
+        yield ev, label
 
 
 def session_clicks(row: dict[str, str], now: datetime | None = None) -> list[ClickEvent]:
@@ -144,7 +148,7 @@ def malform(task: str, valid: dict[str, object], kind: str) -> bytes:
     return json.dumps(v).encode()
 
 
-def _events(task: str, data_dir: Path) -> Iterator[tuple[str, list[bytes], LabelEvent]]:
+def _events(task: str, data_dir: Path) -> Iterator[tuple[str, list[bytes], LabelEvent | None]]:
     if task == "review_sentiment":
         for ev, lab in review_events(data_dir):
             yield ev.product_id, [ev.model_dump_json().encode()], lab
@@ -167,7 +171,8 @@ def plan(
     """Events of the given tasks interleaved, ``limit`` valid events per task at most.
 
     A click session counts all its page views. ``malformed_share`` of the records are
-    replaced by broken ones (and reported as invalid); a session's last click stays valid.
+    replaced by broken ones (and reported as invalid); a session's last click stays valid,
+    so every replayed session still ends (and gets its label).
     """
     rng = random.Random(seed)
     sources = {t: _events(t, data_dir) for t in tasks}
@@ -183,7 +188,8 @@ def plan(
                 continue
             key, values, label = item
             for i, value in enumerate(values):
-                if malformed_share and i < len(values) - 1 and rng.random() < malformed_share:
+                breakable = len(values) == 1 or i < len(values) - 1
+                if malformed_share and breakable and rng.random() < malformed_share:
                     kind = rng.choice(MALFORMED_KINDS)
                     yield Outgoing(task, key, malform(task, json.loads(value), kind), valid=False)
                     continue

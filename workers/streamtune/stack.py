@@ -558,8 +558,19 @@ class EmbeddedKafka(LocalServer):
         return kafka_answers(self.bootstrap_servers)
 
     def _diagnostics(self) -> str:
+        # On a failed start the last lines are shutdown noise: the cause is in ERROR lines and exceptions.
+        try:
+            lines = self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        errors = [
+            line
+            for line in lines
+            if " ERROR " in line or " FATAL " in line or ("Exception: " in line and not line[:1].isspace())
+        ][-10:]
         return (
-            f"--- tail of {self.log_file} ---\n{_tail(self.log_file)}\n"
+            f"--- errors in {self.log_file} ---\n{chr(10).join(errors) or '(none)'}\n"
+            f"--- tail of {self.log_file} ---\n{_tail(self.log_file, 20)}\n"
             f"--- tail of {self.out_file} ---\n{_tail(self.out_file, 15)}"
         )
 

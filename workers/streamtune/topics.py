@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import structlog
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streamtune.errors import StartupError
 from streamtune.settings import Settings
@@ -41,7 +41,7 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
             client_id="streamtune-admin",
             request_timeout_ms=int(timeout_s * 1000),
         )
-    except (NoBrokersAvailable, KafkaError, OSError, ValueError) as e:
+    except (KafkaError, OSError, ValueError) as e:
         raise StartupError(
             f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.bootstrap_servers} ({e})"
         ) from e

@@ -94,8 +94,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         "sessions",
         default=None,
         partitions=settings.topic_partitions,
-        key_serializer="json",
-        value_serializer="json",
+        schema=faust.Schema(key_serializer="json", value_serializer="json"),
     )
     click_topic_name = settings.topic(TASKS["purchase_intent"].input_topic)
     within = settings.batch_max_ms / 1000.0

@@ -35,6 +35,7 @@ def prepare(settings: Settings) -> ScorerResources:
     """Everything that can fail at start, in the order a person would check it."""
     if not settings.adapter_dir.is_dir():
         raise StartupError(f"adapter directory not found: STREAMTUNE_ADAPTER_DIR={settings.adapter_dir}")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     ensure_topics(settings)
     check_redis(settings)
     runtime = ModelRuntime(

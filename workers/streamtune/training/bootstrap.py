@@ -80,7 +80,7 @@ def _text_split(task: str, data_dir: Path, cfg: TrainConfig) -> tuple[list[str],
         xte, yte = [r.model_text() for r in test], [r.label for r in test]
         names = list(data.SENTIMENTS)
     else:
-        qs = data.load_queries(data_dir)
+        qs = [q for q in data.load_queries(data_dir) if q.label]  # 6 queries have no class
         train_q = [q for q in qs if not data.is_held_out(q.query_id, pct)]
         test_q = [q for q in qs if data.is_held_out(q.query_id, pct)]
         xtr, ytr = [q.query for q in train_q], [q.label for q in train_q]
