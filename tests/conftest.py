@@ -43,10 +43,13 @@ def wait_until(
             value = cond()
             if value:
                 return value
-        except Exception as e:  # noqa: BLE001 - keep polling, report the last one
+        except Exception as e:
             last_exc = e
         time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout_s} s waiting for {what}"
+        + (f" (last error: {last_exc})" if last_exc else "")
+    )
 
 
 @dataclass

@@ -21,7 +21,11 @@ from streamtune.topics import ensure_topics
 pytestmark = pytest.mark.integration
 
 TASKS = ["review_sentiment", "query_class", "purchase_intent"]
-OUT_SCHEMA = {"scores.review": "score.review.v1", "scores.search": "score.search.v1", "scores.click": "score.click.v1"}
+OUT_SCHEMA = {
+    "scores.review": "score.review.v1",
+    "scores.search": "score.search.v1",
+    "scores.click": "score.click.v1",
+}
 
 
 def expected(settings: Settings, limit: int, malformed: float, seed: int) -> list[Outgoing]:
@@ -82,11 +86,16 @@ def test_replay_scores_everything_and_dead_letters_the_rest(
     assert report.sent == dict(n_valid)
 
     scorer = scorer_factory(settings).start()
-    wait_until(all_scored(redis_client, outs), 300, "a Redis score for every valid event", 0.5, scorer.assert_alive)
+    wait_until(
+        all_scored(redis_client, outs), 300, "a Redis score for every valid event", 0.5, scorer.assert_alive
+    )
 
     # Output topics: one result per valid event, valid against the published schema, keyed by entity.
-    for topic, task in (("scores.review", "review_sentiment"), ("scores.search", "query_class"),
-                        ("scores.click", "purchase_intent")):
+    for topic, task in (
+        ("scores.review", "review_sentiment"),
+        ("scores.search", "query_class"),
+        ("scores.click", "purchase_intent"),
+    ):
         msgs = consume_all(settings, topic, n_valid[task])
         assert len(msgs) == n_valid[task]
         validator = jsonschema.Draft202012Validator(schemas.load(OUT_SCHEMA[topic]))
@@ -108,13 +117,16 @@ def test_replay_scores_everything_and_dead_letters_the_rest(
     check_aggregates(redis_client, outs)
 
     metrics = scorer.metrics()
-    assert f'streamtune_dead_letters_total{{task="review_sentiment"}}' in metrics
+    assert 'streamtune_dead_letters_total{task="review_sentiment"}' in metrics
     # Micro-batches never exceed the configured bound.
     for task in TASKS:
         le = f'streamtune_batch_size_bucket{{le="{float(settings.batch_max_events)}",task="{task}"}}'
         count = f'streamtune_batch_size_count{{task="{task}"}}'
-        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
-                  if line.startswith("streamtune_batch_size")}
+        values = {
+            line.split(" ")[0]: float(line.split(" ")[1])
+            for line in metrics.splitlines()
+            if line.startswith("streamtune_batch_size")
+        }
         assert values[le] == values[count] > 0
     assert scorer.stop() == 0
 
@@ -136,7 +148,9 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
     first.kill()
     assert not all_scored(redis_client, outs)(), "the scorer finished before it was killed"
     second = scorer_factory(settings).start()
-    wait_until(all_scored(redis_client, outs), 300, "every event scored after the restart", 0.5, second.assert_alive)
+    wait_until(
+        all_scored(redis_client, outs), 300, "every event scored after the restart", 0.5, second.assert_alive
+    )
     check_aggregates(redis_client, outs)
     # Replays happened (at-least-once) but the aggregates above counted nothing twice.
     assert second.stop() == 0
@@ -149,8 +163,9 @@ def test_events_keep_flowing_while_producing(
     ensure_topics(settings)
     scorer = scorer_factory(settings).start()
     outs = expected(settings, limit=40, malformed=0.0, seed=9)
-    t = threading.Thread(target=replay, kwargs={"settings": settings, "tasks": TASKS, "limit": 40,
-                                                "rate": 200.0, "seed": 9})
+    t = threading.Thread(
+        target=replay, kwargs={"settings": settings, "tasks": TASKS, "limit": 40, "rate": 200.0, "seed": 9}
+    )
     t.start()
     t.join(timeout=120)
     wait_until(all_scored(redis_client, outs), 180, "every paced event scored", 0.3, scorer.assert_alive)

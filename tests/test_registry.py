@@ -50,7 +50,7 @@ def test_checksum_mismatch_is_refused(tmp_path: Path) -> None:
     reg = LocalRegistry(tmp_path / "reg")
     reg.publish(_build(tmp_path), _manifest(1))
     (tmp_path / "reg" / "review_sentiment" / "1" / "adapter_model.safetensors").write_bytes(b"tampered")
-    with pytest.raises(AdapterError, match="checksum mismatch for adapter_model.safetensors"):
+    with pytest.raises(AdapterError, match=r"checksum mismatch for adapter_model\.safetensors"):
         reg.verify("review_sentiment", 1)
 
 
@@ -59,7 +59,7 @@ def test_missing_file_and_manifest_are_refused(tmp_path: Path) -> None:
     reg.publish(_build(tmp_path), _manifest(1))
     d = tmp_path / "reg" / "review_sentiment" / "1"
     (d / "adapter_config.json").unlink()
-    with pytest.raises(AdapterError, match="file adapter_config.json missing"):
+    with pytest.raises(AdapterError, match=r"file adapter_config\.json missing"):
         reg.verify("review_sentiment", 1)
     (d / "manifest.json").unlink()
     with pytest.raises(AdapterError, match="manifest missing"):

@@ -81,8 +81,9 @@ def test_label_rules_beyond_the_schema() -> None:
     from streamtune.events import LabelEvent
 
     with pytest.raises(ValidationError):
-        LabelEvent.model_validate({"event_id": "a", "session_id": "b", "task": "query_class", "label": "x",
-                                   "ts": TS})
+        LabelEvent.model_validate(
+            {"event_id": "a", "session_id": "b", "task": "query_class", "label": "x", "ts": TS}
+        )
     with pytest.raises(ValidationError):
         LabelEvent.model_validate({"session_id": "s", "task": "purchase_intent", "label": 3, "ts": TS})
     with pytest.raises(ValidationError):

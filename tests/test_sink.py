@@ -18,19 +18,35 @@ NOW = datetime(2026, 11, 28, tzinfo=UTC)
 def review(event_id: str, product: str, label: str, p_pos: float, version: int = 1) -> Result:
     probs = {"negative": 0.0, "neutral": round(1 - p_pos, 6), "positive": p_pos}
     score = ReviewScore(
-        event_id=event_id, task="review_sentiment", adapter=AdapterRef(task="review_sentiment", version=version),
-        label=label, event_ts=NOW, scored_at=NOW, product_id=product, probabilities=probs,  # type: ignore[arg-type]
+        event_id=event_id,
+        task="review_sentiment",
+        adapter=AdapterRef(task="review_sentiment", version=version),
+        label=label,
+        event_ts=NOW,
+        scored_at=NOW,
+        product_id=product,
+        probabilities=probs,  # type: ignore[arg-type]
     )
-    return Result("review_sentiment", event_id, product, score, NOW, ProductUpdate(product, event_id, label, p_pos))
+    return Result(
+        "review_sentiment", event_id, product, score, NOW, ProductUpdate(product, event_id, label, p_pos)
+    )
 
 
 def click(event_id: str, session: str, views: int, p: float) -> Result:
     score = ClickScore(
-        event_id=event_id, task="purchase_intent", adapter=AdapterRef(task="purchase_intent", version=1),
-        label="no_purchase", event_ts=NOW, scored_at=NOW, session_id=session, purchase_probability=p,
+        event_id=event_id,
+        task="purchase_intent",
+        adapter=AdapterRef(task="purchase_intent", version=1),
+        label="no_purchase",
+        event_ts=NOW,
+        scored_at=NOW,
+        session_id=session,
+        purchase_probability=p,
         page_views=views,
     )
-    return Result("purchase_intent", event_id, session, score, NOW, SessionUpdate(session, views, p, event_id, 1))
+    return Result(
+        "purchase_intent", event_id, session, score, NOW, SessionUpdate(session, views, p, event_id, 1)
+    )
 
 
 def _write(url: str, results: list[Result]) -> None:

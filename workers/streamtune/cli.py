@@ -111,8 +111,16 @@ def replay(
     from streamtune.replay import replay as run_replay
 
     report = run_replay(_settings(), _tasks(task), limit, rate, malformed, labels, seed, skip)
-    print(json.dumps({"sent": report.sent, "malformed": report.malformed, "labels": report.labels,
-                      "seconds": round(report.seconds, 2)}))
+    print(
+        json.dumps(
+            {
+                "sent": report.sent,
+                "malformed": report.malformed,
+                "labels": report.labels,
+                "seconds": round(report.seconds, 2),
+            }
+        )
+    )
 
 
 @app.command()
@@ -129,7 +137,9 @@ def tail(
 
 
 @app.command()
-def schemas(write: Annotated[bool, typer.Option(help="Regenerate schemas/ from the typed models")] = False) -> None:
+def schemas(
+    write: Annotated[bool, typer.Option(help="Regenerate schemas/ from the typed models")] = False,
+) -> None:
     """List (or regenerate) the JSON Schemas of every payload."""
     from streamtune import schemas as sch
 

@@ -109,8 +109,12 @@ def render(first: Snapshot, prev: Snapshot, cur: Snapshot, recent: deque[str], e
 def _follow(settings: Settings, recent: deque[str], stop: threading.Event) -> None:
     topics = [settings.topic(t.output_topic) for t in TASKS.values()] + [settings.topic("events.dlq")]
     consumer = KafkaConsumer(
-        *topics, bootstrap_servers=settings.bootstrap_servers.split(","), auto_offset_reset="latest",
-        enable_auto_commit=False, group_id=None, consumer_timeout_ms=500,
+        *topics,
+        bootstrap_servers=settings.bootstrap_servers.split(","),
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=500,
     )
     try:
         while not stop.is_set():
@@ -156,8 +160,11 @@ def run_demo(base: Settings, duration: float, rate: float, malformed: float) -> 
         redis_url, redis_srv = ensure_redis(base.redis_url, work / "redis")
         metrics_port = find_free_port()
         settings = base.model_copy(
-            update={"bootstrap_servers": kafka.bootstrap_servers, "redis_url": redis_url,
-                    "metrics_port": metrics_port}
+            update={
+                "bootstrap_servers": kafka.bootstrap_servers,
+                "redis_url": redis_url,
+                "metrics_port": metrics_port,
+            }
         )
         console.print(f"  Kafka {settings.bootstrap_servers}  Redis {redis_url}")
         registry = LocalRegistry(settings.adapter_dir)
@@ -165,15 +172,29 @@ def run_demo(base: Settings, duration: float, rate: float, malformed: float) -> 
             if registry.latest(task) is None:
                 console.print(f"  training version 1 of {task} (first run only)…")
                 train_task(task, settings.base_model, settings.data_dir, registry, TrainConfig())
-        env = {**os.environ, **{f"STREAMTUNE_{k.upper()}": str(v) for k, v in {
-            "bootstrap_servers": settings.bootstrap_servers, "redis_url": redis_url,
-            "metrics_port": metrics_port, "adapter_dir": settings.adapter_dir,
-            "topic_prefix": settings.topic_prefix, "group_id": settings.group_id,
-        }.items()}}
+        env = {
+            **os.environ,
+            **{
+                f"STREAMTUNE_{k.upper()}": str(v)
+                for k, v in {
+                    "bootstrap_servers": settings.bootstrap_servers,
+                    "redis_url": redis_url,
+                    "metrics_port": metrics_port,
+                    "adapter_dir": settings.adapter_dir,
+                    "topic_prefix": settings.topic_prefix,
+                    "group_id": settings.group_id,
+                }.items()
+            },
+        }
         log = work / "scorer.log"
         with log.open("wb") as out:
-            scorer = subprocess.Popen([sys.executable, "-m", "streamtune.cli", "scorer"], env=env,
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            scorer = subprocess.Popen(
+                [sys.executable, "-m", "streamtune.cli", "scorer"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         procs.append(scorer)
         console.print(f"  scorer pid {scorer.pid}, logs in {log}; loading the model…")
         _wait_for(lambda: scrape(metrics_port) is not None, 180, "loading the model", scorer, log)
@@ -181,8 +202,15 @@ def run_demo(base: Settings, duration: float, rate: float, malformed: float) -> 
         threading.Thread(target=_follow, args=(settings, recent, stop), daemon=True).start()
         producer = threading.Thread(
             target=replay,
-            kwargs={"settings": settings, "tasks": list(TASK_NAMES), "limit": 1_000_000, "rate": rate,
-                    "malformed_share": malformed, "labels": True, "should_stop": stop.is_set},
+            kwargs={
+                "settings": settings,
+                "tasks": list(TASK_NAMES),
+                "limit": 1_000_000,
+                "rate": rate,
+                "malformed_share": malformed,
+                "labels": True,
+                "should_stop": stop.is_set,
+            },
             daemon=True,
         )
         producer.start()

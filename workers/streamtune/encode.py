@@ -58,7 +58,7 @@ class Result:
 
 
 def _ref(scored: Scored) -> AdapterRef:
-    return AdapterRef(task=scored.task, version=scored.version)  # type: ignore[arg-type]
+    return AdapterRef(task=scored.task, version=scored.version)
 
 
 def review_results(events: list[ReviewEvent], scored: Scored, now: datetime) -> list[Result]:
@@ -76,7 +76,7 @@ def review_results(events: list[ReviewEvent], scored: Scored, now: datetime) -> 
             event_ts=ev.ts,
             scored_at=now,
             product_id=ev.product_id,
-            probabilities=probs,  # type: ignore[arg-type]
+            probabilities=probs,
         )
         agg = ProductUpdate(ev.product_id, ev.event_id, label, probs[scored.labels[pos]])
         out.append(Result("review_sentiment", ev.event_id, ev.product_id, score, ev.ts, agg))

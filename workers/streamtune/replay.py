@@ -27,7 +27,7 @@ from streamtune.training import data
 
 log = structlog.get_logger(__name__)
 
-TOPIC_OF = {t.name: t.input_topic for t in TASKS.values()}
+TOPIC_OF: dict[str, str] = {t.name: t.input_topic for t in TASKS.values()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,9 @@ def search_events(
     for q in data.load_queries(data_dir):
         ts = _ts(now)
         ev = SearchEvent(event_id=f"search-{q.query_id}", ts=ts, session_id=f"qs-{q.query_id}", query=q.query)
-        label = LabelEvent(event_id=ev.event_id, task="query_class", label=q.label, ts=ts) if q.label else None
+        label = (
+            LabelEvent(event_id=ev.event_id, task="query_class", label=q.label, ts=ts) if q.label else None
+        )
         yield ev, label
 
 
@@ -87,7 +89,7 @@ def session_clicks(row: dict[str, str], now: datetime | None = None) -> list[Cli
                 event_id=f"click-{row['session_id']}-{i}",
                 ts=_ts(now),
                 session_id=sid,
-                page_type=page,  # type: ignore[arg-type]
+                page_type=page,
                 duration_s=min(dur, 86_400.0),
                 page_value=float(row["PageValues"]),
                 bounce_rate=float(row["BounceRates"]),
@@ -150,8 +152,8 @@ def malform(task: str, valid: dict[str, object], kind: str) -> bytes:
 
 def _events(task: str, data_dir: Path) -> Iterator[tuple[str, list[bytes], LabelEvent | None]]:
     if task == "review_sentiment":
-        for ev, lab in review_events(data_dir):
-            yield ev.product_id, [ev.model_dump_json().encode()], lab
+        for review, review_label in review_events(data_dir):
+            yield review.product_id, [review.model_dump_json().encode()], review_label
     elif task == "query_class":
         for s, lab in search_events(data_dir):
             yield s.session_id, [s.model_dump_json().encode()], lab
@@ -259,6 +261,11 @@ def replay(
     finally:
         prod.close(timeout=10)
     report.seconds = time.monotonic() - started
-    log.info("replay_done", sent=report.sent, malformed=report.malformed, labels=report.labels,
-             seconds=round(report.seconds, 2))
+    log.info(
+        "replay_done",
+        sent=report.sent,
+        malformed=report.malformed,
+        labels=report.labels,
+        seconds=round(report.seconds, 2),
+    )
     return report

@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     # Results
     score_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="TTL of per-event score records in Redis")
     session_ttl_s: int = Field(24 * 3600, ge=1, description="TTL of session views in Redis")
-    session_inactivity_s: float = Field(1800.0, gt=0, description="Session state expires after this idle time")
+    session_inactivity_s: float = Field(
+        1800.0, gt=0, description="Session state expires after this idle time"
+    )
     session_sweep_s: float = Field(60.0, gt=0, description="How often expired sessions are swept")
 
     # Operability

@@ -19,7 +19,9 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "review_sentiment": TaskSpec("review_sentiment", "events.review", "scores.review", ReviewEvent, "product_id"),
+    "review_sentiment": TaskSpec(
+        "review_sentiment", "events.review", "scores.review", ReviewEvent, "product_id"
+    ),
     "query_class": TaskSpec("query_class", "events.search", "scores.search", SearchEvent, "session_id"),
     "purchase_intent": TaskSpec("purchase_intent", "events.click", "scores.click", ClickEvent, "session_id"),
 }

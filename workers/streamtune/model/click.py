@@ -15,6 +15,9 @@ CLICK_BASE_NAME = "streamtune/click-mlp"
 class ClickNet(nn.Module):
     """Standardise, two hidden layers, one logit. The scaler is a buffer so it ships with the weights."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, dim: int = FEATURE_DIM, hidden: int = 64) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

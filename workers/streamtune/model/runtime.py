@@ -110,7 +110,9 @@ class ModelRuntime:
             probe = ["smoke test"]
         probs = self._forward(loaded, probe).probs
         if not np.all(np.isfinite(probs)):
-            raise AdapterError(f"{task} v{loaded.manifest.version}: smoke forward pass gave non-finite output")
+            raise AdapterError(
+                f"{task} v{loaded.manifest.version}: smoke forward pass gave non-finite output"
+            )
 
     def activate(self, loaded: LoadedAdapter) -> None:
         """Make ``loaded`` the version that scores its task from the next batch on."""

@@ -100,10 +100,12 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
     within = settings.batch_max_ms / 1000.0
 
     def topic(task: str) -> faust.TopicT:
-        return app.topic(settings.topic(TASKS[task].input_topic), key_serializer="raw", value_serializer="raw")
+        return app.topic(
+            settings.topic(TASKS[task].input_topic), key_serializer="raw", value_serializer="raw"
+        )
 
     async def run(task: str, stream: faust.StreamT, events_by_pos: dict[tuple[int, int], Any] | None) -> None:
-        async for events in stream.take_events(settings.batch_max_events, within=within):
+        async for events in stream.take_events(settings.batch_max_events, within=within):  # type: ignore[attr-defined]
             for ev in events:
                 ev.message.incref()  # pin until the batch is flushed (see module docstring)
             records = [
@@ -174,7 +176,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             log.info("sessions_expired", count=expired)
         res.metrics.sessions_active.set(len(sessions.data))
 
-    @app.on_before_shutdown.connect  # type: ignore[untyped-decorator]
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _close(app: faust.App, **_: Any) -> None:
         await redis_client.aclose()
 

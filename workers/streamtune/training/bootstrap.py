@@ -69,7 +69,9 @@ def _embed(tok: Any, model: nn.Module, texts: Sequence[str], max_len: int, bs: i
     return torch.cat(outs)
 
 
-def _text_split(task: str, data_dir: Path, cfg: TrainConfig) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
+def _text_split(
+    task: str, data_dir: Path, cfg: TrainConfig
+) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
     """(train texts, train labels, test texts, test labels, label names)."""
     pct = data.HELD_OUT_PERCENT[task]
     if task == "review_sentiment":
@@ -118,8 +120,9 @@ def train_text_task(
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05, target_modules=LORA_TARGETS)
     model = get_peft_model(base, lora)
     counts = np.bincount(ytr, minlength=len(names)).astype(float)
-    weights = torch.tensor(np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** 0.5, 1.0),
-                           dtype=torch.float32)
+    weights = torch.tensor(
+        np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** 0.5, 1.0), dtype=torch.float32
+    )
     loss_fn = nn.CrossEntropyLoss(weight=weights / weights.mean())
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -144,7 +147,12 @@ def train_text_task(
             sched.step()
             steps += 1
             running += loss.item()
-        log.info("epoch_done", task=task, epoch=epoch + 1, mean_loss=round(running / max(1, len(order) / cfg.batch_size), 4))
+        log.info(
+            "epoch_done",
+            task=task,
+            epoch=epoch + 1,
+            mean_loss=round(running / max(1, len(order) / cfg.batch_size), 4),
+        )
     model.eval()
     head.eval()
     with torch.inference_mode():
@@ -166,7 +174,7 @@ def train_text_task(
         _portable_adapter_config(build / "adapter_config.json", base_model_name(base_path))
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(build / "head.safetensors"))
         manifest = Manifest(
-            task=task,  # type: ignore[arg-type]
+            task=task,
             version=registry.next_version(task),
             parent_version=None,
             kind="text-lora",
@@ -181,10 +189,14 @@ def train_text_task(
 
 
 def data_file(task: str) -> str:
-    return {"review_sentiment": data.REVIEWS, "query_class": data.QUERIES, "purchase_intent": data.SESSIONS}[task]
+    return {"review_sentiment": data.REVIEWS, "query_class": data.QUERIES, "purchase_intent": data.SESSIONS}[
+        task
+    ]
 
 
-def _training_record(cfg: TrainConfig, n_train: int, n_test: int, seconds: float, source: str) -> dict[str, Any]:
+def _training_record(
+    cfg: TrainConfig, n_train: int, n_test: int, seconds: float, source: str
+) -> dict[str, Any]:
     return {
         "data": source,
         "train_rows": n_train,
@@ -277,7 +289,9 @@ def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) 
         return registry.publish(build, manifest)
 
 
-def train_task(task: str, base_path: str, data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) -> Manifest:
+def train_task(
+    task: str, base_path: str, data_dir: Path, registry: LocalRegistry, cfg: TrainConfig
+) -> Manifest:
     if task == "purchase_intent":
         return train_click_task(data_dir, registry, cfg)
     return train_text_task(task, base_path, data_dir, registry, cfg)

@@ -82,7 +82,9 @@ def load_reviews(data_dir: Path) -> list[Review]:
 
 
 def load_queries(data_dir: Path) -> list[Query]:
-    return [Query(r["query_id"], r["query"].strip(), r["query_class"].strip()) for r in _open(data_dir / QUERIES)]
+    return [
+        Query(r["query_id"], r["query"].strip(), r["query_class"].strip()) for r in _open(data_dir / QUERIES)
+    ]
 
 
 def load_sessions(data_dir: Path) -> list[dict[str, str]]:
