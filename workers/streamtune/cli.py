@@ -70,7 +70,7 @@ def train(
     task: Annotated[str, typer.Option(help="review_sentiment | query_class | purchase_intent | all")] = ALL,
     seed: int = 13,
     epochs: int = 1,
-    train_rows: Annotated[int, typer.Option(help="Training rows per text task (0: all)")] = 3000,
+    train_rows: Annotated[int, typer.Option(help="Training rows per text task (0: all)")] = 8000,
     max_len: int = 128,
     if_missing: Annotated[bool, typer.Option(help="Only train tasks that have no version yet")] = False,
 ) -> None:
@@ -167,7 +167,8 @@ def main() -> None:
     try:
         app()
     except StreamtuneError as e:
-        console.print(f"[red]error:[/] {e}")
+        # One line, never wrapped: scripts and people grep for the setting it names.
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

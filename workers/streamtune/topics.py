@@ -40,6 +40,7 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
             bootstrap_servers=settings.bootstrap_servers.split(","),
             client_id="streamtune-admin",
             request_timeout_ms=int(timeout_s * 1000),
+            bootstrap_timeout_ms=int(timeout_s * 1000),
         )
     except (KafkaError, OSError, ValueError) as e:
         raise StartupError(

@@ -43,8 +43,8 @@ log = structlog.get_logger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 13
-    epochs: int = 2
-    train_rows: int = 4000  # per text task; 0 = all
+    epochs: int = 1
+    train_rows: int = 8000  # per text task; 0 = all
     eval_rows: int = 0  # 0 = the whole held-out split
     max_len: int = 128
     batch_size: int = 16
@@ -147,6 +147,8 @@ def train_text_task(
             sched.step()
             steps += 1
             running += loss.item()
+            if steps % 100 == 0:
+                log.info("training", task=task, step=steps, of=total_steps, mean_loss=round(running / (i // cfg.batch_size + 1), 4))
         log.info(
             "epoch_done",
             task=task,
