@@ -113,6 +113,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump().items():
         env[f"STREAMTUNE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(REPO_ROOT / "workers")  # this checkout, whatever the venv points at
     return env
 
 

@@ -176,3 +176,28 @@ def test_events_keep_flowing_while_producing(
         views[v["session_id"]].append(v["page_views"])
     assert views and all(seq == sorted(seq) for seq in views.values())
     scorer.stop()
+
+
+def test_idle_sessions_expire_from_the_table(
+    settings: Settings, redis_client: redis.Redis, scorer_factory: Callable[[Settings], ScorerProcess]
+) -> None:
+    s = settings.model_copy(update={"session_inactivity_s": 2.0, "session_sweep_s": 0.5})
+    ensure_topics(s)
+    outs = [o for o in expected(s, limit=30, malformed=0.0, seed=11) if o.task == "purchase_intent"]
+    sessions = {o.key for o in outs}
+    scorer = scorer_factory(s).start()
+    replay(s, ["purchase_intent"], limit=30, seed=11)
+    wait_until(all_scored(redis_client, outs), 180, "every click scored", 0.3, scorer.assert_alive)
+
+    def metric(name: str) -> float:
+        for line in scorer.metrics().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split(" ")[1])
+        return 0.0
+
+    wait_until(lambda: metric("streamtune_sessions_expired_total") >= len(sessions), 60,
+               "idle sessions to expire", 0.3, scorer.assert_alive)  # fmt: skip
+    assert metric("streamtune_sessions_active") == 0
+    # The Redis session views stay readable (they expire on their own TTL).
+    assert all(redis_client.exists(session_key(sid)) for sid in sessions)
+    scorer.stop()

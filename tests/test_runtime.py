@@ -81,7 +81,9 @@ def test_padding_only_to_the_longest_in_batch(runtime: ModelRuntime) -> None:
     assert batch["input_ids"].shape[1] < 16
 
 
-def test_swap_between_batches_uses_the_new_version(runtime: ModelRuntime, registry_copy: LocalRegistry) -> None:
+def test_swap_between_batches_uses_the_new_version(
+    runtime: ModelRuntime, registry_copy: LocalRegistry
+) -> None:
     base_params = sum(1 for n, _ in runtime._base.named_parameters() if "lora_" not in n)
     _copy_version(registry_copy, "review_sentiment", 1, 2)
     before = runtime.score("review_sentiment", REVIEWS)

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
 
     # Operability
     metrics_port: int = Field(9108, ge=0, description="Prometheus /metrics port (0: disabled)")
+    metrics_host: str = Field("127.0.0.1", description="Address /metrics binds to (0.0.0.0 in containers)")
     log_level: str = Field("INFO", description="Log level")
     log_json: bool = Field(True, description="JSON logs (false: human-readable console)")
     commit_interval_s: float = Field(1.0, gt=0, description="How often acknowledged offsets are committed")

@@ -42,6 +42,6 @@ class ScorerMetrics:
         )
         self.sessions_active = Gauge("streamtune_sessions_active", "Sessions held in the table", registry=r)
 
-    def serve(self, port: int) -> None:
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port:
-            start_http_server(port, addr="127.0.0.1", registry=self.registry)
+            start_http_server(port, addr=host, registry=self.registry)

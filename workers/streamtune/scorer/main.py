@@ -45,7 +45,7 @@ def prepare(settings: Settings) -> ScorerResources:
     metrics = ScorerMetrics()
     for task, loaded in runtime.active.items():
         metrics.adapter_version.labels(task).set(loaded.manifest.version)
-    metrics.serve(settings.metrics_port)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
     # One model thread: batches of all tasks run one at a time, and a swap can only
     # happen between them. torch releases the GIL, so consuming and Redis I/O go on meanwhile.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")

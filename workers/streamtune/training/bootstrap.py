@@ -148,7 +148,13 @@ def train_text_task(
             steps += 1
             running += loss.item()
             if steps % 100 == 0:
-                log.info("training", task=task, step=steps, of=total_steps, mean_loss=round(running / (i // cfg.batch_size + 1), 4))
+                log.info(
+                    "training",
+                    task=task,
+                    step=steps,
+                    of=total_steps,
+                    mean_loss=round(running / (i // cfg.batch_size + 1), 4),
+                )
         log.info(
             "epoch_done",
             task=task,
