@@ -85,7 +85,7 @@ def _delta(now: list[tuple[float, float]], before: list[tuple[float, float]]) ->
 def render(first: Snapshot, prev: Snapshot, cur: Snapshot, recent: deque[str], elapsed: float) -> Group:
     table = Table(title=f"streamtune demo — {elapsed:,.0f} s", expand=True)
     for col in ("task", "adapter", "scored", "events/s", "p50 ms", "p99 ms", "dead letters"):
-        table.add_column(col, justify="left" if col in ("task", "adapter") else "right")
+        table.add_column(col, justify="left" if col in ("task", "adapter") else "right", no_wrap=True)
     dt = max(cur.at - prev.at, 1e-6)
     for task in TASK_NAMES:
         rate = (cur.scored.get(task, 0) - prev.scored.get(task, 0)) / dt
@@ -149,7 +149,7 @@ def run_demo(base: Settings, duration: float, rate: float, malformed: float) -> 
     console = Console()
     work = REPO_ROOT / "var" / "demo"
     work.mkdir(parents=True, exist_ok=True)
-    configure_logging("WARNING", json=False)
+    configure_logging("ERROR", json=False)
     console.print("[bold]streamtune demo[/] — starting the embedded stack (Kafka 3.9 KRaft, Redis)…")
     kafka = EmbeddedKafka(work_dir=work / "kafka")
     procs: list[subprocess.Popen[bytes]] = []

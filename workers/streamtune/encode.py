@@ -57,15 +57,21 @@ class Result:
         return self.score.model_dump_json().encode("utf-8")
 
 
-def _ref(scored: Scored) -> AdapterRef:
-    return AdapterRef(task=scored.task, version=scored.version)
+def _refs(scored: Scored) -> list[AdapterRef]:
+    """The adapter that produced each row (a canary splits a batch between two versions)."""
+    cache: dict[int, AdapterRef] = {}
+    out = []
+    for v in scored.versions.tolist():
+        if v not in cache:
+            cache[v] = AdapterRef(task=scored.task, version=v)
+        out.append(cache[v])
+    return out
 
 
 def review_results(events: list[ReviewEvent], scored: Scored, now: datetime) -> list[Result]:
     out = []
-    ref = _ref(scored)
     pos = scored.labels.index("positive")
-    for ev, p in zip(events, scored.probs, strict=True):
+    for ev, p, ref in zip(events, scored.probs, _refs(scored), strict=True):
         probs = {label: round(float(v), 6) for label, v in zip(scored.labels, p, strict=True)}
         label = scored.labels[int(np.argmax(p))]
         score = ReviewScore(
@@ -85,9 +91,8 @@ def review_results(events: list[ReviewEvent], scored: Scored, now: datetime) -> 
 
 def search_results(events: list[SearchEvent], scored: Scored, now: datetime) -> list[Result]:
     out = []
-    ref = _ref(scored)
     k = min(TOP_K, len(scored.labels))
-    for ev, p in zip(events, scored.probs, strict=True):
+    for ev, p, ref in zip(events, scored.probs, _refs(scored), strict=True):
         best = np.argsort(-p, kind="stable")[:k]
         top = [ClassProbability(label=scored.labels[i], probability=round(float(p[i]), 6)) for i in best]
         score = SearchScore(
@@ -108,8 +113,7 @@ def click_results(
     events: list[ClickEvent], page_views: list[int], scored: Scored, now: datetime
 ) -> list[Result]:
     out = []
-    ref = _ref(scored)
-    for ev, views, p in zip(events, page_views, scored.probs[:, 0], strict=True):
+    for ev, views, p, ref in zip(events, page_views, scored.probs[:, 0], _refs(scored), strict=True):
         prob = round(float(p), 6)
         score = ClickScore(
             event_id=ev.event_id,
@@ -122,6 +126,6 @@ def click_results(
             purchase_probability=prob,
             page_views=views,
         )
-        agg = SessionUpdate(ev.session_id, views, prob, ev.event_id, scored.version)
+        agg = SessionUpdate(ev.session_id, views, prob, ev.event_id, ref.version)
         out.append(Result("purchase_intent", ev.event_id, ev.session_id, score, ev.ts, agg))
     return out

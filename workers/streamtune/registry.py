@@ -53,7 +53,15 @@ class Manifest(BaseModel):
     training: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     baselines: dict[str, dict[str, float]] = {}
+    gate: dict[str, Any] = Field(
+        default_factory=dict, description="The release gate's comparison (online versions); passed: bool"
+    )
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+
+    @property
+    def releasable(self) -> bool:
+        """Bootstrap versions (no gate) and candidates that passed their gate."""
+        return not self.gate or bool(self.gate.get("passed"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -162,6 +170,19 @@ class LocalRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
             raise AdapterError(f"publishing {task} v{version} failed: {e}") from e
         return final
+
+    def default_version(self, task: str) -> int | None:
+        """What serves a task when no release was announced: the newest releasable version."""
+        for version in reversed(self.versions(task)):
+            try:
+                if self.manifest(task, version).releasable:
+                    return version
+            except AdapterError:
+                continue
+        return None
+
+    def manifest_sha256(self, task: str, version: int) -> str:
+        return sha256_file(self._dir(task, version) / MANIFEST)
 
     def next_version(self, task: str) -> int:
         return (self.latest(task) or 0) + 1

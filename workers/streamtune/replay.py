@@ -162,6 +162,28 @@ def _events(task: str, data_dir: Path) -> Iterator[tuple[str, list[bytes], Label
             yield clicks[0].session_id, [c.model_dump_json().encode() for c in clicks], lab
 
 
+def _task_records(
+    task: str, data_dir: Path, limit: int, malformed_share: float, rng: random.Random, skip: int
+) -> Iterator[Outgoing]:
+    """One task's records: at most ``limit`` valid ones, some replaced by broken ones."""
+    sent = 0
+    for n, (key, values, label) in enumerate(_events(task, data_dir)):
+        if n < skip:
+            continue
+        if sent >= limit:
+            return
+        for i, value in enumerate(values):
+            # A session's last click stays valid, so every replayed session ends (and is labelled).
+            breakable = len(values) == 1 or i < len(values) - 1
+            if malformed_share and breakable and rng.random() < malformed_share:
+                kind = rng.choice(MALFORMED_KINDS)
+                yield Outgoing(task, key, malform(task, json.loads(value), kind), valid=False)
+                continue
+            sent += 1
+            last = i == len(values) - 1
+            yield Outgoing(task, key, value, valid=True, label=label if last else None)
+
+
 def plan(
     data_dir: Path,
     tasks: list[str],
@@ -170,34 +192,19 @@ def plan(
     seed: int = 7,
     skip: int = 0,
 ) -> Iterator[Outgoing]:
-    """Events of the given tasks interleaved, ``limit`` valid events per task at most.
-
-    A click session counts all its page views. ``malformed_share`` of the records are
-    replaced by broken ones (and reported as invalid); a session's last click stays valid,
-    so every replayed session still ends (and gets its label).
+    """Records of the given tasks interleaved one by one, ``limit`` valid events per task at most
+    (a click session is finished even when it crosses the limit). ``malformed_share`` of the
+    records are replaced by broken ones (reported as invalid). Deterministic for a seed.
     """
-    rng = random.Random(seed)
-    sources = {t: _events(t, data_dir) for t in tasks}
-    for t in tasks:
-        for _ in range(skip):
-            next(sources[t], None)
-    sent = dict.fromkeys(tasks, 0)
-    while sources:
-        for task in list(sources):
-            item = next(sources[task], None)
-            if item is None or sent[task] >= limit:
-                del sources[task]
-                continue
-            key, values, label = item
-            for i, value in enumerate(values):
-                breakable = len(values) == 1 or i < len(values) - 1
-                if malformed_share and breakable and rng.random() < malformed_share:
-                    kind = rng.choice(MALFORMED_KINDS)
-                    yield Outgoing(task, key, malform(task, json.loads(value), kind), valid=False)
-                    continue
-                sent[task] += 1
-                last = i == len(values) - 1
-                yield Outgoing(task, key, value, valid=True, label=label if last else None)
+    streams = {t: _task_records(t, data_dir, limit, malformed_share, random.Random(f"{seed}-{t}"), skip)
+               for t in tasks}  # fmt: skip
+    while streams:
+        for task in list(streams):
+            out = next(streams[task], None)
+            if out is None:
+                del streams[task]
+            else:
+                yield out
 
 
 @dataclass

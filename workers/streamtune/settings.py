@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     batch_max_events: int = Field(32, ge=1, description="Most events in one model batch (N)")
     batch_max_ms: int = Field(50, ge=1, description="Longest wait to fill a batch, in ms (T)")
 
+    # Rollout
+    shadow: bool = Field(True, description="A canary also scores the live rows, for agreement metrics only")
+    releases_poll_ms: int = Field(200, ge=10, description="How often scorers poll adapters.releases")
+
     # Results
     score_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="TTL of per-event score records in Redis")
     session_ttl_s: int = Field(24 * 3600, ge=1, description="TTL of session views in Redis")

@@ -41,6 +41,29 @@ class ScorerMetrics:
             "streamtune_sessions_expired", "Session states expired after inactivity", registry=r
         )
         self.sessions_active = Gauge("streamtune_sessions_active", "Sessions held in the table", registry=r)
+        self.results_by_version = Counter(
+            "streamtune_results_by_version", "Results per adapter version", ["task", "version"], registry=r
+        )
+        self.canary_version = Gauge(
+            "streamtune_canary_version", "Adapter version in canary (0: none)", ["task"], registry=r
+        )
+        self.canary_fraction = Gauge(
+            "streamtune_canary_fraction", "Share of entities routed to the canary", ["task"], registry=r
+        )
+        self.shadow_agreement = Gauge(
+            "streamtune_shadow_agreement", "Canary agrees with live (last batch)", ["task"], registry=r
+        )
+        self.shadow_confidence = Gauge(
+            "streamtune_shadow_confidence", "Canary mean top probability (last batch)", ["task"], registry=r
+        )
+        self.shadow_rows = Counter("streamtune_shadow_rows", "Rows shadow-scored", ["task"], registry=r)
+        self.refusals = Counter(
+            "streamtune_adapter_refusals", "Adapter versions refused", ["task"], registry=r
+        )
+        self.swap_seconds = Histogram(
+            "streamtune_swap_seconds", "Release seen to route swapped", ["task"], buckets=LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port:

@@ -21,6 +21,7 @@ from streamtune.errors import AdapterError, StartupError
 from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
 from streamtune.model.encoder import Head, base_model_sha256, load_base, mean_pool, tokenize
 from streamtune.registry import LocalRegistry, Manifest
+from streamtune.rollout import in_canary
 
 log = structlog.get_logger(__name__)
 
@@ -28,13 +29,41 @@ TEXT_TASKS = ("review_sentiment", "query_class")
 
 
 @dataclass(frozen=True, slots=True)
+class Shadow:
+    """How a candidate scored the rows the live version answered (not published)."""
+
+    version: int
+    rows: int
+    agreement: float  # share of rows where both pick the same label
+    confidence: float  # the candidate's mean top probability
+
+
+@dataclass(frozen=True, slots=True)
 class Scored:
-    """Class probabilities of one batch and the adapter version that produced them."""
+    """Class probabilities of one batch and, per row, the adapter version that produced them."""
 
     task: str
-    version: int
     labels: list[str]
     probs: np.ndarray  # [batch, classes]; purchase_intent: [batch, 1] probability of buying
+    versions: np.ndarray  # [batch] int
+    shadow: Shadow | None = None
+
+    @property
+    def version(self) -> int:
+        """The one version of the batch (raises when a canary split it)."""
+        unique = set(self.versions.tolist())
+        if len(unique) != 1:
+            raise ValueError(f"batch scored by several versions: {sorted(unique)}")
+        return int(self.versions[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What scores a task: the live version, and optionally a canary on a share of entities."""
+
+    live: LoadedAdapter
+    canary: LoadedAdapter | None = None
+    fraction: float = 0.0
 
 
 @dataclass
@@ -58,12 +87,22 @@ class ModelRuntime:
         self.tokenizer: PreTrainedTokenizerBase
         self.tokenizer, self._base = load_base(base_path)
         self._peft: PeftModel | None = None
-        self.active: dict[str, LoadedAdapter] = {}
+        self.routes: dict[str, Route] = {}
+        self._loaded: dict[tuple[str, int], LoadedAdapter] = {}
+
+    @property
+    def active(self) -> dict[str, LoadedAdapter]:
+        """The live version of each task."""
+        return {task: route.live for task, route in self.routes.items()}
 
     # -- loading and swapping -------------------------------------------------------------
 
     def load(self, task: str, version: int) -> LoadedAdapter:
-        """Verify and load a version next to the active one (off the scoring path), smoke-tested."""
+        """Verify and load a version next to the active one, smoke-tested; cached once loaded
+        (versions are immutable). Call it on the model thread: it adds modules to the model."""
+        cached = self._loaded.get((task, version))
+        if cached is not None:
+            return cached
         manifest = self.registry.verify(task, version, base_sha256=self.base_sha256)
         path = self.registry.fetch(task, version)
         try:
@@ -76,6 +115,10 @@ class ModelRuntime:
         except Exception as e:  # safetensors/peft raise many types for corrupt files
             raise AdapterError(f"{task} v{version}: cannot load: {e}") from e
         self._smoke(loaded)
+        live = self.routes.get(task)
+        if live is not None and live.live.manifest.labels != manifest.labels:
+            raise AdapterError(f"{task} v{version}: its labels differ from the live version's")
+        self._loaded[(task, version)] = loaded
         return loaded
 
     def _load_text(self, manifest: Manifest, path: Path) -> LoadedAdapter:
@@ -115,9 +158,19 @@ class ModelRuntime:
             )
 
     def activate(self, loaded: LoadedAdapter) -> None:
-        """Make ``loaded`` the version that scores its task from the next batch on."""
-        self.active[loaded.manifest.task] = loaded
-        log.info("adapter_active", task=loaded.manifest.task, version=loaded.manifest.version)
+        """Make ``loaded`` the version that scores all of its task from the next batch on."""
+        self.set_route(loaded.manifest.task, Route(live=loaded))
+
+    def set_route(self, task: str, route: Route) -> None:
+        """Swap what scores ``task``. Called on the model thread, so it lands between batches."""
+        self.routes[task] = route
+        log.info(
+            "adapter_route",
+            task=task,
+            live=route.live.manifest.version,
+            canary=route.canary.manifest.version if route.canary else None,
+            fraction=route.fraction,
+        )
 
     def load_latest(self, tasks: tuple[str, ...]) -> None:
         for task in tasks:
@@ -134,12 +187,42 @@ class ModelRuntime:
 
     # -- scoring --------------------------------------------------------------------------
 
-    def score(self, task: str, inputs: list[str] | list[list[float]]) -> Scored:
-        """Score one batch with the task's active version (model runs once per batch)."""
-        loaded = self.active.get(task)
-        if loaded is None:
+    def score(
+        self,
+        task: str,
+        inputs: list[str] | list[list[float]],
+        keys: list[str] | None = None,
+        shadow: bool = False,
+    ) -> Scored:
+        """Score one batch: once per version in play (live, and canary for its entities).
+
+        ``keys`` are the entity keys (product or session) that route rows to the canary; with
+        ``shadow`` the canary also scores the live rows, for agreement metrics only.
+        """
+        route = self.routes.get(task)
+        if route is None:
             raise AdapterError(f"no active adapter for {task}")
-        return self._forward(loaded, inputs)
+        if route.canary is None or keys is None:
+            return self._forward(route.live, inputs)
+        to_canary = [in_canary(k, route.fraction) for k in keys]
+        canary_rows = [i for i, c in enumerate(to_canary) if c]
+        live_rows = [i for i, c in enumerate(to_canary) if not c]
+        probs: np.ndarray | None = None
+        versions = np.zeros(len(keys), dtype=np.int64)
+        shadow_stats = None
+        for rows, adapter in ((live_rows, route.live), (canary_rows, route.canary)):
+            if not rows:
+                continue
+            part = self._forward(adapter, [inputs[i] for i in rows])  # type: ignore[arg-type]
+            if probs is None:
+                probs = np.zeros((len(keys), part.probs.shape[1]), dtype=part.probs.dtype)
+            probs[rows] = part.probs
+            versions[rows] = adapter.manifest.version
+            if shadow and adapter is route.live:
+                cand = self._forward(route.canary, [inputs[i] for i in rows])  # type: ignore[arg-type]
+                shadow_stats = _shadow(part.probs, cand.probs, route.canary.manifest.version)
+        assert probs is not None
+        return Scored(task, route.live.manifest.labels, probs, versions, shadow_stats)
 
     @torch.inference_mode()
     def _forward(self, loaded: LoadedAdapter, inputs: list[str] | list[list[float]]) -> Scored:
@@ -147,11 +230,25 @@ class ModelRuntime:
         if loaded.click is not None:
             x = torch.tensor(inputs, dtype=torch.float32)
             p = torch.sigmoid(loaded.click(x)).unsqueeze(-1)
-            return Scored(m.task, m.version, m.labels, p.numpy())
+            return Scored(m.task, m.labels, p.numpy(), np.full(len(inputs), m.version))
         assert self._peft is not None and loaded.head is not None
         self._peft.set_adapter(loaded.name)
         batch = tokenize(self.tokenizer, inputs, self.max_len)  # type: ignore[arg-type]
         hidden = self._peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         pooled = mean_pool(hidden.last_hidden_state, batch["attention_mask"])
         probs = torch.softmax(loaded.head(pooled), dim=-1)
-        return Scored(m.task, m.version, m.labels, probs.numpy())
+        return Scored(m.task, m.labels, probs.numpy(), np.full(len(inputs), m.version))
+
+
+def _decisions(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen label and its probability per row (binary tasks: p >= 0.5)."""
+    if probs.shape[1] == 1:
+        p = probs[:, 0]
+        return (p >= 0.5).astype(np.int64), np.maximum(p, 1 - p)
+    return probs.argmax(1), probs.max(1)
+
+
+def _shadow(live: np.ndarray, candidate: np.ndarray, version: int) -> Shadow:
+    live_label, _ = _decisions(live)
+    cand_label, cand_conf = _decisions(candidate)
+    return Shadow(version, len(live), float((live_label == cand_label).mean()), float(cand_conf.mean()))

@@ -27,6 +27,7 @@ from streamtune.decode import Decoded, Source
 from streamtune.events import ClickEvent
 from streamtune.features import SessionState, apply_click, is_expired
 from streamtune.model.runtime import ModelRuntime
+from streamtune.releases import ReleaseFollower
 from streamtune.scorer.pipeline import BatchProcessor
 from streamtune.settings import Settings
 from streamtune.sink import RedisSink
@@ -43,6 +44,7 @@ class ScorerResources:
     runtime: ModelRuntime
     metrics: ScorerMetrics
     model_executor: ThreadPoolExecutor
+    follower: ReleaseFollower | None = None
 
 
 class FaustPublisher:

@@ -8,11 +8,14 @@ import faust
 import redis
 import structlog
 
-from streamtune.errors import StartupError
+from streamtune.errors import AdapterError, StartupError
 from streamtune.logs import configure_logging
-from streamtune.model.runtime import ModelRuntime
+from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.registry import LocalRegistry
+from streamtune.releases import ReleaseFollower, ReleaseLog
+from streamtune.rollout import Release, current_states, promote
 from streamtune.scorer.app import ScorerResources, build_app
+from streamtune.scorer.swap import Swapper, build_route
 from streamtune.settings import Settings
 from streamtune.tasks import TASK_NAMES
 from streamtune.telemetry import ScorerMetrics
@@ -31,6 +34,28 @@ def check_redis(settings: Settings) -> None:
         client.close()
 
 
+def initial_routes(runtime: ModelRuntime, registry: LocalRegistry, states: dict[str, Release]) -> None:
+    """Serve what ``adapters.releases`` says; a task never released serves its newest releasable
+    version. A broken canary is skipped (logged); a broken live version stops the start."""
+    for task in TASK_NAMES:
+        state = states.get(task)
+        if state is None:
+            version = registry.default_version(task)
+            if version is None:
+                raise StartupError(
+                    f"no adapter for task {task} in STREAMTUNE_ADAPTER_DIR={registry.root}; "
+                    f"run `streamtune train --task {task}`"
+                )
+            state = promote(task, version, "")  # type: ignore[arg-type]
+        try:
+            runtime.set_route(task, build_route(runtime, state))
+        except AdapterError as e:
+            if state.canary_version is None:
+                raise StartupError(f"{e} (STREAMTUNE_ADAPTER_DIR={registry.root})") from e
+            log.error("canary_skipped_at_start", task=task, version=state.canary_version, reason=str(e))
+            runtime.set_route(task, Route(live=runtime.load(task, state.live_version)))
+
+
 def prepare(settings: Settings) -> ScorerResources:
     """Everything that can fail at start, in the order a person would check it."""
     if not settings.adapter_dir.is_dir():
@@ -38,18 +63,21 @@ def prepare(settings: Settings) -> ScorerResources:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     ensure_topics(settings)
     check_redis(settings)
-    runtime = ModelRuntime(
-        settings.base_model, LocalRegistry(settings.adapter_dir), settings.max_seq_len, settings.torch_threads
-    )
-    runtime.load_latest(TASK_NAMES)
+    release_log = ReleaseLog(settings)
+    records, ends = release_log.read_all()
+    registry = LocalRegistry(settings.adapter_dir)
+    runtime = ModelRuntime(settings.base_model, registry, settings.max_seq_len, settings.torch_threads)
+    initial_routes(runtime, registry, current_states(records))
     metrics = ScorerMetrics()
-    for task, loaded in runtime.active.items():
-        metrics.adapter_version.labels(task).set(loaded.manifest.version)
-    metrics.serve(settings.metrics_port, settings.metrics_host)
     # One model thread: batches of all tasks run one at a time, and a swap can only
     # happen between them. torch releases the GIL, so consuming and Redis I/O go on meanwhile.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    return ScorerResources(runtime=runtime, metrics=metrics, model_executor=executor)
+    swapper = Swapper(runtime, executor, metrics, release_log)
+    for task in TASK_NAMES:
+        swapper.publish_route_metrics(task)
+    follower = ReleaseFollower(settings, ends, swapper.apply)
+    metrics.serve(settings.metrics_port, settings.metrics_host)
+    return ScorerResources(runtime=runtime, metrics=metrics, model_executor=executor, follower=follower)
 
 
 def run_scorer(settings: Settings) -> None:
@@ -63,10 +91,13 @@ def run_scorer(settings: Settings) -> None:
         metrics_port=settings.metrics_port,
     )
     app = build_app(settings, resources)
+    assert resources.follower is not None
+    resources.follower.start()
     worker = faust.Worker(
         app, loglevel=settings.log_level, override_logging=False, redirect_stdouts=False, quiet=True
     )
     try:
         worker.execute_from_commandline()
     finally:
+        resources.follower.stop()
         resources.model_executor.shutdown(wait=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import numpy as np
 import structlog
 
 from streamtune.decode import Decoded, Source, split
@@ -44,7 +45,6 @@ SessionUpdater = Callable[[list[Decoded[ClickEvent]]], Awaitable[list[SessionSta
 class BatchOutcome:
     scored: int
     dead: int
-    version: int | None
 
 
 class BatchProcessor:
@@ -64,11 +64,17 @@ class BatchProcessor:
         self.publisher = publisher
         self.metrics = metrics
 
-    async def _score(self, task: str, inputs: Sequence[Any]) -> Scored:
+    async def _score(self, task: str, inputs: Sequence[Any], keys: list[str]) -> Scored:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        scored = await loop.run_in_executor(self.executor, self.runtime.score, task, list(inputs))
+        scored = await loop.run_in_executor(
+            self.executor, self.runtime.score, task, list(inputs), keys, self.settings.shadow
+        )
         self.metrics.model_seconds.labels(task).observe(time.perf_counter() - started)
+        if scored.shadow is not None:
+            self.metrics.shadow_agreement.labels(task).set(scored.shadow.agreement)
+            self.metrics.shadow_confidence.labels(task).set(scored.shadow.confidence)
+            self.metrics.shadow_rows.labels(task).inc(scored.shadow.rows)
         return scored
 
     async def process(
@@ -82,24 +88,30 @@ class BatchProcessor:
         for dl in bad:
             await self._dead_letter(task, dl)
         results: list[Result] = []
-        version = None
         if good:
             now = datetime.now(UTC)
             if task == "review_sentiment":
                 reviews: list[ReviewEvent] = [d.event for d in good]  # type: ignore[misc]
-                scored = await self._score(task, [r.model_text() for r in reviews])
+                scored = await self._score(
+                    task, [r.model_text() for r in reviews], [r.product_id for r in reviews]
+                )
                 results = review_results(reviews, scored, now)
             elif task == "query_class":
                 searches: list[SearchEvent] = [d.event for d in good]  # type: ignore[misc]
-                scored = await self._score(task, [s.query for s in searches])
+                scored = await self._score(
+                    task, [s.query for s in searches], [s.session_id for s in searches]
+                )
                 results = search_results(searches, scored, now)
             else:
                 assert sessions is not None, "purchase_intent needs the session table"
                 states = await sessions(good)  # type: ignore[arg-type]
-                scored = await self._score(task, [vectorize(session_row(s)) for s in states])
                 clicks: list[ClickEvent] = [d.event for d in good]  # type: ignore[misc]
+                scored = await self._score(
+                    task, [vectorize(session_row(s)) for s in states], [c.session_id for c in clicks]
+                )
                 results = click_results(clicks, [s.page_views for s in states], scored, now)
-            version = scored.version
+            for v, n in zip(*np.unique(scored.versions, return_counts=True), strict=True):
+                self.metrics.results_by_version.labels(task, str(v)).inc(int(n))
             await self.sink.write(results, now.isoformat())
             done = time.time()
             out_topic = self.settings.topic(spec.output_topic)
@@ -108,9 +120,8 @@ class BatchProcessor:
                 self.metrics.latency.labels(task).observe(max(0.0, done - r.event_ts.timestamp()))
             self.metrics.scored.labels(task).inc(len(results))
             self.metrics.batch_size.labels(task).observe(len(good))
-            self.metrics.adapter_version.labels(task).set(scored.version)
         await self.publisher.flush()
-        return BatchOutcome(scored=len(results), dead=len(bad), version=version)
+        return BatchOutcome(scored=len(results), dead=len(bad))
 
     async def _dead_letter(self, task: str, dl: DeadLetter) -> None:
         self.metrics.dead_letters.labels(task).inc()
