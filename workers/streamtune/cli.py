@@ -163,6 +163,15 @@ def demo(
     run_demo(_settings(), duration=duration, rate=rate, malformed=malformed)
 
 
+def _register_subcommands() -> None:
+    from streamtune.adapters_cli import adapters
+
+    app.add_typer(adapters, name="adapters")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     try:
         app()

@@ -34,9 +34,12 @@ def check_redis(settings: Settings) -> None:
         client.close()
 
 
-def initial_routes(runtime: ModelRuntime, registry: LocalRegistry, states: dict[str, Release]) -> None:
-    """Serve what ``adapters.releases`` says; a task never released serves its newest releasable
-    version. A broken canary is skipped (logged); a broken live version stops the start."""
+def initial_routes(
+    runtime: ModelRuntime, registry: LocalRegistry, states: dict[str, Release], releases: ReleaseLog | None
+) -> None:
+    """Serve what ``adapters.releases`` says. A task never released serves its newest releasable
+    version, and that choice is announced so every scorer (and the CLI) agrees from then on.
+    A broken canary is skipped (logged); a broken live version stops the start."""
     for task in TASK_NAMES:
         state = states.get(task)
         if state is None:
@@ -46,7 +49,9 @@ def initial_routes(runtime: ModelRuntime, registry: LocalRegistry, states: dict[
                     f"no adapter for task {task} in STREAMTUNE_ADAPTER_DIR={registry.root}; "
                     f"run `streamtune train --task {task}`"
                 )
-            state = promote(task, version, "")  # type: ignore[arg-type]
+            state = promote(task, version, registry.manifest_sha256(task, version), "scorer")  # type: ignore[arg-type]
+            if releases is not None:
+                releases.publish(state)
         try:
             runtime.set_route(task, build_route(runtime, state))
         except AdapterError as e:
@@ -67,7 +72,7 @@ def prepare(settings: Settings) -> ScorerResources:
     records, ends = release_log.read_all()
     registry = LocalRegistry(settings.adapter_dir)
     runtime = ModelRuntime(settings.base_model, registry, settings.max_seq_len, settings.torch_threads)
-    initial_routes(runtime, registry, current_states(records))
+    initial_routes(runtime, registry, current_states(records), release_log)
     metrics = ScorerMetrics()
     # One model thread: batches of all tasks run one at a time, and a swap can only
     # happen between them. torch releases the GIL, so consuming and Redis I/O go on meanwhile.
