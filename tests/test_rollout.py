@@ -63,8 +63,11 @@ def review_versions(settings: Settings, n: int) -> list[tuple[int, int, str, int
     """(partition, offset, product, version) of every review result."""
     msgs = consume_all(settings, "scores.review", n)
     assert len(msgs) == n
-    return [(m.partition, m.offset, json.loads(m.value)["product_id"], json.loads(m.value)["adapter"]["version"])
-            for m in msgs]  # fmt: skip
+    values = [json.loads(m.value) for m in msgs]
+    return [
+        (m.partition, m.offset, v["product_id"], v["adapter"]["version"])
+        for m, v in zip(msgs, values, strict=True)
+    ]
 
 
 def test_promote_mid_stream_swaps_between_batches_and_refuses_a_corrupt_release(

@@ -69,6 +69,71 @@ def _embed(tok: Any, model: nn.Module, texts: Sequence[str], max_len: int, bs: i
     return torch.cat(outs)
 
 
+def fit_text(
+    model: nn.Module,
+    head: nn.Module,
+    tok: Any,
+    xtr: list[str],
+    ytr: list[int],
+    n_classes: int,
+    cfg: TrainConfig,
+    task: str,
+    deadline: float | None = None,
+) -> int:
+    """Train LoRA weights and head with class-balanced cross-entropy; returns the steps taken.
+
+    ``deadline`` (monotonic seconds) bounds the run: training stops after the step that passes it.
+    """
+    counts = np.bincount(ytr, minlength=n_classes).astype(float)
+    weights = torch.tensor(
+        np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** 0.5, 1.0), dtype=torch.float32
+    )
+    loss_fn = nn.CrossEntropyLoss(weight=weights / weights.mean())
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = 0
+    total_steps = cfg.epochs * ((len(xtr) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(total_steps, 1)))
+    for epoch in range(cfg.epochs):
+        model.train()
+        head.train()
+        order = torch.randperm(len(xtr), generator=gen).tolist()
+        running = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            b = tokenize(tok, [xtr[j] for j in idx], cfg.max_len)
+            h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            logits = head(mean_pool(h, b["attention_mask"]))
+            loss = loss_fn(logits, torch.tensor([ytr[j] for j in idx]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            steps += 1
+            running += loss.item()
+            if steps % 100 == 0:
+                log.info("training", task=task, step=steps, of=total_steps,
+                         mean_loss=round(running / (i // cfg.batch_size + 1), 4))  # fmt: skip
+            if deadline is not None and time.monotonic() > deadline:
+                log.warning("training_time_budget_reached", task=task, step=steps, of=total_steps)
+                model.eval()
+                head.eval()
+                return steps
+        log.info("epoch_done", task=task, epoch=epoch + 1,
+                 mean_loss=round(running / max(1, len(order) / cfg.batch_size), 4))  # fmt: skip
+    model.eval()
+    head.eval()
+    return steps
+
+
+def predict_text(model: nn.Module, head: nn.Module, tok: Any, texts: list[str], max_len: int) -> np.ndarray:
+    with torch.inference_mode():
+        pooled = _embed(tok, model, texts, max_len)
+        probs: np.ndarray = torch.softmax(head(pooled), dim=-1).numpy()
+    return probs
+
+
 def _text_split(
     task: str, data_dir: Path, cfg: TrainConfig
 ) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
@@ -119,53 +184,8 @@ def train_text_task(
             head.linear.bias.zero_()
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05, target_modules=LORA_TARGETS)
     model = get_peft_model(base, lora)
-    counts = np.bincount(ytr, minlength=len(names)).astype(float)
-    weights = torch.tensor(
-        np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** 0.5, 1.0), dtype=torch.float32
-    )
-    loss_fn = nn.CrossEntropyLoss(weight=weights / weights.mean())
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    steps = 0
-    total_steps = cfg.epochs * ((len(xtr) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(total_steps, 1)))
-    for epoch in range(cfg.epochs):
-        model.train()
-        head.train()
-        order = torch.randperm(len(xtr), generator=gen).tolist()
-        running = 0.0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            b = tokenize(tok, [xtr[j] for j in idx], cfg.max_len)
-            h = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-            logits = head(mean_pool(h, b["attention_mask"]))
-            loss = loss_fn(logits, torch.tensor([ytr[j] for j in idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            steps += 1
-            running += loss.item()
-            if steps % 100 == 0:
-                log.info(
-                    "training",
-                    task=task,
-                    step=steps,
-                    of=total_steps,
-                    mean_loss=round(running / (i // cfg.batch_size + 1), 4),
-                )
-        log.info(
-            "epoch_done",
-            task=task,
-            epoch=epoch + 1,
-            mean_loss=round(running / max(1, len(order) / cfg.batch_size), 4),
-        )
-    model.eval()
-    head.eval()
-    with torch.inference_mode():
-        pooled = _embed(tok, model, xte, cfg.max_len)
-        probs = torch.softmax(head(pooled), dim=-1).numpy()
+    fit_text(model, head, tok, xtr, ytr, len(names), cfg, task)
+    probs = predict_text(model, head, tok, xte, cfg.max_len)
     if task == "review_sentiment":
         metrics = M.classification_metrics(yte, probs)
         base_maj = M.classification_metrics(yte, M.majority_probs(ytr, len(yte), len(names)))
@@ -233,6 +253,32 @@ def _session_arrays(rows: list[dict[str, str]]) -> tuple[np.ndarray, list[int]]:
     return x, y
 
 
+def fit_click(
+    module: nn.Module,
+    params: list[nn.Parameter],
+    xt: torch.Tensor,
+    yt: torch.Tensor,
+    epochs: int,
+    lr: float,
+    gen: torch.Generator,
+    loss_fn: nn.Module,
+    deadline: float | None = None,
+) -> None:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    module.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(order), 128):
+            idx = order[i : i + 128]
+            loss = loss_fn(module(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    module.eval()
+
+
 def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) -> Manifest:
     """Train the click MLP (its "base"), then a LoRA adapter on top of it through peft."""
     seed_everything(cfg.seed)
@@ -253,17 +299,7 @@ def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) 
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float) -> None:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        module.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(xt), generator=gen)
-            for i in range(0, len(order), 128):
-                idx = order[i : i + 128]
-                loss = loss_fn(module(xt[idx]), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        module.eval()
+        fit_click(module, params, xt, yt, epochs, lr, gen, loss_fn)
 
     fit(net, list(net.parameters()), epochs=15 * cfg.epochs, lr=3e-3)
     base_state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
