@@ -76,8 +76,9 @@ def blocks(adapter_dir: Path) -> dict[str, str]:
 def render(text: str, generated: dict[str, str]) -> str:
     """``text`` with every generated block replaced; a missing marker is an error."""
     for name, body in generated.items():
-        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
-        if not pattern.search(text):
+        begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
+        match = re.search(re.escape(begin) + ".*?" + re.escape(end), text, re.S)
+        if match is None:
             raise StreamtuneError(f"README has no <!-- {name}:begin/end --> block")
-        text = pattern.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text)
+        text = text[: match.start()] + begin + body + "\n" + end + text[match.end() :]
     return text
