@@ -54,6 +54,14 @@ def scorer() -> None:
 
 
 @app.command()
+def trainer() -> None:
+    """Run the online trainer: join labels to events, fine-tune from the live version, gate, release."""
+    from streamtune.trainer.main import run_trainer
+
+    run_trainer(_settings())
+
+
+@app.command()
 def topics() -> None:
     """Create the missing topics (partitions and replication from settings)."""
     from streamtune.topics import ensure_topics, topic_specs

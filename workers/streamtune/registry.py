@@ -171,6 +171,18 @@ class LocalRegistry:
             raise AdapterError(f"publishing {task} v{version} failed: {e}") from e
         return final
 
+    def clean_stale(self) -> list[Path]:
+        """Remove temporary directories a killed publisher left behind (never a version)."""
+        removed = []
+        if self.root.is_dir():
+            for task_dir in self.root.iterdir():
+                if task_dir.is_dir():
+                    for p in task_dir.glob(".*.*"):
+                        if p.is_dir() and not p.name[1:].isdigit():
+                            shutil.rmtree(p, ignore_errors=True)
+                            removed.append(p)
+        return removed
+
     def default_version(self, task: str) -> int | None:
         """What serves a task when no release was announced: the newest releasable version."""
         for version in reversed(self.versions(task)):

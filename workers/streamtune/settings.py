@@ -52,6 +52,56 @@ class Settings(BaseSettings):
     shadow: bool = Field(True, description="A canary also scores the live rows, for agreement metrics only")
     releases_poll_ms: int = Field(200, ge=10, description="How often scorers poll adapters.releases")
 
+    # Trainer (`streamtune trainer`)
+    trainer_group_id: str = Field(
+        "streamtune-trainer", description="Consumer group (Faust app id) of the trainer"
+    )
+    trainer_min_labels: int = Field(
+        500, ge=2, description="Train a task after this many new joined labels (M)"
+    )
+    trainer_interval_s: float = Field(
+        900.0, gt=0, description="... or after this long since its last run (T), given the minimum below"
+    )
+    trainer_interval_min_labels: int = Field(
+        50, ge=2, description="Fewest new labels a timed (T) run trains on"
+    )
+    trainer_input_window_s: float = Field(
+        6 * 3600.0, gt=0, description="Inputs are kept this long (event time) for labels to join"
+    )
+    trainer_max_inputs: int = Field(200_000, ge=1, description="Most inputs held; the oldest go first")
+    trainer_label_wait_s: float = Field(
+        120.0, ge=0, description="A label that arrives before its input waits this long, then is an orphan"
+    )
+    trainer_replay_max: int = Field(
+        5000, ge=0, description="Joined labels kept per task for replay (anti-forgetting), newest first"
+    )
+    trainer_replay_ratio: float = Field(
+        1.0, ge=0, description="Replayed older labels per fresh label in a run"
+    )
+    trainer_holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Newest share of fresh labels held out for the gate"
+    )
+    trainer_budget_s: float = Field(300.0, gt=0, description="Time budget of one fine-tuning run")
+    trainer_epochs: int = Field(2, ge=1, description="Epochs over fresh + replayed labels (within budget)")
+    trainer_lr: float = Field(5e-4, gt=0, description="Learning rate of online fine-tuning")
+    trainer_margin: float = Field(
+        0.01, description="Release only if the candidate beats live on the holdout by this much"
+    )
+    trainer_reference_tolerance: float = Field(
+        0.01, ge=0, description="... and is at most this much worse on the shipped reference set"
+    )
+    trainer_reference_rows: int = Field(
+        300, ge=10, description="Rows of the reference set (held-out split of the shipped data)"
+    )
+    trainer_release_stage: str = Field(
+        "canary", description="What a passing candidate becomes: canary | live | none (publish only)"
+    )
+    trainer_canary_fraction: float = Field(
+        0.2, ge=0, le=1, description="Canary share of a released candidate"
+    )
+    trainer_check_s: float = Field(2.0, gt=0, description="How often the trainer checks its triggers")
+    trainer_seed: int = Field(13, description="Seed of sampling and fine-tuning")
+
     # Results
     score_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="TTL of per-event score records in Redis")
     session_ttl_s: int = Field(24 * 3600, ge=1, description="TTL of session views in Redis")
@@ -73,6 +123,13 @@ class Settings(BaseSettings):
     def _known_backend(cls, v: str) -> str:
         if v not in {"torch"}:
             raise ValueError(f"unknown backend {v!r}; known: torch")
+        return v
+
+    @field_validator("trainer_release_stage")
+    @classmethod
+    def _known_stage(cls, v: str) -> str:
+        if v not in {"canary", "live", "none"}:
+            raise ValueError(f"unknown release stage {v!r}; one of canary, live, none")
         return v
 
     @field_validator("log_level")

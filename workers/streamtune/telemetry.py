@@ -68,3 +68,60 @@ class ScorerMetrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if port:
             start_http_server(port, addr=host, registry=self.registry)
+
+
+@dataclass
+class TrainerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.inputs_seen = Counter("streamtune_trainer_inputs", "Input events stored", ["task"], registry=r)
+        self.inputs_held = Gauge("streamtune_trainer_inputs_held", "Inputs held in the window", registry=r)
+        self.inputs_invalid = Counter(
+            "streamtune_trainer_inputs_invalid",
+            "Input events that failed validation (skipped)",
+            ["task"],
+            registry=r,
+        )
+        self.labels_joined = Counter(
+            "streamtune_trainer_labels_joined", "Labels joined", ["task"], registry=r
+        )
+        self.labels_duplicate = Counter(
+            "streamtune_trainer_labels_duplicate", "Labels dropped as duplicates", ["task"], registry=r
+        )
+        self.labels_orphan = Counter(
+            "streamtune_trainer_labels_orphan",
+            "Labels whose input was never seen or fell out of the window",
+            ["task"],
+            registry=r,
+        )
+        self.labels_invalid = Counter(
+            "streamtune_trainer_labels_invalid", "Labels that failed validation (dead-lettered)", registry=r
+        )
+        self.labels_pending = Gauge(
+            "streamtune_trainer_labels_pending", "Labels waiting for their input", registry=r
+        )
+        self.fresh_labels = Gauge(
+            "streamtune_trainer_fresh_labels", "Joined labels not yet trained on", ["task"], registry=r
+        )
+        self.runs = Counter(
+            "streamtune_trainer_runs", "Training runs by outcome", ["task", "outcome"], registry=r
+        )
+        self.run_seconds = Histogram(
+            "streamtune_trainer_run_seconds", "Training run time", ["task"],
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800), registry=r,
+        )  # fmt: skip
+        self.gate_metric = Gauge(
+            "streamtune_trainer_gate_metric",
+            "Gate metric of the last run on the holdout",
+            ["task", "model"],
+            registry=r,
+        )
+        self.training = Gauge(
+            "streamtune_trainer_training", "1 while a run is in progress", ["task"], registry=r
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)

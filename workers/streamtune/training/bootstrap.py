@@ -197,7 +197,7 @@ def train_text_task(
     seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory() as tmp:
         build = Path(tmp)
-        model.save_pretrained(str(build), safe_serialization=True)
+        model.save_pretrained(str(build), safe_serialization=True, save_embedding_layers=False)
         (build / "README.md").unlink(missing_ok=True)
         _portable_adapter_config(build / "adapter_config.json", base_model_name(base_path))
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(build / "head.safetensors"))
@@ -316,7 +316,7 @@ def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) 
     with tempfile.TemporaryDirectory() as tmp:
         build = Path(tmp)
         save_file(base_state, str(build / CLICK_BASE_WEIGHTS))
-        model.save_pretrained(str(build), safe_serialization=True)
+        model.save_pretrained(str(build), safe_serialization=True, save_embedding_layers=False)
         (build / "README.md").unlink(missing_ok=True)
         _portable_adapter_config(build / "adapter_config.json", CLICK_BASE_NAME)
         manifest = Manifest(

@@ -1,0 +1,156 @@
+"""Trainer lifecycle: check the registry, recover the trigger state from it, load the reference
+sets, run the Faust worker; each training run happens in one background thread."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import faust
+import structlog
+import torch
+
+from streamtune.errors import StartupError
+from streamtune.logs import configure_logging
+from streamtune.registry import LocalRegistry, Manifest
+from streamtune.releases import ReleaseLog
+from streamtune.rollout import Release, canary, promote
+from streamtune.settings import Settings
+from streamtune.tasks import TASK_NAMES
+from streamtune.telemetry import TrainerMetrics
+from streamtune.topics import ensure_topics
+from streamtune.trainer.app import TrainerResources, TrainerState, build_app
+from streamtune.training.candidate import OnlineConfig, Reference, reference_set, train_candidate
+from streamtune.training.online import TrainingSet, Watermark
+
+log = structlog.get_logger(__name__)
+
+
+def last_trainer_manifest(registry: LocalRegistry, task: str) -> Manifest | None:
+    """The newest version this trainer made (released or not)."""
+    for version in reversed(registry.versions(task)):
+        m = registry.manifest(task, version)
+        if m.training.get("source") == "trainer":
+            return m
+    return None
+
+
+def recovered_watermarks(registry: LocalRegistry) -> dict[str, Watermark]:
+    out: dict[str, Watermark] = {}
+    for task in TASK_NAMES:
+        m = last_trainer_manifest(registry, task)
+        if m is not None:
+            out[task] = {int(p): int(o) for p, o in m.training.get("label_offsets", {}).items()}
+    return out
+
+
+def live_version(registry: LocalRegistry, states: dict[str, Release], task: str) -> int:
+    state = states.get(task)
+    version = state.live_version if state is not None else registry.default_version(task)
+    if version is None:
+        raise StartupError(
+            f"no adapter for task {task} in {registry.root}; run `streamtune train --task {task}`"
+        )
+    return version
+
+
+def release_for(settings: Settings, m: Manifest, live: int, sha: str) -> Release | None:
+    if settings.trainer_release_stage == "none":
+        return None
+    if settings.trainer_release_stage == "live":
+        return promote(m.task, m.version, sha, by="trainer")
+    return canary(m.task, m.version, settings.trainer_canary_fraction, live, sha, by="trainer")
+
+
+def announce_unreleased(settings: Settings, registry: LocalRegistry, releases: ReleaseLog) -> None:
+    """A trainer killed between publishing a passing version and announcing it: announce it now."""
+    states = releases.states()
+    for task in TASK_NAMES:
+        m = last_trainer_manifest(registry, task)
+        if m is None or not m.releasable:
+            continue
+        state = states.get(task)
+        seen = 0 if state is None else max(state.version, state.live_version, state.canary_version or 0)
+        if seen >= m.version:
+            continue
+        live = live_version(registry, states, task)
+        release = release_for(settings, m, live, registry.manifest_sha256(task, m.version))
+        if release is not None:
+            log.warning("announcing_unreleased_candidate", task=task, version=m.version)
+            releases.publish(release)
+
+
+class TrainJobRunner:
+    """What runs in the training thread: pick the live version, train, publish, announce."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: LocalRegistry,
+        releases: ReleaseLog,
+        references: dict[str, Reference],
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.releases = releases
+        self.references = references
+
+    def config(self) -> OnlineConfig:
+        s = self.settings
+        return OnlineConfig(
+            epochs=s.trainer_epochs, lr=s.trainer_lr, budget_s=s.trainer_budget_s, margin=s.trainer_margin,
+            tolerance=s.trainer_reference_tolerance, max_len=s.max_seq_len, seed=s.trainer_seed,
+        )  # fmt: skip
+
+    def __call__(self, task: str, ts: TrainingSet) -> str:
+        live = live_version(self.registry, self.releases.states(), task)
+        outcome = train_candidate(
+            task, live, ts, self.references[task], self.registry, self.settings.base_model, self.config()
+        )
+        if not outcome.verdict.passed:
+            return "rejected"
+        m = outcome.manifest
+        release = release_for(self.settings, m, live, self.registry.manifest_sha256(task, m.version))
+        if release is not None:
+            self.releases.publish(release)
+        return "released"
+
+
+def run_trainer(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_json)
+    if not settings.adapter_dir.is_dir():
+        raise StartupError(f"adapter directory not found: STREAMTUNE_ADAPTER_DIR={settings.adapter_dir}")
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    registry = LocalRegistry(settings.adapter_dir)
+    for stale in registry.clean_stale():
+        log.warning("stale_publish_dir_removed", path=str(stale))
+    ensure_topics(settings)
+    releases = ReleaseLog(settings)
+    states = releases.states()
+    for task in TASK_NAMES:
+        live_version(registry, states, task)  # fails early, naming the task
+    announce_unreleased(settings, registry, releases)
+    references = {t: reference_set(t, settings.data_dir, settings.trainer_reference_rows) for t in TASK_NAMES}
+    exclude = frozenset().union(*(r.texts for r in references.values()))
+    metrics = TrainerMetrics()
+    state = TrainerState(watermarks=recovered_watermarks(registry))
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+    resources = TrainerResources(
+        metrics=metrics,
+        executor=executor,
+        job=TrainJobRunner(settings, registry, releases, references),
+        state=state,
+        exclude_inputs=exclude,
+    )
+    metrics.serve(settings.metrics_port, settings.metrics_host)
+    log.info("trainer_starting", group=settings.trainer_group_id, watermarks=state.watermarks,
+             min_labels=settings.trainer_min_labels, interval_s=settings.trainer_interval_s)  # fmt: skip
+    app = build_app(settings, resources)
+    worker = faust.Worker(
+        app, loglevel=settings.log_level, override_logging=False, redirect_stdouts=False, quiet=True
+    )
+    try:
+        worker.execute_from_commandline()
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
