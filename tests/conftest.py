@@ -120,22 +120,23 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class ScorerProcess:
     """A real ``streamtune scorer`` process."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, command: str = "scorer") -> None:
         self.settings = settings
         self.log_path = log_path
+        self.command = command
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ScorerProcess:
         out = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamtune.cli", "scorer"],
+            [sys.executable, "-m", "streamtune.cli", self.command],
             env=settings_env(self.settings),
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=REPO_ROOT,
             start_new_session=True,
         )
-        wait_until(self.ready, 180, "the scorer to load its model and serve /metrics", poll_s=0.3)
+        wait_until(self.ready, 180, f"the {self.command} to start and serve /metrics", poll_s=0.3)
         return self
 
     def metrics(self) -> str:
@@ -146,7 +147,7 @@ class ScorerProcess:
     def assert_alive(self) -> None:
         assert self.proc is not None
         if self.proc.poll() is not None:
-            raise AssertionError(f"scorer exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
+            raise AssertionError(f"{self.command} exited ({self.proc.returncode}):\n{self.log()[-3000:]}")
 
     def ready(self) -> bool:
         self.assert_alive()
