@@ -114,11 +114,22 @@ def replay(
     labels: Annotated[bool, typer.Option(help="Also produce each event's label on `labels`")] = False,
     seed: int = 7,
     skip: Annotated[int, typer.Option(help="Skip this many rows per data set first")] = 0,
+    reviews: Annotated[
+        str, typer.Option(help="natural: the data set's mix; critical: the drifted, class-balanced wave")
+    ] = "natural",
+    label_delay: Annotated[float, typer.Option(help="Seconds between an event and its label")] = 0.0,
 ) -> None:
     """Produce events from the shipped data sets."""
     from streamtune.replay import replay as run_replay
 
-    report = run_replay(_settings(), _tasks(task), limit, rate, malformed, labels, seed, skip)
+    if reviews not in ("natural", "critical"):
+        console.print(f"[red]error:[/] --reviews {reviews!r}: natural or critical")
+        raise typer.Exit(2)
+    report = run_replay(
+        _settings(), _tasks(task), limit, rate, malformed, labels, seed, skip,
+        reviews=reviews,  # type: ignore[arg-type]
+        label_delay_s=label_delay,
+    )  # fmt: skip
     print(
         json.dumps(
             {
@@ -187,10 +198,37 @@ def demo(
     run_demo(_settings(), duration=duration, rate=rate, malformed=malformed)
 
 
+bench = typer.Typer(no_args_is_help=True, help="Benchmarks, measured on this machine in one run.")
+
+
+@bench.command("update")
+def bench_update(
+    quick: Annotated[
+        bool, typer.Option(help="Seconds-scale run that checks the benchmark works (CI)")
+    ] = False,
+    labels: Annotated[int, typer.Option(help="Drifted labels to fine-tune on")] = 2000,
+    epochs: int = 1,
+    out: Annotated[str, typer.Option(help="Directory for the JSON and markdown report ('' : none)")] = "docs",
+) -> None:
+    """Fine-tune time on N labels, accuracy before/after on drifted data, hot-swap latency and gap."""
+    from pathlib import Path
+
+    from streamtune.bench.update import UpdateBenchConfig, markdown, run
+    from streamtune.logs import configure_logging
+    from streamtune.settings import REPO_ROOT
+
+    s = _settings()
+    configure_logging("WARNING", json=False)
+    cfg = UpdateBenchConfig.quick() if quick else UpdateBenchConfig(labels=labels, epochs=epochs)
+    result = run(s, cfg, REPO_ROOT / "var" / "bench-update", Path(out) if out else None)
+    print(markdown(result))
+
+
 def _register_subcommands() -> None:
     from streamtune.adapters_cli import adapters
 
     app.add_typer(adapters, name="adapters")
+    app.add_typer(bench, name="bench")
 
 
 _register_subcommands()

@@ -6,18 +6,21 @@ expected aggregates from the same events; only :func:`replay` touches Kafka.
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from streamtune.drift import critical_wave
 from streamtune.errors import StartupError
 from streamtune.events import ClickEvent, LabelEvent, ReviewEvent, SearchEvent
 from streamtune.features import PAGE_COLUMNS
@@ -28,6 +31,7 @@ from streamtune.training import data
 log = structlog.get_logger(__name__)
 
 TOPIC_OF: dict[str, str] = {t.name: t.input_topic for t in TASKS.values()}
+ReviewSource = Literal["natural", "critical"]  # the data set's mix, or the drifted wave (drift.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +47,10 @@ def _ts(now: datetime | None) -> datetime:
     return now or datetime.now(UTC)
 
 
-def review_events(data_dir: Path, now: datetime | None = None) -> Iterator[tuple[ReviewEvent, LabelEvent]]:
-    for r in data.load_reviews(data_dir):
+def review_events(
+    data_dir: Path, now: datetime | None = None, rows: Iterable[data.Review] | None = None
+) -> Iterator[tuple[ReviewEvent, LabelEvent]]:
+    for r in data.load_reviews(data_dir) if rows is None else rows:
         ts = _ts(now)
         ev = ReviewEvent(
             event_id=f"review-{r.review_id}",
@@ -150,9 +156,12 @@ def malform(task: str, valid: dict[str, object], kind: str) -> bytes:
     return json.dumps(v).encode()
 
 
-def _events(task: str, data_dir: Path) -> Iterator[tuple[str, list[bytes], LabelEvent | None]]:
+def _events(
+    task: str, data_dir: Path, reviews: ReviewSource = "natural"
+) -> Iterator[tuple[str, list[bytes], LabelEvent | None]]:
     if task == "review_sentiment":
-        for review, review_label in review_events(data_dir):
+        rows = critical_wave(data_dir, "train") if reviews == "critical" else None
+        for review, review_label in review_events(data_dir, rows=rows):
             yield review.product_id, [review.model_dump_json().encode()], review_label
     elif task == "query_class":
         for s, lab in search_events(data_dir):
@@ -163,11 +172,17 @@ def _events(task: str, data_dir: Path) -> Iterator[tuple[str, list[bytes], Label
 
 
 def _task_records(
-    task: str, data_dir: Path, limit: int, malformed_share: float, rng: random.Random, skip: int
+    task: str,
+    data_dir: Path,
+    limit: int,
+    malformed_share: float,
+    rng: random.Random,
+    skip: int,
+    reviews: ReviewSource = "natural",
 ) -> Iterator[Outgoing]:
     """One task's records: at most ``limit`` valid ones, some replaced by broken ones."""
     sent = 0
-    for n, (key, values, label) in enumerate(_events(task, data_dir)):
+    for n, (key, values, label) in enumerate(_events(task, data_dir, reviews)):
         if n < skip:
             continue
         if sent >= limit:
@@ -191,13 +206,16 @@ def plan(
     malformed_share: float = 0.0,
     seed: int = 7,
     skip: int = 0,
+    reviews: ReviewSource = "natural",
 ) -> Iterator[Outgoing]:
     """Records of the given tasks interleaved one by one, ``limit`` valid events per task at most
     (a click session is finished even when it crosses the limit). ``malformed_share`` of the
     records are replaced by broken ones (reported as invalid). Deterministic for a seed.
     """
-    streams = {t: _task_records(t, data_dir, limit, malformed_share, random.Random(f"{seed}-{t}"), skip)
-               for t in tasks}  # fmt: skip
+    streams = {
+        t: _task_records(t, data_dir, limit, malformed_share, random.Random(f"{seed}-{t}"), skip, reviews)
+        for t in tasks
+    }
     while streams:
         for task in list(streams):
             out = next(streams[task], None)
@@ -239,16 +257,32 @@ def replay(
     labels: bool = False,
     seed: int = 7,
     skip: int = 0,
-    should_stop: object = None,
+    should_stop: Callable[[], bool] | None = None,
+    reviews: ReviewSource = "natural",
+    label_delay_s: float = 0.0,
+    on_label: Callable[[LabelEvent], None] | None = None,
 ) -> ReplayReport:
-    """Produce events; ``rate`` events/s in total (0: as fast as possible)."""
+    """Produce events; ``rate`` events/s in total (0: as fast as possible).
+
+    With ``labels``, each event's label follows on ``labels`` ``label_delay_s`` seconds later
+    (labels still due when the events run out are sent at the end, immediately).
+    """
     report = ReplayReport(sent=dict.fromkeys(tasks, 0), malformed=dict.fromkeys(tasks, 0))
     prod = producer(settings)
     started = time.monotonic()
     n = 0
+    due_labels: list[tuple[float, int, LabelEvent]] = []
+
+    def send_label(lab: LabelEvent) -> None:
+        lkey = (lab.event_id or lab.session_id or "").encode()
+        prod.send(settings.topic(LABELS_TOPIC), key=lkey, value=lab.model_dump_json().encode())
+        report.labels += 1
+        if on_label is not None:
+            on_label(lab)
+
     try:
-        for out in plan(settings.data_dir, tasks, limit, malformed_share, seed, skip):
-            if callable(should_stop) and should_stop():
+        for out in plan(settings.data_dir, tasks, limit, malformed_share, seed, skip, reviews):
+            if should_stop is not None and should_stop():
                 break
             if rate > 0:
                 due = started + n / rate
@@ -261,9 +295,11 @@ def replay(
             else:
                 report.malformed[out.task] += 1
             if labels and out.label is not None:
-                lkey = (out.label.event_id or out.label.session_id or "").encode()
-                prod.send(settings.topic(LABELS_TOPIC), key=lkey, value=out.label.model_dump_json().encode())
-                report.labels += 1
+                heapq.heappush(due_labels, (time.monotonic() + label_delay_s, n, out.label))
+            while due_labels and due_labels[0][0] <= time.monotonic():
+                send_label(heapq.heappop(due_labels)[2])
+        while due_labels and not (should_stop is not None and should_stop()):
+            send_label(heapq.heappop(due_labels)[2])
         prod.flush(timeout=60)
     finally:
         prod.close(timeout=10)

@@ -1,0 +1,1 @@
+"""Benchmarks that live in the project (`streamtune bench ...`, `make bench`)."""
