@@ -130,3 +130,9 @@ def test_gate_rejects_when_the_metric_is_undefined() -> None:
     nan = {"roc_auc": math.nan}
     v = gate("purchase_intent", nan, nan, {"roc_auc": 0.9}, {"roc_auc": 0.9}, **GATE_ARGS)
     assert not v.passed and "undefined" in v.reason
+
+
+def test_select_caps_the_holdout() -> None:
+    ts = select([ex(i) for i in range(100)], {}, 0.5, 0.0, seed=1, holdout_max=10)
+    assert len(ts.holdout) == 10 and len(ts.fresh) == 90
+    assert [e.offset for e in ts.holdout] == list(range(90, 100))

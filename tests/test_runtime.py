@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streamtune.errors import AdapterError
@@ -130,3 +131,25 @@ def test_click_model_scores_session_features(runtime: ModelRuntime) -> None:
     bought = [pi for pi, r in zip(p, rows, strict=True) if r["Revenue"] == "1"]
     not_bought = [pi for pi, r in zip(p, rows, strict=True) if r["Revenue"] == "0"]
     assert sum(bought) / len(bought) > sum(not_bought) / len(not_bought)
+
+
+def test_length_sorted_chunks_return_results_in_input_order(runtime: ModelRuntime) -> None:
+    from streamtune.training import data
+
+    texts = [r.model_text() for r in data.load_reviews(Settings().data_dir)[:40]]
+    runtime.batch_size = 8
+    try:
+        together = runtime.score("review_sentiment", texts).probs
+    finally:
+        runtime.batch_size = 32
+    one_by_one = np.concatenate([runtime.score("review_sentiment", [t]).probs for t in texts])
+    assert together.shape == (40, 3)
+    np.testing.assert_allclose(together, one_by_one, atol=1e-4)
+
+
+def test_length_chunks_sort_by_length_and_keep_every_row() -> None:
+    from streamtune.model.encoder import length_chunks
+
+    chunks = length_chunks([5, 1, 3, 1, 9, 2], 4)
+    assert chunks == [[1, 3, 5, 2], [0, 4]]
+    assert sorted(i for c in chunks for i in c) == list(range(6))

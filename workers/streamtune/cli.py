@@ -189,13 +189,24 @@ def docs(
 @app.command()
 def demo(
     duration: Annotated[float, typer.Option(help="Stop after this many seconds (0: until Ctrl-C)")] = 0.0,
-    rate: Annotated[float, typer.Option(help="Replay rate, events/s in total")] = 60.0,
+    rate: Annotated[float, typer.Option(help="Replay rate, events/s in total")] = 20.0,
     malformed: Annotated[float, typer.Option(help="Share of malformed events in the replay")] = 0.02,
+    drift_after: Annotated[float, typer.Option(help="Seconds before the review stream drifts")] = 15.0,
+    label_delay: Annotated[float, typer.Option(help="Seconds between an event and its label")] = 5.0,
+    train_after: Annotated[int, typer.Option(help="New joined labels that start a training run")] = 300,
+    train_budget: Annotated[float, typer.Option(help="Time budget of a training run, seconds")] = 90.0,
+    live_view: Annotated[
+        bool, typer.Option(help="Live terminal view (off: timeline at the end only)")
+    ] = True,
 ) -> None:
-    """Start the embedded stack, a scorer and a replay, and show a live view."""
-    from streamtune.demo import run_demo
+    """Start the embedded stack, a scorer, a trainer and a drifting replay; show it live."""
+    from streamtune.demo import DemoOptions, run_demo
 
-    run_demo(_settings(), duration=duration, rate=rate, malformed=malformed)
+    opts = DemoOptions(
+        duration=duration, rate=rate, malformed=malformed, drift_after=drift_after, label_delay=label_delay,
+        train_after=train_after, train_budget=train_budget, live_view=live_view,
+    )  # fmt: skip
+    run_demo(_settings(), opts)
 
 
 bench = typer.Typer(no_args_is_help=True, help="Benchmarks, measured on this machine in one run.")

@@ -1,25 +1,28 @@
-"""``streamtune demo``: the whole path on the embedded stack, with a live terminal view.
+"""``streamtune demo``: the whole system on the embedded stack, with a live terminal view.
 
-Starts Kafka (KRaft, from the Maven jars) and Redis, trains version-1 adapters if the
-registry has none, starts one scorer process, replays the three data sets (with a share of
-malformed events) and shows events/s, latency percentiles, dead letters and recent results.
-Stops everything on Ctrl-C or after ``--duration`` seconds.
+Starts Kafka (KRaft, from the Maven jars) and Redis, copies the adapter registry into
+``var/demo`` (the committed versions stay untouched), starts a scorer and a trainer, and
+replays the three data sets with a share of malformed events and labels that arrive late.
+
+Online phase: after ``drift_after`` seconds the review stream drifts to a "critical wave"
+(:mod:`streamtune.drift`). The view shows labels joining, the trainer's runs and gate
+verdicts, the new version going canary and then live (a small operator promotes the canary
+when its accuracy on labelled traffic holds up, or rolls it back), and the accuracy of each
+version on the drifted traffic. Stops on Ctrl-C or after ``duration`` seconds and prints the
+timeline.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
+import shutil
 import threading
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kafka import KafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,12 +31,16 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from streamtune.errors import StartupError
+from streamtune.demo_online import AccuracyBook, Timeline, TrainerView, judge_canary, scrape_trainer
 from streamtune.registry import LocalRegistry
+from streamtune.releases import ReleaseLog
+from streamtune.rollout import promote, rollback
 from streamtune.settings import REPO_ROOT, Settings
 from streamtune.stack import EmbeddedKafka, ensure_redis, find_free_port
 from streamtune.tail import describe
 from streamtune.tasks import TASK_NAMES, TASKS
+from streamtune.training.data import sentiment_of_rating
+from streamtune.workers import Worker
 
 
 @dataclass
@@ -45,6 +52,8 @@ class Snapshot:
     dead: dict[str, float] = field(default_factory=dict)
     buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # task -> (le, count)
     versions: dict[str, float] = field(default_factory=dict)
+    canary: dict[str, float] = field(default_factory=dict)
+    canary_fraction: dict[str, float] = field(default_factory=dict)
 
 
 def scrape(port: int) -> Snapshot:
@@ -62,6 +71,10 @@ def scrape(port: int) -> Snapshot:
                 snap.buckets.setdefault(task, []).append((float(s.labels["le"]), s.value))
             elif s.name == "streamtune_adapter_version":
                 snap.versions[task] = s.value
+            elif s.name == "streamtune_canary_version":
+                snap.canary[task] = s.value
+            elif s.name == "streamtune_canary_fraction":
+                snap.canary_fraction[task] = s.value
     return snap
 
 
@@ -82,160 +95,316 @@ def _delta(now: list[tuple[float, float]], before: list[tuple[float, float]]) ->
     return [(le, c - prev.get(le, 0.0)) for le, c in now]
 
 
-def render(first: Snapshot, prev: Snapshot, cur: Snapshot, recent: deque[str], elapsed: float) -> Group:
-    table = Table(title=f"streamtune demo — {elapsed:,.0f} s", expand=True)
-    for col in ("task", "adapter", "scored", "events/s", "p50 ms", "p99 ms", "dead letters"):
-        table.add_column(col, justify="left" if col in ("task", "adapter") else "right", no_wrap=True)
+@dataclass
+class DemoOptions:
+    duration: float = 0.0  # 0: until Ctrl-C
+    rate: float = 20.0
+    malformed: float = 0.02
+    drift_after: float = 15.0
+    label_delay: float = 5.0
+    train_after: int = 300  # new joined labels that start a training run
+    train_budget: float = 90.0
+    canary_fraction: float = 0.5
+    judge_min: int = 30  # labelled results per version before the operator decides
+    live_view: bool = True
+    until: Callable[[DemoState], bool] | None = None  # stop early once this holds (tests)
+
+
+@dataclass
+class DemoState:
+    phase: str = "natural"
+    book: AccuracyBook = field(default_factory=AccuracyBook)
+    timeline: Timeline = field(default_factory=Timeline)
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=6))
+    runs_seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    canary_seen: dict[str, float] = field(default_factory=dict)
+    canary_since: dict[str, float] = field(default_factory=dict)
+    trainer: TrainerView = field(default_factory=TrainerView)
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "–" if v is None else ("> 30000" if v == float("inf") else f"≤ {v * 1000:,.0f}")
+
+
+def accuracy_line(book: AccuracyBook) -> str:
+    acc = book.by_version()
+    return "   ".join(f"v{v}: {ok / n:.3f} ({n} judged)" for v, (ok, n) in sorted(acc.items()))
+
+
+def render(first: Snapshot, prev: Snapshot, cur: Snapshot, st: DemoState, elapsed: float) -> Group:
+    table = Table(title=f"streamtune demo — {elapsed:,.0f} s — review stream: {st.phase}", expand=True)
+    for col in (
+        "task",
+        "adapter",
+        "scored",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "dead letters",
+        "labels joined",
+        "training",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("task", "adapter", "training") else "right", no_wrap=True
+        )
     dt = max(cur.at - prev.at, 1e-6)
     for task in TASK_NAMES:
         rate = (cur.scored.get(task, 0) - prev.scored.get(task, 0)) / dt
         window = _delta(cur.buckets.get(task, []), first.buckets.get(task, []))
-        p50, p99 = quantile(window, 0.5), quantile(window, 0.99)
-        fmt = lambda v: "–" if v is None else ("> 30000" if v == float("inf") else f"≤ {v * 1000:,.0f}")  # noqa: E731
-        ver = cur.versions.get(task)
+        ver, can = cur.versions.get(task), cur.canary.get(task)
+        adapter = f"v{ver:.0f}" if ver else "–"
+        if can:
+            adapter += f" + canary v{can:.0f} ({cur.canary_fraction.get(task, 0):.0%})"
+        training = (
+            "training…" if st.trainer.training.get(task) else f"{st.trainer.fresh.get(task, 0):,.0f} fresh"
+        )
         table.add_row(
             task,
-            f"v{ver:.0f}" if ver else "–",
+            adapter,
             f"{cur.scored.get(task, 0):,.0f}",
             f"{rate:,.1f}",
-            fmt(p50),
-            fmt(p99),
+            _fmt_ms(quantile(window, 0.5)),
+            _fmt_ms(quantile(window, 0.99)),
             f"{cur.dead.get(task, 0):,.0f}",
+            f"{st.trainer.joined.get(task, 0):,.0f}",
+            training,
         )
-    results = Panel("\n".join(recent) or "waiting for results…", title="recent results", expand=True)
-    return Group(table, results)
+    acc = st.book.by_version()
+    acc_line = (
+        "   ".join(f"v{v}: {ok / n:.3f} ({n} judged)" for v, (ok, n) in sorted(acc.items()))
+        or "waiting for labels…"
+    )
+    online = Panel(
+        f"review accuracy on drifted traffic, per version — {acc_line}\n"
+        f"labels: {st.trainer.duplicates:,.0f} duplicates dropped, {st.trainer.orphans:,.0f} orphans\n\n"
+        + ("\n".join(st.timeline.lines) or "no training run yet"),
+        title="online learning",
+        expand=True,
+    )
+    results = Panel("\n".join(st.recent) or "waiting for results…", title="recent results", expand=True)
+    return Group(table, online, results)
 
 
-def _follow(settings: Settings, recent: deque[str], stop: threading.Event) -> None:
+def _follow(settings: Settings, st: DemoState, stop: threading.Event) -> None:
     topics = [settings.topic(t.output_topic) for t in TASKS.values()] + [settings.topic("events.dlq")]
     consumer = KafkaConsumer(
         *topics,
         bootstrap_servers=settings.bootstrap_servers.split(","),
-        auto_offset_reset="latest",
+        auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
         consumer_timeout_ms=500,
     )
+    review_topic = settings.topic("scores.review")
     try:
         while not stop.is_set():
             for msg in consumer:
-                recent.append(describe(msg.topic, json.loads(msg.value))[:160])
+                value = json.loads(msg.value)
+                st.recent.append(describe(msg.topic, value)[:160])
+                if msg.topic == review_topic:
+                    st.book.result(value["event_id"], int(value["adapter"]["version"]), value["label"])
                 if stop.is_set():
                     break
     finally:
         consumer.close()
 
 
-def _wait_for(cond: object, timeout_s: float, what: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").splitlines()[-15:]
-            raise StartupError(f"scorer exited while {what}:\n" + "\n".join(tail))
-        with contextlib.suppress(OSError):
-            if callable(cond) and cond():
-                return
-        time.sleep(0.2)
-    raise StartupError(f"timed out after {timeout_s:.0f} s {what} (log: {log})")
+def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: threading.Event) -> None:
+    from streamtune.events import LabelEvent
+    from streamtune.replay import replay
+
+    began = time.monotonic()
+
+    def on_label(lab: LabelEvent) -> None:
+        if lab.task == "review_sentiment" and lab.event_id is not None:
+            name = sentiment_of_rating(lab.label) if isinstance(lab.label, int) else str(lab.label)
+            st.book.label(lab.event_id, name, drifted=st.phase == "drifted")
+
+    first = replay(
+        settings,
+        list(TASK_NAMES),
+        1_000_000,
+        opts.rate,
+        opts.malformed,
+        labels=True,
+        label_delay_s=opts.label_delay,
+        should_stop=lambda: stop.is_set() or time.monotonic() - began > opts.drift_after,
+        on_label=on_label,
+    )
+    if stop.is_set():
+        return
+    st.phase = "drifted"
+    st.timeline.add("the review stream drifts: a critical wave (a third negative, a third neutral)")
+    replay(
+        settings,
+        list(TASK_NAMES),
+        1_000_000,
+        opts.rate,
+        opts.malformed,
+        labels=True,
+        label_delay_s=opts.label_delay,
+        skip=max(first.sent.values()),
+        should_stop=stop.is_set,
+        reviews="critical",
+        on_label=on_label,
+    )
 
 
-def run_demo(base: Settings, duration: float, rate: float, malformed: float) -> None:
+def _observe(
+    settings: Settings,
+    registry: LocalRegistry,
+    releases: ReleaseLog,
+    cur: Snapshot,
+    st: DemoState,
+    opts: DemoOptions,
+) -> None:
+    """Turn metric changes into timeline lines, and act as the canary's operator."""
+    for (task, outcome), n in st.trainer.runs.items():
+        if n > st.runs_seen.get((task, outcome), 0):
+            st.runs_seen[(task, outcome)] = n
+            if outcome == "failed":
+                st.timeline.add(f"trainer: {task} run failed (see var/demo/trainer.log)")
+                continue
+            version = registry.latest(task)
+            if version is None:
+                continue
+            m = registry.manifest(task, version)
+            tr = m.training
+            st.timeline.add(
+                f"trainer: {task} v{m.version} from v{m.parent_version}, {tr.get('fresh_labels')} fresh "
+                f"+ {tr.get('replay_labels')} replayed labels, {tr.get('fit_seconds')} s; gate "
+                f"{'PASSED' if m.gate.get('passed') else 'REJECTED'}: {m.gate.get('reason')}"
+            )
+    now = time.monotonic()
+    for task in TASK_NAMES:
+        can = cur.canary.get(task, 0.0)
+        if can != st.canary_seen.get(task, 0.0):
+            st.canary_seen[task] = can
+            if can:
+                st.canary_since[task] = now
+                share = cur.canary_fraction.get(task, 0)
+                st.timeline.add(
+                    f"scorer: {task} v{can:.0f} in canary for {share:.0%} of entities (stable hash)"
+                )
+        if not can:
+            continue
+        live = int(cur.versions.get(task, 0))
+        acc = st.book.by_version(drifted_only=False)
+        if task == "review_sentiment":
+            verdict, why = judge_canary(
+                acc.get(live, (0, 0)), acc.get(int(can), (0, 0)), opts.judge_min, 0.02
+            )
+        else:  # no per-result labels in the view for these: promote after a clean minute
+            clean = now - st.canary_since.get(task, now) > 60
+            verdict, why = ("promote", "one minute of canary without errors") if clean else ("wait", "")
+        if verdict == "wait":
+            continue
+        sha = registry.manifest_sha256(task, int(can))
+        if verdict == "promote":
+            releases.publish(promote(task, int(can), sha, by="demo-operator"))  # type: ignore[arg-type]
+            st.timeline.add(f"operator: promoted {task} v{can:.0f} to live — {why}")
+        else:
+            releases.publish(rollback(task, int(can), live, sha, reason=why, by="demo-operator"))  # type: ignore[arg-type]
+            st.timeline.add(f"operator: rolled {task} back to v{live} — {why}")
+        st.canary_seen[task] = 0.0
+
+
+def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
     from rich.console import Console
 
     from streamtune.logs import configure_logging
-    from streamtune.replay import replay
     from streamtune.training.bootstrap import TrainConfig, train_task
 
     console = Console()
     work = REPO_ROOT / "var" / "demo"
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # every demo starts from a clean broker and registry
+    work.mkdir(parents=True)
     configure_logging("ERROR", json=False)
     console.print("[bold]streamtune demo[/] — starting the embedded stack (Kafka 3.9 KRaft, Redis)…")
+    committed = LocalRegistry(base.adapter_dir)
+    for task in TASK_NAMES:
+        if committed.latest(task) is None:
+            console.print(f"  training version 1 of {task} (first run only)…")
+            train_task(task, base.base_model, base.data_dir, committed, TrainConfig())
+    shutil.copytree(base.adapter_dir, work / "adapters", ignore=shutil.ignore_patterns(".*"))
     kafka = EmbeddedKafka(work_dir=work / "kafka")
-    procs: list[subprocess.Popen[bytes]] = []
+    workers: list[Worker] = []
     redis_srv = None
     stop = threading.Event()
+    st = DemoState()
     try:
         kafka.start()
         redis_url, redis_srv = ensure_redis(base.redis_url, work / "redis")
-        metrics_port = find_free_port()
         settings = base.model_copy(
             update={
                 "bootstrap_servers": kafka.bootstrap_servers,
                 "redis_url": redis_url,
-                "metrics_port": metrics_port,
+                "metrics_port": find_free_port(),
+                "adapter_dir": work / "adapters",
+                "state_dir": work / "state",
+                "trainer_min_labels": opts.train_after,
+                "trainer_interval_s": 3600.0,
+                "trainer_budget_s": opts.train_budget,
+                "trainer_epochs": 1,
+                "trainer_reference_rows": 150,
+                "trainer_release_stage": "canary",
+                "trainer_canary_fraction": opts.canary_fraction,
+                "trainer_check_s": 1.0,
+                "trainer_label_wait_s": 30.0,
+                "trainer_holdout_max": 100,
+                # Two workers share two cores: one torch thread each, or they thrash.
+                "torch_threads": 1,
             }
         )
-        console.print(f"  Kafka {settings.bootstrap_servers}  Redis {redis_url}")
-        registry = LocalRegistry(settings.adapter_dir)
-        for task in TASK_NAMES:
-            if registry.latest(task) is None:
-                console.print(f"  training version 1 of {task} (first run only)…")
-                train_task(task, settings.base_model, settings.data_dir, registry, TrainConfig())
-        env = {
-            **os.environ,
-            **{
-                f"STREAMTUNE_{k.upper()}": str(v)
-                for k, v in {
-                    "bootstrap_servers": settings.bootstrap_servers,
-                    "redis_url": redis_url,
-                    "metrics_port": metrics_port,
-                    "adapter_dir": settings.adapter_dir,
-                    "topic_prefix": settings.topic_prefix,
-                    "group_id": settings.group_id,
-                }.items()
-            },
-        }
-        log = work / "scorer.log"
-        with log.open("wb") as out:
-            scorer = subprocess.Popen(
-                [sys.executable, "-m", "streamtune.cli", "scorer"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        procs.append(scorer)
-        console.print(f"  scorer pid {scorer.pid}, logs in {log}; loading the model…")
-        _wait_for(lambda: scrape(metrics_port) is not None, 180, "loading the model", scorer, log)
-        recent: deque[str] = deque(maxlen=8)
-        threading.Thread(target=_follow, args=(settings, recent, stop), daemon=True).start()
-        producer = threading.Thread(
-            target=replay,
-            kwargs={
-                "settings": settings,
-                "tasks": list(TASK_NAMES),
-                "limit": 1_000_000,
-                "rate": rate,
-                "malformed_share": malformed,
-                "labels": True,
-                "should_stop": stop.is_set,
-            },
-            daemon=True,
+        trainer_settings = settings.model_copy(update={"metrics_port": find_free_port()})
+        console.print(
+            f"  Kafka {settings.bootstrap_servers}  Redis {redis_url}  registry {settings.adapter_dir}"
         )
-        producer.start()
+        console.print("  starting a scorer and a trainer (loading the model)…")
+        scorer = Worker("scorer", settings, work / "scorer.log")
+        workers.append(scorer)
+        scorer.wait_ready()
+        trainer = Worker("trainer", trainer_settings, work / "trainer.log")
+        workers.append(trainer)
+        trainer.wait_ready()
+        registry = LocalRegistry(settings.adapter_dir)
+        releases = ReleaseLog(settings)
+        threading.Thread(target=_follow, args=(settings, st, stop), daemon=True).start()
+        threading.Thread(target=_replay_phases, args=(settings, opts, st, stop), daemon=True).start()
+        st.timeline.add(
+            f"replaying at {opts.rate:.0f} events/s, labels {opts.label_delay:.0f} s late; drift after "
+            f"{opts.drift_after:.0f} s; training after {opts.train_after} new labels"
+        )
         started = time.monotonic()
-        first = prev = scrape(metrics_port)
-        with Live(render(first, prev, prev, recent, 0), console=console, refresh_per_second=2) as live:
-            while not duration or time.monotonic() - started < duration:
-                if scorer.poll() is not None:
-                    raise StartupError(f"scorer exited with {scorer.returncode}; see {log}")
+        first = prev = scrape(settings.metrics_port)
+        view = Live(render(first, prev, prev, st, 0), console=console, refresh_per_second=2)
+        live_ctx = view if opts.live_view else contextlib.nullcontext()
+        with live_ctx as live:
+            while not opts.duration or time.monotonic() - started < opts.duration:
+                if opts.until is not None and opts.until(st):
+                    break
+                scorer.check_alive()
+                trainer.check_alive()
                 stop.wait(1.0)
-                cur = scrape(metrics_port)
-                live.update(render(first, prev, cur, recent, time.monotonic() - started))
+                cur = scrape(settings.metrics_port)
+                with contextlib.suppress(OSError):
+                    st.trainer = scrape_trainer(trainer.metrics())
+                _observe(settings, registry, releases, cur, st, opts)
+                if live is not None:
+                    live.update(render(first, prev, cur, st, time.monotonic() - started))
                 prev = cur
     except KeyboardInterrupt:
         console.print("stopping…")
     finally:
         stop.set()
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        for w in workers:
+            w.stop()
         if redis_srv is not None:
             redis_srv.stop()
         kafka.stop()
-        console.print("demo stopped; stack shut down.")
+    console.print("\n[bold]timeline[/]")
+    for line in st.timeline.all:
+        console.print("  " + line)
+    console.print(f"[bold]review accuracy on drifted traffic[/]: {accuracy_line(st.book)}")
+    console.print("demo stopped; stack shut down.")
+    return st

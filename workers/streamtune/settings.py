@@ -41,11 +41,16 @@ class Settings(BaseSettings):
     data_dir: Path = Field(REPO_ROOT / "data" / "samples", description="Shipped sample data sets")
     max_seq_len: int = Field(128, ge=8, le=512, description="Tokens per text (longer texts are truncated)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: one per core)")
-    backend: str = Field("torch", description="Inference backend (torch)")
+    backend: str = Field(
+        "torch", description="Inference backend: torch (fp32) or torch-bf16 (bf16 base weights)"
+    )
     state_dir: Path = Field(Path("/tmp/streamtune"), description="Local worker state (Faust data dir)")
 
     # Micro-batching
     batch_max_events: int = Field(32, ge=1, description="Most events in one model batch (N)")
+    model_batch_size: int = Field(
+        32, ge=1, description="Rows per forward pass; larger batches run length-sorted in chunks of this size"
+    )
     batch_max_ms: int = Field(50, ge=1, description="Longest wait to fill a batch, in ms (T)")
 
     # Rollout
@@ -81,6 +86,7 @@ class Settings(BaseSettings):
     trainer_holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="Newest share of fresh labels held out for the gate"
     )
+    trainer_holdout_max: int = Field(500, ge=1, description="... and at most this many labels")
     trainer_budget_s: float = Field(300.0, gt=0, description="Time budget of one fine-tuning run")
     trainer_epochs: int = Field(2, ge=1, description="Epochs over fresh + replayed labels (within budget)")
     trainer_lr: float = Field(5e-4, gt=0, description="Learning rate of online fine-tuning")
@@ -121,8 +127,8 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        if v not in {"torch"}:
-            raise ValueError(f"unknown backend {v!r}; known: torch")
+        if v not in {"torch", "torch-bf16"}:
+            raise ValueError(f"unknown backend {v!r}; known: torch, torch-bf16")
         return v
 
     @field_validator("trainer_release_stage")

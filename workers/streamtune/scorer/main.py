@@ -71,7 +71,10 @@ def prepare(settings: Settings) -> ScorerResources:
     release_log = ReleaseLog(settings)
     records, ends = release_log.read_all()
     registry = LocalRegistry(settings.adapter_dir)
-    runtime = ModelRuntime(settings.base_model, registry, settings.max_seq_len, settings.torch_threads)
+    runtime = ModelRuntime(
+        settings.base_model, registry, settings.max_seq_len, settings.torch_threads,
+        batch_size=settings.model_batch_size, backend=settings.backend,
+    )  # fmt: skip
     initial_routes(runtime, registry, current_states(records), release_log)
     metrics = ScorerMetrics()
     # One model thread: batches of all tasks run one at a time, and a swap can only

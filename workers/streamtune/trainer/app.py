@@ -240,7 +240,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
                 continue
             ts = select(
                 exs, wm, settings.trainer_holdout_fraction, settings.trainer_replay_ratio,
-                settings.trainer_seed + state.runs, res.exclude_inputs,
+                settings.trainer_seed + state.runs, res.exclude_inputs, settings.trainer_holdout_max,
             )  # fmt: skip
             if not ts.fresh:
                 continue

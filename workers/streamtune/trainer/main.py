@@ -93,6 +93,7 @@ class TrainJobRunner:
         self.registry = registry
         self.releases = releases
         self.references = references
+        self._reference_live: dict[tuple[str, int], dict[str, float]] = {}
 
     def config(self) -> OnlineConfig:
         s = self.settings
@@ -104,8 +105,10 @@ class TrainJobRunner:
     def __call__(self, task: str, ts: TrainingSet) -> str:
         live = live_version(self.registry, self.releases.states(), task)
         outcome = train_candidate(
-            task, live, ts, self.references[task], self.registry, self.settings.base_model, self.config()
-        )
+            task, live, ts, self.references[task], self.registry, self.settings.base_model, self.config(),
+            reference_live=self._reference_live.get((task, live)),
+        )  # fmt: skip
+        self._reference_live[(task, live)] = dict(outcome.manifest.gate["reference"]["live"])
         if not outcome.verdict.passed:
             return "rejected"
         m = outcome.manifest

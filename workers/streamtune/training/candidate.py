@@ -182,8 +182,13 @@ def train_candidate(
     base_path: str,
     cfg: OnlineConfig,
     on_started: Callable[[], None] | None = None,
+    reference_live: dict[str, float] | None = None,
 ) -> Outcome:
-    """Fine-tune ``task`` from ``live_version`` on ``ts`` and publish the candidate."""
+    """Fine-tune ``task`` from ``live_version`` on ``ts`` and publish the candidate.
+
+    ``reference_live``: live's metrics on ``reference`` when already known (they are returned in
+    the outcome's manifest, ``gate.reference.live``, for the next run to reuse).
+    """
     started = time.monotonic()
     seed_everything(cfg.seed)
     live = registry.verify(
@@ -219,7 +224,8 @@ def train_candidate(
         return evaluate(task, labels, ys, model.predict(xs)) if ys else {"undefined": float("nan")}
 
     holdout_live = score(hold_x, hold_y)
-    reference_live = score(reference.x, reference.y)
+    if reference_live is None:  # the caller may know it: same live version, same fixed set
+        reference_live = score(reference.x, reference.y)
 
     log.info("training_started", task=task, parent=live_version, fresh=len(ts.fresh), replay=len(ts.replay),
              holdout=len(ts.holdout), budget_s=cfg.budget_s)  # fmt: skip

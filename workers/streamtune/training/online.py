@@ -109,18 +109,21 @@ def select(
     replay_ratio: float,
     seed: int,
     exclude_inputs: frozenset[str] = frozenset(),
+    holdout_max: int | None = None,
 ) -> TrainingSet:
     """Split joined labels into fresh / replay / holdout.
 
     Fresh labels are ordered by label time (then partition, offset); the newest
-    ``holdout_fraction`` of them (at least one) is the holdout. Replay is a seeded sample of
-    older labels, ``replay_ratio`` per fresh label. Inputs in ``exclude_inputs`` (the reference
-    set) are never trained on.
+    ``holdout_fraction`` of them (at least one, at most ``holdout_max``) is the holdout. Replay
+    is a seeded sample of older labels, ``replay_ratio`` per fresh label. Inputs in
+    ``exclude_inputs`` (the reference set) are never trained on.
     """
     all_ex = [e for e in examples if not (isinstance(e.x, str) and e.x in exclude_inputs)]
     fresh = sorted((e for e in all_ex if is_fresh(e, watermark)), key=lambda e: (e.ts, e.partition, e.offset))
     old = sorted((e for e in all_ex if not is_fresh(e, watermark)), key=lambda e: e.key)
     n_hold = min(len(fresh), max(1, math.ceil(len(fresh) * holdout_fraction))) if fresh else 0
+    if holdout_max is not None:
+        n_hold = min(n_hold, holdout_max)
     train_fresh, holdout = fresh[: len(fresh) - n_hold], fresh[len(fresh) - n_hold :]
     n_replay = min(len(old), round(len(train_fresh) * replay_ratio))
     replay = random.Random(seed).sample(old, n_replay) if n_replay else []
