@@ -39,6 +39,7 @@ train: env
 	$(VENV)/bin/streamtune train --task all
 
 bench: env
+	$(VENV)/bin/streamtune bench throughput $(BENCH_ARGS)
 	$(VENV)/bin/streamtune bench update $(BENCH_ARGS)
 
 # Build and tool caches only; the virtualenv and ~/.cache/streamtune (torch, Kafka jars) are kept.

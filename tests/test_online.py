@@ -136,3 +136,27 @@ def test_select_caps_the_holdout() -> None:
     ts = select([ex(i) for i in range(100)], {}, 0.5, 0.0, seed=1, holdout_max=10)
     assert len(ts.holdout) == 10 and len(ts.fresh) == 90
     assert [e.offset for e in ts.holdout] == list(range(90, 100))
+
+
+def test_canary_judge_waits_promotes_and_rolls_back() -> None:
+    from streamtune.demo_online import judge_canary
+
+    assert judge_canary((70, 100), (10, 20), min_judged=50, margin=0.02)[0] == "wait"
+    assert judge_canary((700, 1000), (72, 100), min_judged=50, margin=0.02)[0] == "promote"
+    assert judge_canary((700, 1000), (50, 100), min_judged=50, margin=0.02)[0] == "rollback"
+    # Slightly worse, within noise: wait, then give up on the conservative side.
+    assert judge_canary((700, 1000), (66, 100), min_judged=50, margin=0.02)[0] == "wait"
+    assert judge_canary((700, 1000), (165, 250), min_judged=50, margin=0.02)[0] == "rollback"
+
+
+def test_accuracy_book_compares_versions_on_the_same_window() -> None:
+    from streamtune.demo_online import AccuracyBook
+
+    book = AccuracyBook()
+    book.result("a", 1, "positive", at=1.0)
+    book.result("b", 1, "negative", at=5.0)
+    book.result("c", 2, "neutral", at=6.0)
+    for eid, label in (("a", "positive"), ("b", "positive"), ("c", "neutral")):
+        book.label(eid, label, drifted=True)
+    assert book.by_version() == {1: (1, 2), 2: (1, 1)}
+    assert book.by_version(since=4.0) == {1: (0, 1), 2: (1, 1)}

@@ -235,6 +235,32 @@ def bench_update(
     print(markdown(result))
 
 
+@bench.command("throughput")
+def bench_throughput(
+    quick: Annotated[
+        bool, typer.Option(help="Seconds-scale run that checks the benchmark works (CI)")
+    ] = False,
+    backends: Annotated[str, typer.Option(help="Comma-separated: torch, torch-bf16")] = "torch,torch-bf16",
+    out: Annotated[str, typer.Option(help="Directory for the JSON and markdown report ('' : none)")] = "docs",
+) -> None:
+    """Ceiling vs streamtune end to end vs a naive consumer, per backend; ratios, latency, cost."""
+    from pathlib import Path
+
+    from streamtune.bench.throughput import ThroughputConfig, markdown, run
+    from streamtune.logs import configure_logging
+    from streamtune.settings import REPO_ROOT
+
+    s = _settings()
+    configure_logging("WARNING", json=False)
+    chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
+    base = ThroughputConfig.quick_mode() if quick else ThroughputConfig()
+    if "torch" not in chosen:
+        chosen = ("torch", *chosen)  # fp32 is the reference every ratio and agreement is against
+    cfg = type(base)(**{**base.__dict__, "backends": chosen})
+    result = run(s, cfg, REPO_ROOT / "var" / "bench-throughput", Path(out) if out else None)
+    print(markdown(result))
+
+
 def _register_subcommands() -> None:
     from streamtune.adapters_cli import adapters
 

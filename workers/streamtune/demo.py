@@ -105,7 +105,7 @@ class DemoOptions:
     train_after: int = 300  # new joined labels that start a training run
     train_budget: float = 90.0
     canary_fraction: float = 0.5
-    judge_min: int = 30  # labelled results per version before the operator decides
+    judge_min: int = 100  # labelled results per version (since the canary began) before deciding
     live_view: bool = True
     until: Callable[[DemoState], bool] | None = None  # stop early once this holds (tests)
 
@@ -289,7 +289,7 @@ def _observe(
         if not can:
             continue
         live = int(cur.versions.get(task, 0))
-        acc = st.book.by_version(drifted_only=False)
+        acc = st.book.by_version(drifted_only=False, since=st.canary_since.get(task))
         if task == "review_sentiment":
             verdict, why = judge_canary(
                 acc.get(live, (0, 0)), acc.get(int(can), (0, 0)), opts.judge_min, 0.02

@@ -7,7 +7,9 @@ loop in :mod:`streamtune.demo` does the I/O.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,14 +24,14 @@ Verdict = Literal["promote", "rollback", "wait"]
 class AccuracyBook:
     """Joins review results (version, predicted label) with the true labels the replay sent."""
 
-    results: dict[str, tuple[int, str]] = field(default_factory=dict)
+    results: dict[str, tuple[int, str, float]] = field(default_factory=dict)  # version, label, seen at
     truth: dict[str, str] = field(default_factory=dict)
     drifted: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def result(self, event_id: str, version: int, label: str) -> None:
+    def result(self, event_id: str, version: int, label: str, at: float | None = None) -> None:
         with self.lock:
-            self.results[event_id] = (version, label)
+            self.results[event_id] = (version, label, time.monotonic() if at is None else at)
 
     def label(self, event_id: str, label: str, drifted: bool) -> None:
         with self.lock:
@@ -37,13 +39,18 @@ class AccuracyBook:
             if drifted:
                 self.drifted.add(event_id)
 
-    def by_version(self, drifted_only: bool = True) -> dict[int, tuple[int, int]]:
-        """version -> (correct, judged) over events whose label arrived."""
+    def by_version(self, drifted_only: bool = True, since: float | None = None) -> dict[int, tuple[int, int]]:
+        """version -> (correct, judged) over events whose label arrived (results seen after
+        ``since``, a monotonic time, when given: compare versions on the same traffic)."""
         out: dict[int, tuple[int, int]] = {}
         with self.lock:
-            for eid, (version, pred) in self.results.items():
+            for eid, (version, pred, at) in self.results.items():
                 true = self.truth.get(eid)
-                if true is None or (drifted_only and eid not in self.drifted):
+                if (
+                    true is None
+                    or (drifted_only and eid not in self.drifted)
+                    or (since is not None and at < since)
+                ):
                     continue
                 ok, n = out.get(version, (0, 0))
                 out[version] = (ok + (pred == true), n + 1)
@@ -51,18 +58,28 @@ class AccuracyBook:
 
 
 def judge_canary(
-    live: tuple[int, int], canary: tuple[int, int], min_judged: int, margin: float
+    live: tuple[int, int], canary: tuple[int, int], min_judged: int, margin: float, give_up_after: int = 5
 ) -> tuple[Verdict, str]:
-    """Promote a canary whose accuracy on labelled traffic is at least the live one's minus
-    ``margin``; roll it back when it is worse by more; wait until both have ``min_judged`` rows."""
+    """Compare canary and live accuracy on the same labelled traffic ((correct, judged) each).
+
+    Waits until both arms have ``min_judged`` rows. Rolls back when the canary is worse than
+    live by more than ``margin`` with two standard errors to spare; promotes when it is no worse
+    than ``margin``; otherwise waits, and rolls back (the conservative side) once both arms
+    have ``give_up_after`` times ``min_judged`` rows without a decision.
+    """
     (lok, ln), (cok, cn) = live, canary
     if ln < min_judged or cn < min_judged:
         return "wait", f"judged live {ln}, canary {cn} of {min_judged}"
     la, ca = lok / ln, cok / cn
-    why = f"accuracy on labelled traffic: canary {ca:.3f} ({cn}) vs live {la:.3f} ({ln})"
+    se = math.sqrt(la * (1 - la) / ln + ca * (1 - ca) / cn)
+    why = f"accuracy on the same labelled traffic: canary {ca:.3f} ({cn}) vs live {la:.3f} ({ln})"
+    if ca - la + 2 * se < -margin:
+        return "rollback", why + ", worse beyond noise"
     if ca >= la - margin:
         return "promote", why
-    return "rollback", why
+    if min(ln, cn) >= give_up_after * min_judged:
+        return "rollback", why + ", no better after long observation"
+    return "wait", why
 
 
 @dataclass

@@ -2,9 +2,63 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
+from wsgiref.simple_server import make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+# Readiness: (ready, reason). Called from the HTTP thread; must only read plain state.
+ReadyCheck = Callable[[], tuple[bool, str]]
+
+
+@dataclass
+class Readiness:
+    """What ``/readyz`` reports; written by the worker's event loop, read by the HTTP thread."""
+
+    adapters_loaded: bool = False
+    partitions_assigned: bool = False
+    redis_reachable: bool = False
+    needs_redis: bool = True
+
+    def check(self) -> tuple[bool, str]:
+        missing = [
+            name
+            for name, ok in (
+                ("adapters not loaded", self.adapters_loaded),
+                ("no partitions assigned", self.partitions_assigned),
+                ("redis unreachable", self.redis_reachable or not self.needs_redis),
+            )
+            if not ok
+        ]
+        return (not missing, "; ".join(missing) or "ready")
+
+
+def serve_http(registry: CollectorRegistry, port: int, host: str, ready: ReadyCheck | None = None) -> None:
+    """``/metrics`` (Prometheus), ``/healthz`` (the process serves) and ``/readyz`` (``ready``)
+    on one port, in a daemon thread. Port 0 disables it."""
+    if not port:
+        return
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if path == "/readyz":
+            ok, why = ready() if ready is not None else (True, "ready")
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [why.encode() + b"\n"]
+        result: Iterable[bytes] = metrics_app(environ, start_response)
+        return result
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -60,14 +114,16 @@ class ScorerMetrics:
         self.refusals = Counter(
             "streamtune_adapter_refusals", "Adapter versions refused", ["task"], registry=r
         )
+        self.consumer_lag = Gauge(
+            "streamtune_consumer_lag", "Events on the input topic not yet consumed", ["task"], registry=r
+        )
         self.swap_seconds = Histogram(
             "streamtune_swap_seconds", "Release seen to route swapped", ["task"], buckets=LATENCY_BUCKETS,
             registry=r,
         )  # fmt: skip
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", ready: ReadyCheck | None = None) -> None:
+        serve_http(self.registry, port, host, ready)
 
 
 @dataclass
@@ -122,6 +178,5 @@ class TrainerMetrics:
             "streamtune_trainer_training", "1 while a run is in progress", ["task"], registry=r
         )
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1", ready: ReadyCheck | None = None) -> None:
+        serve_http(self.registry, port, host, ready)

@@ -107,9 +107,11 @@ def ceiling(settings: Settings, cfg: ThroughputConfig) -> dict[str, Any]:
                 labels_fp32[task] = labels
             agreement = float((labels == labels_fp32[task]).mean()) if task in labels_fp32 else None
             out.setdefault(backend, {})[task] = {
-                "per_batch_size": per_bs, "best_batch_size": best, "sequences_per_s": per_bs[best],
+                "per_batch_size": per_bs,
+                "best_batch_size": best,
+                "sequences_per_s": per_bs[best],
                 "label_agreement_with_fp32": agreement,
-            }  # fmt: skip
+            }
         del rt
     return out
 
@@ -148,9 +150,13 @@ def _wait(cond: Any, timeout_s: float, what: str, worker: Worker | None = None) 
 def _latencies(s: Settings, task: str, n: int, since_ms: int) -> list[float]:
     """Seconds from event time to the result's publish time (after its Redis write)."""
     consumer = KafkaConsumer(
-        s.topic(OUTPUT[task]), bootstrap_servers=s.bootstrap_servers.split(","), auto_offset_reset="earliest",
-        enable_auto_commit=False, group_id=None, consumer_timeout_ms=1000,
-    )  # fmt: skip
+        s.topic(OUTPUT[task]),
+        bootstrap_servers=s.bootstrap_servers.split(","),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=1000,
+    )
     out: list[float] = []
     try:
         deadline = time.monotonic() + 120
@@ -186,12 +192,18 @@ def end_to_end(
         tag = uuid.uuid4().hex[:6]
         s = settings.model_copy(
             update={
-                "bootstrap_servers": kafka.bootstrap_servers, "redis_url": redis_url, "backend": backend,
-                "topic_prefix": f"tp{tag}.", "group_id": f"tp-{tag}", "metrics_port": find_free_port(),
-                "state_dir": work / f"state-{backend}", "batch_max_events": cfg.window, "model_batch_size": batch,
+                "bootstrap_servers": kafka.bootstrap_servers,
+                "redis_url": redis_url,
+                "backend": backend,
+                "topic_prefix": f"tp{tag}.",
+                "group_id": f"tp-{tag}",
+                "metrics_port": find_free_port(),
+                "state_dir": work / f"state-{backend}",
+                "batch_max_events": cfg.window,
+                "model_batch_size": batch,
                 "shadow": False,
             }
-        )  # fmt: skip
+        )
         ensure_topics(s)
         scorer = Worker("scorer", s, work / f"scorer-{backend}.log").wait_ready()
         cpu0, _ = _proc_stats(scorer.proc.pid)
@@ -207,9 +219,11 @@ def end_to_end(
             t_cpu1, _ = _proc_stats(scorer.proc.pid)
             rate = cfg.events / seconds
             res: dict[str, Any] = {
-                "events": cfg.events, "seconds": seconds, "events_per_s": rate,
+                "events": cfg.events,
+                "seconds": seconds,
+                "events_per_s": rate,
                 "scorer_cpu_s_per_1000": (t_cpu1 - t_cpu0) / cfg.events * 1000,
-            }  # fmt: skip
+            }
             for share in (0.5, 0.9):
                 since = int(time.time() * 1000)
                 n0 = _scored(scorer, task)
@@ -222,9 +236,12 @@ def end_to_end(
                 )
                 lat = _latencies(s, task, cfg.latency_events, since)
                 res[f"latency_at_{int(share * 100)}pct"] = {
-                    "rate": rate * share, "p50_ms": _pct(lat, 50) * 1000, "p95_ms": _pct(lat, 95) * 1000,
-                    "p99_ms": _pct(lat, 99) * 1000, "n": len(lat),
-                }  # fmt: skip
+                    "rate": rate * share,
+                    "p50_ms": _pct(lat, 50) * 1000,
+                    "p95_ms": _pct(lat, 95) * 1000,
+                    "p99_ms": _pct(lat, 99) * 1000,
+                    "n": len(lat),
+                }
             out[task] = res
         cpu1, peak = _proc_stats(scorer.proc.pid)
         out["scorer_peak_rss_mib"] = peak / 2**20
@@ -270,17 +287,25 @@ def naive(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, An
             head = Head(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
             head.load_state_dict(weights)
             head.eval()
-            pipe = pipeline("feature-extraction", model=merged, tokenizer=tok, framework="pt",
-                            tokenize_kwargs={"truncation": True, "max_length": settings.max_seq_len})  # fmt: skip
+            pipe = pipeline(  # type: ignore[call-overload]
+                "feature-extraction",
+                model=merged,
+                tokenizer=tok,
+                framework="pt",
+                tokenize_kwargs={"truncation": True, "max_length": settings.max_seq_len},
+            )
             producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers.split(","), acks="all")
             for o in plan(s.data_dir, [task], cfg.naive_events, seed=13):
                 producer.send(s.topic(INPUT[task]), key=o.key.encode(), value=o.value)
             producer.flush(60)
             producer.close()
             consumer = KafkaConsumer(
-                s.topic(INPUT[task]), bootstrap_servers=s.bootstrap_servers.split(","),
-                auto_offset_reset="earliest", group_id=f"naive-{task}", consumer_timeout_ms=5000,
-            )  # fmt: skip
+                s.topic(INPUT[task]),
+                bootstrap_servers=s.bootstrap_servers.split(","),
+                auto_offset_reset="earliest",
+                group_id=f"naive-{task}",
+                consumer_timeout_ms=5000,
+            )
             done = 0
             started = time.monotonic()
             for msg in consumer:
@@ -353,13 +378,14 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Throughput and cost (`streamtune bench throughput`)",
         "",
-        f"Same machine, same events, one run. Ceiling: tokenize + forward only, windows of {cfg['window']} "
-        "events sorted by length, best model batch size. End to end: a real scorer on the embedded broker and "
-        "Redis, events replayed as fast as possible. Naive: kafka-python + transformers pipeline, one message "
-        "at a time, one Redis SET per result.",
+        f"Same machine, same events, one run. Ceiling: tokenize + forward only, windows of "
+        f"{cfg['window']} events sorted by length, best model batch size. End to end: a real scorer "
+        "on the embedded broker and Redis, events replayed as fast as possible. Naive: kafka-python + "
+        "transformers pipeline, one message at a time, one Redis SET per result.",
         "",
-        "| backend | task | ceiling seq/s (batch) | end-to-end ev/s | naive ev/s | e2e ÷ ceiling | e2e ÷ naive "
-        "| agreement with fp32 | p50 / p95 / p99 ms at 50 % | p99 ms at 90 % | CPU s / 1000 ev | USD / 1M ev |",
+        "| backend | task | ceiling seq/s (batch) | end-to-end ev/s | naive ev/s | e2e ÷ ceiling "
+        "| e2e ÷ naive | agreement with fp32 | p50 / p95 / p99 ms at 50 % | p99 ms at 90 % "
+        "| CPU s / 1000 ev | USD / 1M ev |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for backend, tasks in r["ceiling"].items():
@@ -368,12 +394,14 @@ def markdown(r: dict[str, Any]) -> str:
             ratio = r["ratios"][f"{backend}/{task}"]
             l50, l90 = e["latency_at_50pct"], e["latency_at_90pct"]
             agree = c["label_agreement_with_fp32"]
+            usd = r["cost"][f"{backend}/{task}"]["usd_per_million_events"]
             lines.append(
-                f"| {backend} | {task} | {c['sequences_per_s']:.0f} ({c['best_batch_size']}) | {e['events_per_s']:.0f} "
+                f"| {backend} | {task} | {c['sequences_per_s']:.0f} ({c['best_batch_size']}) "
+                f"| {e['events_per_s']:.0f} "
                 f"| {r['naive'][task]['events_per_s']:.1f} | {ratio['end_to_end_over_ceiling']:.2f} "
                 f"| {ratio['end_to_end_over_naive']:.1f}× | {'–' if agree is None else f'{agree:.3f}'} "
                 f"| {l50['p50_ms']:.0f} / {l50['p95_ms']:.0f} / {l50['p99_ms']:.0f} | {l90['p99_ms']:.0f} "
-                f"| {e['scorer_cpu_s_per_1000']:.1f} | {r['cost'][f'{backend}/{task}']['usd_per_million_events']:.2f} |"
+                f"| {e['scorer_cpu_s_per_1000']:.1f} | {usd:.2f} |"
             )
     for backend, e in r["end_to_end"].items():
         lines.append("")

@@ -14,7 +14,7 @@ import time
 import weakref
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from streamtune.scorer.pipeline import BatchProcessor
 from streamtune.settings import Settings
 from streamtune.sink import RedisSink
 from streamtune.tasks import TASKS
-from streamtune.telemetry import ScorerMetrics
+from streamtune.telemetry import Readiness, ScorerMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +45,7 @@ class ScorerResources:
     metrics: ScorerMetrics
     model_executor: ThreadPoolExecutor
     follower: ReleaseFollower | None = None
+    readiness: Readiness = field(default_factory=Readiness)
 
 
 class FaustPublisher:
@@ -177,6 +178,27 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             res.metrics.sessions_expired.inc(expired)
             log.info("sessions_expired", count=expired)
         res.metrics.sessions_active.set(len(sessions.data))
+
+    task_of_topic = {settings.topic(spec.input_topic): name for name, spec in TASKS.items()}
+
+    @app.timer(2.0)
+    async def health_and_lag() -> None:
+        """Readiness flags for /readyz, and consumer lag per task for autoscaling dashboards."""
+        assignment = [tp for tp in app.consumer.assignment() if tp.topic in task_of_topic]
+        res.readiness.partitions_assigned = bool(assignment)
+        try:
+            await redis_client.ping()
+            res.readiness.redis_reachable = True
+        except Exception:  # any failure means "not reachable now"; the sink retries on its own
+            res.readiness.redis_reachable = False
+        lag: dict[str, int] = dict.fromkeys(TASKS, 0)
+        for tp in assignment:
+            high = app.consumer.highwater(tp)
+            pos = await app.consumer.position(tp)
+            if high is not None and pos is not None:
+                lag[task_of_topic[tp.topic]] += max(0, high - pos)
+        for task, n in lag.items():
+            res.metrics.consumer_lag.labels(task).set(n)
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _close(app: faust.App, **_: Any) -> None:

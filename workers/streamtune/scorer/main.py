@@ -18,7 +18,7 @@ from streamtune.scorer.app import ScorerResources, build_app
 from streamtune.scorer.swap import Swapper, build_route
 from streamtune.settings import Settings
 from streamtune.tasks import TASK_NAMES
-from streamtune.telemetry import ScorerMetrics
+from streamtune.telemetry import Readiness, ScorerMetrics
 from streamtune.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
@@ -84,8 +84,11 @@ def prepare(settings: Settings) -> ScorerResources:
     for task in TASK_NAMES:
         swapper.publish_route_metrics(task)
     follower = ReleaseFollower(settings, ends, swapper.apply)
-    metrics.serve(settings.metrics_port, settings.metrics_host)
-    return ScorerResources(runtime=runtime, metrics=metrics, model_executor=executor, follower=follower)
+    readiness = Readiness(adapters_loaded=set(runtime.routes) >= set(TASK_NAMES))
+    metrics.serve(settings.metrics_port, settings.metrics_host, ready=readiness.check)
+    return ScorerResources(
+        runtime=runtime, metrics=metrics, model_executor=executor, follower=follower, readiness=readiness
+    )
 
 
 def run_scorer(settings: Settings) -> None:

@@ -31,7 +31,7 @@ from streamtune.events import ClickEvent, DeadLetter, LabelEvent, ReviewEvent, S
 from streamtune.features import SessionState, apply_click, session_row, vectorize
 from streamtune.settings import Settings
 from streamtune.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS
-from streamtune.telemetry import TrainerMetrics
+from streamtune.telemetry import Readiness, TrainerMetrics
 from streamtune.training.online import (
     Example,
     TrainingSet,
@@ -70,6 +70,7 @@ class TrainerResources:
     job: TrainJob
     state: TrainerState
     exclude_inputs: frozenset[str] = frozenset()
+    readiness: Readiness = field(default_factory=lambda: Readiness(needs_redis=False))
 
 
 def _input_value(task: str, event: Any) -> tuple[str, str]:
@@ -227,6 +228,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
 
     @app.timer(settings.trainer_check_s)
     async def check_triggers() -> None:
+        res.readiness.partitions_assigned = bool(app.consumer.assignment())
         now = time.monotonic()
         for task in TASK_NAMES:
             wm = state.watermarks.get(task, {})

@@ -16,7 +16,7 @@ from streamtune.releases import ReleaseLog
 from streamtune.rollout import Release, canary, promote
 from streamtune.settings import Settings
 from streamtune.tasks import TASK_NAMES
-from streamtune.telemetry import TrainerMetrics
+from streamtune.telemetry import Readiness, TrainerMetrics
 from streamtune.topics import ensure_topics
 from streamtune.trainer.app import TrainerResources, TrainerState, build_app
 from streamtune.training.candidate import OnlineConfig, Reference, reference_set, train_candidate
@@ -146,7 +146,9 @@ def run_trainer(settings: Settings) -> None:
         state=state,
         exclude_inputs=exclude,
     )
-    metrics.serve(settings.metrics_port, settings.metrics_host)
+    readiness = Readiness(adapters_loaded=True, needs_redis=False)
+    resources.readiness = readiness
+    metrics.serve(settings.metrics_port, settings.metrics_host, ready=readiness.check)
     log.info("trainer_starting", group=settings.trainer_group_id, watermarks=state.watermarks,
              min_labels=settings.trainer_min_labels, interval_s=settings.trainer_interval_s)  # fmt: skip
     app = build_app(settings, resources)
