@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import ScorerProcess, consume_all, wait_until
 from streamtune.cli import app as cli_app
+from streamtune.registry import LocalRegistry
 from streamtune.releases import ReleaseLog
 from streamtune.replay import plan, replay
 from streamtune.rollout import canary_bucket, promote
@@ -91,11 +92,18 @@ def test_promote_mid_stream_swaps_between_batches_and_refuses_a_corrupt_release(
     new_version(s, 1, 3)
     weights = s.adapter_dir / TASK / "3" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    ReleaseLog(s).publish(promote(TASK, 3, "corrupt"))
+    registry = LocalRegistry(s.adapter_dir)
+    ReleaseLog(s).publish(promote(TASK, 3, registry.manifest_sha256(TASK, 3)))
     wait_until(lambda: metric(scorer, 'streamtune_adapter_refusals_total{task="review_sentiment"}') == 1, 60,
                "the refusal", 0.1, scorer.assert_alive)  # fmt: skip
     refusals = [r for r in ReleaseLog(s).read_all()[0] if r.stage == "refused"]
     assert refusals and "checksum mismatch" in refusals[-1].reason and refusals[-1].live_version == 2
+    # A release whose manifest hash is not the manifest on disk (edited after release) is refused too.
+    ReleaseLog(s).publish(promote(TASK, 2, "0" * 64))
+    wait_until(lambda: metric(scorer, 'streamtune_adapter_refusals_total{task="review_sentiment"}') == 2, 60,
+               "the second refusal", 0.1, scorer.assert_alive)  # fmt: skip
+    refusals = [r for r in ReleaseLog(s).read_all()[0] if r.stage == "refused"]
+    assert "differs from the release's" in refusals[-1].reason
 
     producer.join(timeout=120)
     wait_until(

@@ -304,7 +304,8 @@ def _observe(
             releases.publish(promote(task, int(can), sha, by="demo-operator"))  # type: ignore[arg-type]
             st.timeline.add(f"operator: promoted {task} v{can:.0f} to live — {why}")
         else:
-            releases.publish(rollback(task, int(can), live, sha, reason=why, by="demo-operator"))  # type: ignore[arg-type]
+            live_sha = registry.manifest_sha256(task, live)
+            releases.publish(rollback(task, int(can), live, live_sha, reason=why, by="demo-operator"))  # type: ignore[arg-type]
             st.timeline.add(f"operator: rolled {task} back to v{live} — {why}")
         st.canary_seen[task] = 0.0
 

@@ -78,6 +78,7 @@ def sorted_batches(
         padded = tokenizer.pad(
             {"input_ids": [ids[i] for i in rows], "attention_mask": [mask[i] for i in rows]},
             return_tensors="pt",
+            verbose=False,
         )
         yield rows, dict(padded)
 

@@ -103,6 +103,7 @@ class ModelRuntime:
         self._peft: PeftModel | None = None
         self.routes: dict[str, Route] = {}
         self._loaded: dict[tuple[str, int], LoadedAdapter] = {}
+        self._verified: dict[tuple[str, int], Manifest] = {}
 
     @property
     def active(self) -> dict[str, LoadedAdapter]:
@@ -111,13 +112,20 @@ class ModelRuntime:
 
     # -- loading and swapping -------------------------------------------------------------
 
+    def verify(self, task: str, version: int) -> Manifest:
+        """Manifest, every checksum and the base model, without touching the model: safe on any
+        thread, so a hot-swap does this off the scoring path and the model thread only loads."""
+        manifest = self.registry.verify(task, version, base_sha256=self.base_sha256)
+        self._verified[(task, version)] = manifest
+        return manifest
+
     def load(self, task: str, version: int) -> LoadedAdapter:
         """Verify and load a version next to the active one, smoke-tested; cached once loaded
         (versions are immutable). Call it on the model thread: it adds modules to the model."""
         cached = self._loaded.get((task, version))
         if cached is not None:
             return cached
-        manifest = self.registry.verify(task, version, base_sha256=self.base_sha256)
+        manifest = self._verified.get((task, version)) or self.verify(task, version)
         path = self.registry.fetch(task, version)
         try:
             if manifest.kind == "text-lora":

@@ -1,8 +1,10 @@
 """Hot-swap: apply a release to the running scorer without pausing it for more than a batch.
 
-Loading, verification (checksums, base model, labels) and the smoke pass happen in a job on the
-model thread, where batches also run: the swap therefore lands between two batches, a batch never
-mixes routes, and a refused version leaves the current route serving untouched.
+Off the scoring path (the follower's thread): the release's manifest hash, the manifest, every
+file's checksum and the base model are verified. Then one job on the model thread, where batches
+also run, loads the adapter, runs the smoke pass and swaps the route: the swap therefore lands
+between two batches, a batch never mixes routes, and a refused version leaves the current route
+serving untouched.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ class Swapper:
     def apply(self, release: Release) -> bool:
         """Swap to the route ``release`` describes; False (and a refusal record) when refused."""
         started = time.monotonic()
+        try:
+            self.verify(release)
+        except AdapterError as e:
+            self.refuse(release, str(e))
+            return False
 
         def swap() -> None:
             self.runtime.set_route(release.task, build_route(self.runtime, release))
@@ -60,6 +67,24 @@ class Swapper:
                  canary=release.canary_version, fraction=release.canary_fraction,
                  seconds=round(time.monotonic() - started, 3))  # fmt: skip
         return True
+
+    def verify(self, release: Release) -> None:
+        """Everything that needs no model: the record's manifest hash and each version's files."""
+        task = release.task
+        served = release.canary_version if release.stage == "canary" else release.live_version
+        if served is not None and release.manifest_sha256:
+            try:
+                actual = self.runtime.registry.manifest_sha256(task, served)
+            except OSError as e:
+                raise AdapterError(f"{task} v{served}: manifest unreadable: {e}") from e
+            if actual != release.manifest_sha256:
+                raise AdapterError(
+                    f"{task} v{served}: manifest sha256 {actual[:12]} differs from the release's "
+                    f"{release.manifest_sha256[:12]}"
+                )
+        for version in (release.live_version, release.canary_version):
+            if version is not None:
+                self.runtime.verify(task, version)
 
     def refuse(self, release: Release, reason: str) -> None:
         self.metrics.refusals.labels(release.task).inc()
