@@ -32,7 +32,8 @@ def test_throughput_benchmark_quick(tmp_path: Path) -> None:
         assert r["ceiling"]["torch"][task]["label_agreement_with_fp32"] == 1.0
         assert torch_e2e[task]["events_per_s"] > 0 and r["naive"][task]["events_per_s"] > 0
         lat = torch_e2e[task]["latency_at_50pct"]
-        assert lat["n"] == cfg.latency_events and 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"]
+        assert lat["n"] == min(cfg.latency_events, torch_e2e[task]["events"])
+        assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"]
     for backend in cfg.backends:
         assert backend in r["end_to_end"] or backend in r["skipped"]
         for task in throughput.TEXT_TASKS:
