@@ -29,7 +29,6 @@ def test_throughput_benchmark_quick(tmp_path: Path) -> None:
     torch_e2e = r["end_to_end"]["torch"]
     for task in throughput.TEXT_TASKS:
         assert r["ceiling"]["torch"][task]["sequences_per_s"] > 0
-        assert r["ceiling"]["torch"][task]["label_agreement_with_fp32"] == 1.0
         assert torch_e2e[task]["events_per_s"] > 0 and r["naive"][task]["events_per_s"] > 0
         lat = torch_e2e[task]["latency_at_50pct"]
         assert lat["n"] == min(cfg.latency_events, torch_e2e[task]["events"])

@@ -25,7 +25,7 @@ def registry(tmp_path: Path) -> LocalRegistry:
 def review_examples(n: int) -> list[Example]:
     reviews = [r for r in data.load_reviews(Settings().data_dir) if not data.is_held_out(r.review_id, 10)]
     return [
-        Example(f"review_sentiment:{r.review_id}", r.model_text(), r.label, 0, i, 1000.0 + i)
+        Example(f"review_sentiment:{r.review_id}", r.model_text(), r.label, 0, i, 1000.0 + i, i)
         for i, r in enumerate(reviews[-n:])
     ]
 
@@ -33,7 +33,7 @@ def review_examples(n: int) -> list[Example]:
 def test_review_candidate_warm_starts_from_live_and_records_its_gate(registry: LocalRegistry) -> None:
     s = Settings()
     reference = reference_set("review_sentiment", s.data_dir, rows=40)
-    ts = select(review_examples(48), {}, holdout_fraction=0.25, replay_ratio=0.0, seed=1)
+    ts = select(review_examples(48), -1, holdout_fraction=0.25, replay_ratio=0.0, seed=1)
     cfg = OnlineConfig(epochs=1, budget_s=60, margin=-1.0, tolerance=1.0, max_len=64)
     out = train_candidate("review_sentiment", 1, ts, reference, registry, s.base_model, cfg)
     m = out.manifest
@@ -41,7 +41,7 @@ def test_review_candidate_warm_starts_from_live_and_records_its_gate(registry: L
     assert (m.version, m.parent_version, m.kind) == (2, 1, "text-lora")
     assert m.training["source"] == "trainer"
     assert m.training["fresh_labels"] == 36 and m.training["holdout_labels"] == 12
-    assert m.training["label_offsets"] == {"0": 47}
+    assert m.training["label_offsets"] == {"0": [0, 47]} and m.training["joined_seq"] == 47
     assert m.gate["metric"] == "macro_f1" and m.gate["reference"]["rows"] == 40
     assert set(m.gate["holdout"]["live"]) == {"accuracy", "macro_f1"}
     registry.verify("review_sentiment", 2)  # every checksum holds
@@ -57,10 +57,10 @@ def test_a_candidate_that_misses_the_margin_is_published_but_not_releasable(regi
     rows = [r for r in data.load_sessions(s.data_dir) if not data.is_held_out(r["session_id"], 20)][:400]
     exs = [
         Example(f"purchase_intent:{r['session_id']}", vectorize(r), "purchase" if r["Revenue"] == "1" else
-                "no_purchase", 1, i, 50.0 + i)
+                "no_purchase", 1, i, 50.0 + i, i)
         for i, r in enumerate(rows)
     ]  # fmt: skip
-    ts = select(exs, {}, holdout_fraction=0.25, replay_ratio=0.0, seed=1)
+    ts = select(exs, -1, holdout_fraction=0.25, replay_ratio=0.0, seed=1)
     cfg = OnlineConfig(epochs=1, budget_s=30, margin=1.0, tolerance=0.0)
     reference = reference_set("purchase_intent", s.data_dir, 200)
     out = train_candidate("purchase_intent", 1, ts, reference, registry, s.base_model, cfg)

@@ -65,6 +65,14 @@ def test_probes_scaling_and_config_are_wired() -> None:
     assert scaled["scaleTargetRef"]["name"] == "streamtune-scorer"
     assert scaled["maxReplicaCount"] <= int(config["STREAMTUNE_TOPIC_PARTITIONS"])
     assert all(t["metadata"]["consumerGroup"] == config["STREAMTUNE_GROUP_ID"] for t in scaled["triggers"])
+    from streamtune.tasks import TASKS
+
+    assert {t["metadata"]["topic"] for t in scaled["triggers"]} == {s.input_topic for s in TASKS.values()}
+    for name in ("scorer", "trainer"):
+        pod = res[f"Deployment/streamtune-{name}"]["spec"]["template"]["spec"]
+        seeds = [c for c in pod.get("initContainers", []) if c["name"] == "seed-registry"]
+        assert seeds, f"{name}: nothing seeds the registry volume"
+        assert seeds[0]["volumeMounts"][0]["mountPath"] == config["STREAMTUNE_ADAPTER_DIR"]
     trainer = res["Deployment/streamtune-trainer"]["spec"]
     assert trainer["replicas"] == 1 and trainer["strategy"]["type"] == "Recreate"
     pdb = res["PodDisruptionBudget/streamtune-scorer"]["spec"]["selector"]["matchLabels"]

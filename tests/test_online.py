@@ -23,8 +23,12 @@ from streamtune.training.online import (
 TS = datetime(2026, 11, 29, tzinfo=UTC)
 
 
-def ex(i: int, partition: int = 0, y: str = "positive", x: str | None = None) -> Example:
-    return Example(f"review_sentiment:r{i}", x or f"text {i}", y, partition, i, 1000.0 + i)
+def ex(
+    i: int, partition: int = 0, y: str = "positive", x: str | None = None, seq: int | None = None
+) -> Example:
+    return Example(
+        f"review_sentiment:r{i}", x or f"text {i}", y, partition, i, 1000.0 + i, i if seq is None else seq
+    )
 
 
 @pytest.mark.parametrize(
@@ -51,15 +55,18 @@ def test_label_keys_join_events_and_sessions_per_task() -> None:
 
 
 def test_example_round_trips_through_json() -> None:
-    e = Example("purchase_intent:s", [0.5, 1.0], "purchase", 1, 42, 3.5)
+    e = Example("purchase_intent:s", [0.5, 1.0], "purchase", 1, 42, 3.5, 7)
     assert Example.from_json(e.to_json()) == e
 
 
-def test_watermark_freshness_is_per_partition() -> None:
-    wm = advance({}, [ex(5, 0), ex(3, 1)])
-    assert wm == {0: 5, 1: 3}
-    assert not is_fresh(ex(5, 0), wm) and is_fresh(ex(6, 0), wm)
-    assert is_fresh(ex(4, 1), wm) and is_fresh(ex(0, 2), wm)
+def test_freshness_follows_join_order_not_label_offsets() -> None:
+    # A label (offset 3) that waited for its input joins after one with offset 9: it was not
+    # trained on by a run that covered joins up to sequence 1, whatever its offset.
+    early_joined = ex(9, seq=1)
+    waited = ex(3, seq=2)
+    wm = advance(-1, [ex(5, seq=0), early_joined])
+    assert wm == 1
+    assert not is_fresh(early_joined, wm) and is_fresh(waited, wm)
 
 
 @pytest.mark.parametrize(
@@ -82,24 +89,34 @@ def test_trigger_count_or_interval_with_minimum(fresh: int, since: float, expect
 def test_select_holds_out_the_newest_fresh_labels_and_replays_older_ones() -> None:
     old = [ex(i) for i in range(0, 50)]
     fresh = [ex(i) for i in range(50, 60)]
-    ts = select(old + fresh, {0: 49}, holdout_fraction=0.2, replay_ratio=1.0, seed=1)
+    ts = select(old + fresh, 49, holdout_fraction=0.2, replay_ratio=1.0, seed=1)
     assert [e.offset for e in ts.holdout] == [58, 59]
     assert [e.offset for e in ts.fresh] == list(range(50, 58))
     assert len(ts.replay) == 8 and all(e.offset <= 49 for e in ts.replay)
-    assert ts.watermark == {0: 59}
+    assert ts.watermark == 59
     # Same seed, same sample.
-    assert select(old + fresh, {0: 49}, 0.2, 1.0, seed=1).replay == ts.replay
+    assert select(old + fresh, 49, 0.2, 1.0, seed=1).replay == ts.replay
 
 
 def test_select_never_trains_on_reference_inputs() -> None:
     labelled = [ex(i) for i in range(10)] + [ex(10, x="a reference review")]
-    ts = select(labelled, {}, 0.2, 0.0, seed=1, exclude_inputs=frozenset({"a reference review"}))
+    ts = select(labelled, -1, 0.2, 0.0, seed=1, exclude_inputs=frozenset({"a reference review"}))
     assert all(e.x != "a reference review" for e in ts.fresh + ts.holdout + ts.replay)
-    assert len(ts.fresh) + len(ts.holdout) == 10
+    assert len(ts.fresh) + len(ts.holdout) == 10 and ts.excluded == 1
+    assert ts.watermark == 10  # the excluded label counts as used: it is not retried
+
+
+def test_select_excludes_reference_sessions_by_their_features() -> None:
+    from streamtune.training.online import input_key
+
+    session = [0.1234567, 2.0, 0.0]
+    replayed = Example("purchase_intent:s-1", [0.1234561, 2.0, 0.0], "purchase", 0, 1, 1.0, 1)
+    ts = select([replayed], -1, 0.5, 0.0, seed=1, exclude_inputs=frozenset({input_key(session)}))
+    assert ts.fresh == [] and ts.holdout == [] and ts.excluded == 1
 
 
 def test_select_with_nothing_fresh() -> None:
-    ts = select([ex(1)], {0: 1}, 0.2, 1.0, seed=1)
+    ts = select([ex(1)], 1, 0.2, 1.0, seed=1)
     assert ts.fresh == [] and ts.holdout == [] and ts.replay == []
 
 
@@ -133,7 +150,7 @@ def test_gate_rejects_when_the_metric_is_undefined() -> None:
 
 
 def test_select_caps_the_holdout() -> None:
-    ts = select([ex(i) for i in range(100)], {}, 0.5, 0.0, seed=1, holdout_max=10)
+    ts = select([ex(i) for i in range(100)], -1, 0.5, 0.0, seed=1, holdout_max=10)
     assert len(ts.holdout) == 10 and len(ts.fresh) == 90
     assert [e.offset for e in ts.holdout] == list(range(90, 100))
 

@@ -34,7 +34,7 @@ def tsettings(settings: Settings, tmp_path: Path) -> Settings:
             "trainer_group_id": f"trainer-{settings.group_id}",
             "trainer_min_labels": 40,
             "trainer_interval_s": 3600.0,
-            "trainer_label_wait_s": 2.0,
+            "trainer_label_wait_s": 20.0,
             "trainer_budget_s": 30.0,
             "trainer_epochs": 1,
             "trainer_reference_rows": 30,
@@ -129,9 +129,11 @@ def test_trainer_joins_late_duplicate_and_orphan_labels_gates_and_releases(
     s1 = tsettings.model_copy(update={"trainer_margin": 1.0, "trainer_min_labels": 50})
     first = reviews(0, 50)
     ids = [e.event_id for e in first]
-    producer.labels(ids[:3])  # labels that arrive before their input wait for it
-    producer.events(first)
+    producer.labels(ids[:3])  # labels that arrive before their input wait for it...
     trainer = start_trainer(s1, trainers, tmp_path)
+    wait_until(lambda: metric(trainer, "streamtune_trainer_labels_pending") == 3, 60, "3 waiting labels",
+               guard=trainer.assert_alive)  # fmt: skip
+    producer.events(first)  # ...and join when it comes
     producer.labels(ids[3:])  # late labels
     producer.labels(ids[10:20])  # duplicates
     producer.labels(["review-no-such-event-1", "review-no-such-event-2"], rating=5)  # orphans
@@ -143,7 +145,8 @@ def test_trainer_joins_late_duplicate_and_orphan_labels_gates_and_releases(
     assert m2.parent_version == 1
     assert m2.training["fresh_labels"] + m2.training["holdout_labels"] == 50
     assert m2.training["replay_labels"] == 0
-    wait_until(lambda: metric(trainer, "streamtune_trainer_labels_orphan_total") == 2, 60, "orphans counted")
+    wait_until(lambda: metric(trainer, "streamtune_trainer_labels_orphan_total") == 2, 90, "orphans counted")
+    assert metric(trainer, "streamtune_trainer_labels_pending") == 0
     assert metric(trainer, "streamtune_trainer_labels_joined_total") == 50
     assert metric(trainer, "streamtune_trainer_labels_duplicate_total") == 10
     assert metric(trainer, "streamtune_trainer_labels_invalid_total") == 1

@@ -35,14 +35,21 @@ def _task(task: str) -> str:
     return task
 
 
-def _verified(reg: LocalRegistry, task: str, version: int) -> Manifest:
-    """Refuse before announcing: a version every scorer would refuse is never released."""
+def _verified(reg: LocalRegistry, task: str, version: int, force: bool = False) -> Manifest:
+    """Refuse before announcing: a version every scorer would refuse is never released, and a
+    version its gate rejected needs ``--force``."""
     from streamtune.model.encoder import base_model_sha256
 
     s = Settings()
     m = reg.manifest(task, version)
     base = base_model_sha256(s.base_model) if m.kind == "text-lora" else None
-    return reg.verify(task, version, base_sha256=base)
+    verified = reg.verify(task, version, base_sha256=base)
+    if not verified.releasable and not force:
+        raise StreamtuneError(
+            f"{task} v{version} failed its release gate ({verified.gate.get('reason', 'no reason')}); "
+            "use --force to release it anyway"
+        )
+    return verified
 
 
 def _live(reg: LocalRegistry, state: Release | None, task: str) -> int:
@@ -93,10 +100,11 @@ def canary_(
     task: str,
     version: int,
     fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of entities (stable hash)")] = 0.1,
+    force: Annotated[bool, typer.Option(help="Release even if its gate rejected it")] = False,
 ) -> None:
     """Route a share of products/sessions to VERSION; the rest stay on the live version."""
     _, reg, log = _ctx()
-    _verified(reg, _task(task), version)
+    _verified(reg, _task(task), version, force)
     live = _live(reg, log.states().get(task), task)
     if live == version:
         raise StreamtuneError(f"{task} v{version} is already live")
@@ -106,10 +114,14 @@ def canary_(
 
 
 @adapters.command("promote")
-def promote_(task: str, version: int) -> None:
+def promote_(
+    task: str,
+    version: int,
+    force: Annotated[bool, typer.Option(help="Release even if its gate rejected it")] = False,
+) -> None:
     """Make VERSION live for every entity."""
     _, reg, log = _ctx()
-    _verified(reg, _task(task), version)
+    _verified(reg, _task(task), version, force)
     log.publish(promote(task, version, reg.manifest_sha256(task, version), getpass.getuser()))  # type: ignore[arg-type]
     out.print(f"{task}: v{version} live")
 
@@ -138,7 +150,7 @@ def rollback_(
             to = previous[-1]
     else:
         bad = state.canary_version or state.live_version
-    _verified(reg, task, to)
+    _verified(reg, task, to, force=True)  # going back to what served before
     log.publish(rollback(task, bad, to, reg.manifest_sha256(task, to), reason, getpass.getuser()))  # type: ignore[arg-type]
     out.print(f"{task}: v{bad} rolled back, v{to} live")
 

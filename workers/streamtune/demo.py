@@ -296,7 +296,9 @@ def _observe(
             )
         else:  # no per-result labels in the view for these: promote after a clean minute
             clean = now - st.canary_since.get(task, now) > 60
-            verdict, why = ("promote", "one minute of canary without errors") if clean else ("wait", "")
+            verdict, why = (
+                ("promote", "a minute of canary (no per-result labels here)") if clean else ("wait", "")
+            )
         if verdict == "wait":
             continue
         sha = registry.manifest_sha256(task, int(can))

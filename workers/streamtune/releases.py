@@ -111,6 +111,11 @@ class ReleaseFollower:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """False once the thread has died (readiness reports it); True before it starts."""
+        return self._thread.ident is None or self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
@@ -132,7 +137,12 @@ class ReleaseFollower:
                     for msg in batch:
                         release = parse(msg.value)
                         if release is not None and release.stage != "refused":
-                            self.on_release(release)
+                            try:
+                                self.on_release(release)
+                            except Exception:  # one bad release must not stop following the topic
+                                log.exception(
+                                    "release_apply_failed", task=release.task, version=release.version
+                                )
         except Exception:
             log.exception("release_follower_failed")
             raise

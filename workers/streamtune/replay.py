@@ -281,13 +281,18 @@ def replay(
             on_label(lab)
 
     try:
-        for out in plan(settings.data_dir, tasks, limit, malformed_share, seed, skip, reviews):
+        records = plan(settings.data_dir, tasks, limit, malformed_share, seed, skip, reviews)
+        while True:
             if should_stop is not None and should_stop():
                 break
             if rate > 0:
                 due = started + n / rate
                 if (wait := due - time.monotonic()) > 0:
                     time.sleep(wait)  # pacing the producer, not waiting for a condition
+            # Built after the pause, so an event's time is when it is sent (latency is measured from it).
+            out = next(records, None)
+            if out is None:
+                break
             prod.send(settings.topic(TOPIC_OF[out.task]), key=out.key.encode(), value=out.value)
             n += 1
             if out.valid:

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
         "canary", description="What a passing candidate becomes: canary | live | none (publish only)"
     )
     trainer_canary_fraction: float = Field(
-        0.2, ge=0, le=1, description="Canary share of a released candidate"
+        0.2, gt=0, le=1, description="Canary share of a released candidate"
     )
     trainer_check_s: float = Field(2.0, gt=0, description="How often the trainer checks its triggers")
     trainer_seed: int = Field(13, description="Seed of sampling and fine-tuning")

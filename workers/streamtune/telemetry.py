@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,17 +24,26 @@ class Readiness:
     partitions_assigned: bool = False
     redis_reachable: bool = False
     needs_redis: bool = True
+    heartbeat_at: float = 0.0  # monotonic time the event loop last ran its health timer
+    max_silence_s: float = 30.0
+    extra: list[Callable[[], str | None]] = field(default_factory=list)  # each: problem or None
+
+    def beat(self) -> None:
+        self.heartbeat_at = time.monotonic()
 
     def check(self) -> tuple[bool, str]:
+        silent = time.monotonic() - self.heartbeat_at
         missing = [
             name
             for name, ok in (
                 ("adapters not loaded", self.adapters_loaded),
                 ("no partitions assigned", self.partitions_assigned),
                 ("redis unreachable", self.redis_reachable or not self.needs_redis),
+                (f"event loop silent for {silent:.0f} s", silent <= self.max_silence_s),
             )
             if not ok
         ]
+        missing += [problem for check in self.extra if (problem := check()) is not None]
         return (not missing, "; ".join(missing) or "ready")
 
 

@@ -338,6 +338,11 @@ def naive(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, An
     return out
 
 
+def _agreement(ceiling_row: dict[str, Any]) -> float:
+    a = ceiling_row["label_agreement_with_fp32"]
+    return 1.0 if a is None else float(a)  # None: fp32 itself
+
+
 @dataclass
 class ThroughputReport:
     config: dict[str, Any]
@@ -368,7 +373,7 @@ def run(settings: Settings, cfg: ThroughputConfig, work: Path, out_dir: Path | N
     rep.naive = naive(settings, cfg, work)
     eligible = [
         b for b in rep.end_to_end
-        if all((rep.ceiling[b][t]["label_agreement_with_fp32"] or 1.0) >= 0.99 for t in TEXT_TASKS)
+        if all(_agreement(rep.ceiling[b][t]) >= 0.99 for t in TEXT_TASKS)
     ]  # fmt: skip
     rep.default_backend = max(eligible, key=lambda b: rep.end_to_end[b]["review_sentiment"]["events_per_s"])
     for backend in rep.end_to_end:

@@ -72,14 +72,13 @@ def _examples(settings: Settings, cfg: UpdateBenchConfig) -> list[Example]:
     if total > len(wave):
         raise StartupError(f"--labels {cfg.labels}: the drifted training pool has {len(wave)} rows")
     return [
-        Example(f"{TASK}:review-{r.review_id}", r.model_text(), r.label, 0, i, float(i))
+        Example(f"{TASK}:review-{r.review_id}", r.model_text(), r.label, 0, i, float(i), seq=i)
         for i, r in enumerate(wave[:total])
     ]
 
 
 def finetune(settings: Settings, cfg: UpdateBenchConfig, registry: LocalRegistry) -> dict[str, Any]:
-    ts = select(_examples(settings, cfg), {}, cfg.holdout_fraction, 0.0, cfg.seed)
-    ts = type(ts)(ts.fresh[: cfg.labels], ts.replay, ts.holdout, ts.watermark)
+    ts = select(_examples(settings, cfg), -1, cfg.holdout_fraction, 0.0, cfg.seed)
     reference = reference_set(TASK, settings.data_dir, settings.trainer_reference_rows)
     online = OnlineConfig(
         epochs=cfg.epochs, lr=settings.trainer_lr, budget_s=cfg.budget_s, margin=settings.trainer_margin,

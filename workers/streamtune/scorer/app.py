@@ -184,6 +184,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
     @app.timer(2.0)
     async def health_and_lag() -> None:
         """Readiness flags for /readyz, and consumer lag per task for autoscaling dashboards."""
+        res.readiness.beat()
         assignment = [tp for tp in app.consumer.assignment() if tp.topic in task_of_topic]
         res.readiness.partitions_assigned = bool(assignment)
         try:

@@ -85,6 +85,7 @@ def prepare(settings: Settings) -> ScorerResources:
         swapper.publish_route_metrics(task)
     follower = ReleaseFollower(settings, ends, swapper.apply)
     readiness = Readiness(adapters_loaded=set(runtime.routes) >= set(TASK_NAMES))
+    readiness.extra.append(lambda: None if follower.alive else "release follower stopped")
     metrics.serve(settings.metrics_port, settings.metrics_host, ready=readiness.check)
     return ScorerResources(
         runtime=runtime, metrics=metrics, model_executor=executor, follower=follower, readiness=readiness

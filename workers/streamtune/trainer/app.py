@@ -32,6 +32,7 @@ from streamtune.features import SessionState, apply_click, session_row, vectoriz
 from streamtune.settings import Settings
 from streamtune.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS
 from streamtune.telemetry import Readiness, TrainerMetrics
+from streamtune.training.candidate import NothingToTrain
 from streamtune.training.online import (
     Example,
     TrainingSet,
@@ -57,6 +58,7 @@ class TrainerState:
     """In-memory bookkeeping of the trigger (rebuilt from the registry on start)."""
 
     watermarks: dict[str, Watermark]
+    next_seq: int | None = None  # join sequence; set from the recovered table at the first join
     last_run: dict[str, float] = field(default_factory=dict)
     retry_after: dict[str, float] = field(default_factory=dict)
     running: str | None = None
@@ -69,7 +71,7 @@ class TrainerResources:
     executor: ThreadPoolExecutor
     job: TrainJob
     state: TrainerState
-    exclude_inputs: frozenset[str] = frozenset()
+    exclude_inputs: frozenset[str | tuple[float, ...]] = frozenset()
     readiness: Readiness = field(default_factory=lambda: Readiness(needs_redis=False))
 
 
@@ -117,15 +119,28 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         msg = event.message
         return Source(msg.topic, msg.partition, msg.offset, msg.key)
 
+    def evict(table: Any, key: str, value: dict[str, Any]) -> None:
+        """Delete outside the current event's partition: the tombstone goes to the changelog
+        partition the entry was written to (``cp``), so a restart does not bring it back."""
+        table.data.pop(key, None)
+        table.send_changelog(int(value["cp"]), key, None, value_serializer="raw")
+
+    def next_seq() -> int:
+        if state.next_seq is None:  # first join after start: continue after the recovered table
+            seqs = [int(v["ex"].get("s", 0)) for v in joined.data.values()]
+            state.next_seq = max([-1, *seqs, *state.watermarks.values()]) + 1
+        seq, state.next_seq = state.next_seq, state.next_seq + 1
+        return seq
+
     def join(key: str, label: dict[str, Any], x: str | list[float], partition: int) -> None:
-        ex = Example(key, x, label["y"], label["p"], label["o"], label["t"])
+        ex = Example(key, x, label["y"], label["p"], label["o"], label["t"], next_seq())
         joined[key] = {"ex": ex.to_json(), "cp": partition}
         m.labels_joined.labels(key.split(":", 1)[0]).inc()
 
     def try_pending(key: str, x: str | list[float], partition: int) -> None:
         waiting = pending.get(key)
         if waiting is not None:
-            del pending[key]
+            evict(pending, key, waiting)  # its tombstone goes where the entry was written
             if key not in joined:
                 join(key, waiting["label"], x, partition)
 
@@ -211,6 +226,10 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         m.training.labels(task).set(1)
         try:
             outcome = await loop.run_in_executor(res.executor, res.job, task, ts)
+        except NothingToTrain as e:
+            state.watermarks[task] = ts.watermark  # nothing usable: do not retry the same labels
+            m.runs.labels(task, "skipped").inc()
+            log.warning("training_skipped", task=task, reason=str(e))
         except Exception as e:
             m.runs.labels(task, "failed").inc()
             log.exception("training_failed", task=task, error=str(e))
@@ -228,10 +247,11 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
 
     @app.timer(settings.trainer_check_s)
     async def check_triggers() -> None:
+        res.readiness.beat()
         res.readiness.partitions_assigned = bool(app.consumer.assignment())
         now = time.monotonic()
         for task in TASK_NAMES:
-            wm = state.watermarks.get(task, {})
+            wm = state.watermarks.get(task, -1)
             exs = examples(task)
             fresh = sum(1 for e in exs if is_fresh(e, wm))
             m.fresh_labels.labels(task).set(fresh)
@@ -252,10 +272,6 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
                      holdout=len(ts.holdout), replay=len(ts.replay))  # fmt: skip
             running_jobs.add(asyncio.ensure_future(run_job(task, ts)))
             running_jobs.difference_update({j for j in running_jobs if j.done()})
-
-    def evict(table: Any, key: str, value: dict[str, Any]) -> None:
-        table.data.pop(key, None)
-        table.send_changelog(int(value["cp"]), key, None, value_serializer="raw")
 
     @app.timer(max(settings.trainer_check_s, 5.0))
     async def sweep() -> None:
@@ -278,7 +294,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             m.labels_orphan.labels(task).inc(n)
             log.warning("labels_orphaned", task=task, count=n, reason="input never seen or out of the window")
         for task in TASK_NAMES:
-            wm = state.watermarks.get(task, {})
+            wm = state.watermarks.get(task, -1)
             prefix = task + ":"
             old = sorted(
                 ((k, v) for k, v in joined.data.items() if k.startswith(prefix)

@@ -35,11 +35,12 @@ def last_trainer_manifest(registry: LocalRegistry, task: str) -> Manifest | None
 
 
 def recovered_watermarks(registry: LocalRegistry) -> dict[str, Watermark]:
+    """What each task has trained on, as its newest trainer-made manifest records it."""
     out: dict[str, Watermark] = {}
     for task in TASK_NAMES:
         m = last_trainer_manifest(registry, task)
         if m is not None:
-            out[task] = {int(p): int(o) for p, o in m.training.get("label_offsets", {}).items()}
+            out[task] = int(m.training.get("joined_seq", -1))
     return out
 
 
@@ -111,10 +112,29 @@ class TrainJobRunner:
         self._reference_live[(task, live)] = dict(outcome.manifest.gate["reference"]["live"])
         if not outcome.verdict.passed:
             return "rejected"
-        m = outcome.manifest
-        release = release_for(self.settings, m, live, self.registry.manifest_sha256(task, m.version))
-        if release is not None:
-            self.releases.publish(release)
+        return self.announce(outcome.manifest, live)
+
+    def announce(self, m: Manifest, parent: int) -> str:
+        """Release a passing version, unless the rollout moved on while it trained. The version is
+        published either way, so its labels count as used; a failed announce is logged (and
+        retried at the next start, see :func:`announce_unreleased`)."""
+        task = m.task
+        try:
+            state = self.releases.states().get(task)
+            if state is not None and state.live_version != parent:
+                why = f"live changed from v{parent} to v{state.live_version} during training"
+                log.warning("candidate_not_released", task=task, version=m.version, reason=why)
+                return "superseded"
+            if state is not None and state.canary_version not in (None, m.version):
+                log.warning("candidate_not_released", task=task, version=m.version,
+                            reason=f"v{state.canary_version} is still in canary")  # fmt: skip
+                return "superseded"
+            release = release_for(self.settings, m, parent, self.registry.manifest_sha256(task, m.version))
+            if release is not None:
+                self.releases.publish(release)
+        except Exception as e:  # the broker may be briefly away; the version itself is safe
+            log.error("release_announce_failed", task=task, version=m.version, error=str(e))
+            return "announce_failed"
         return "released"
 
 
@@ -135,7 +155,7 @@ def run_trainer(settings: Settings) -> None:
         live_version(registry, states, task)  # fails early, naming the task
     announce_unreleased(settings, registry, releases)
     references = {t: reference_set(t, settings.data_dir, settings.trainer_reference_rows) for t in TASK_NAMES}
-    exclude = frozenset().union(*(r.texts for r in references.values()))
+    exclude: frozenset[str | tuple[float, ...]] = frozenset().union(*(r.keys for r in references.values()))
     metrics = TrainerMetrics()
     state = TrainerState(watermarks=recovered_watermarks(registry))
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")

@@ -25,7 +25,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from streamtune.errors import AdapterError
+from streamtune.errors import AdapterError, StreamtuneError
 from streamtune.features import vectorize
 from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
 from streamtune.model.encoder import Head, base_model_sha256, load_base
@@ -40,7 +40,7 @@ from streamtune.training.bootstrap import (
     predict_text,
     seed_everything,
 )
-from streamtune.training.online import GateVerdict, TrainingSet, gate
+from streamtune.training.online import GateVerdict, TrainingSet, gate, input_key
 
 log = structlog.get_logger(__name__)
 
@@ -65,8 +65,9 @@ class Reference:
     y: list[str]
 
     @property
-    def texts(self) -> frozenset[str]:
-        return frozenset(v for v in self.x if isinstance(v, str))
+    def keys(self) -> frozenset[str | tuple[float, ...]]:
+        """Input identities the trainer must never train on."""
+        return frozenset(input_key(v) for v in self.x)
 
 
 def reference_set(task: str, data_dir: Path, rows: int, seed: int = 13) -> Reference:
@@ -100,6 +101,10 @@ def evaluate(task: str, labels: list[str], y: list[str], probs: np.ndarray) -> d
         return M.binary_metrics(yi, p)
     except ValueError:
         return {"undefined": float("nan")}
+
+
+class NothingToTrain(StreamtuneError):
+    """Every fresh label was unusable; the run is skipped and its labels count as used."""
 
 
 @dataclass
@@ -173,6 +178,15 @@ class _ClickModel:
         _portable_adapter_config(build / "adapter_config.json", base_name)
 
 
+def _offsets(examples: list[Any]) -> dict[str, list[int]]:
+    """The label offsets a run used, per partition: [lowest, highest] (its training window)."""
+    out: dict[str, list[int]] = {}
+    for e in examples:
+        lo, hi = out.get(str(e.partition), [e.offset, e.offset])
+        out[str(e.partition)] = [min(lo, e.offset), max(hi, e.offset)]
+    return dict(sorted(out.items()))
+
+
 def train_candidate(
     task: str,
     live_version: int,
@@ -207,6 +221,7 @@ def train_candidate(
             [e for e in ts.replay if e.y in index],
             [e for e in ts.holdout if e.y in index],
             ts.watermark,
+            ts.excluded,
         )
     model: _TextModel | _ClickModel
     try:
@@ -234,7 +249,7 @@ def train_candidate(
     fit_started = time.monotonic()
     train = ts.train
     if not train:
-        raise AdapterError(f"{task}: nothing to train on")
+        raise NothingToTrain(f"{task}: no usable fresh labels (reference inputs or unknown classes only)")
     steps = model.fit(
         [e.x for e in train],
         [index[e.y] for e in train],
@@ -252,13 +267,15 @@ def train_candidate(
         cfg.margin, cfg.tolerance, len(ts.holdout), len(reference.y),
     )  # fmt: skip
     every = ts.fresh + ts.holdout
-    training = {
+    training: dict[str, Any] = {
         "source": "trainer",
         "fresh_labels": len(ts.fresh),
         "replay_labels": len(ts.replay),
         "holdout_labels": len(ts.holdout),
         "unknown_label_rows": len(unknown),
-        "label_offsets": {str(p): o for p, o in sorted(ts.watermark.items())},
+        "joined_seq": ts.watermark,
+        "label_offsets": _offsets(every),
+        "excluded_reference_inputs": ts.excluded,
         "label_time_range": [
             datetime.fromtimestamp(min(e.ts for e in every), UTC).isoformat() if every else None,
             datetime.fromtimestamp(max(e.ts for e in every), UTC).isoformat() if every else None,

@@ -36,7 +36,9 @@ def label_key(label: LabelEvent) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Example:
-    """One joined label: the model input and the class name, with where the label came from."""
+    """One joined label: the model input and the class name, where the label came from, and its
+    join sequence number (the order in which the trainer joined it: what "fresh" is measured by,
+    since a label that waited for its input joins after labels with higher offsets)."""
 
     key: str
     x: str | list[float]
@@ -44,34 +46,34 @@ class Example:
     partition: int
     offset: int
     ts: float  # label time, epoch seconds
+    seq: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "key": self.key,
-            "x": self.x,
-            "y": self.y,
-            "p": self.partition,
-            "o": self.offset,
-            "t": self.ts,
-        }
+            "key": self.key, "x": self.x, "y": self.y, "p": self.partition, "o": self.offset, "t": self.ts,
+            "s": self.seq,
+        }  # fmt: skip
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Example:
-        return cls(d["key"], d["x"], d["y"], int(d["p"]), int(d["o"]), float(d["t"]))
+        return cls(d["key"], d["x"], d["y"], int(d["p"]), int(d["o"]), float(d["t"]), int(d.get("s", 0)))
 
 
-Watermark = dict[int, int]  # label partition -> highest label offset already trained on
+Watermark = int  # the highest join sequence number already trained on (-1: none)
 
 
-def is_fresh(ex: Example, watermark: Mapping[int, int]) -> bool:
-    return ex.offset > watermark.get(ex.partition, -1)
+def is_fresh(ex: Example, watermark: Watermark) -> bool:
+    return ex.seq > watermark
 
 
-def advance(watermark: Mapping[int, int], examples: Iterable[Example]) -> Watermark:
-    out = dict(watermark)
-    for ex in examples:
-        out[ex.partition] = max(out.get(ex.partition, -1), ex.offset)
-    return out
+def advance(watermark: Watermark, examples: Iterable[Example]) -> Watermark:
+    return max([watermark, *(e.seq for e in examples)])
+
+
+def input_key(x: str | list[float]) -> str | tuple[float, ...]:
+    """Identity of a model input, to keep reference-set inputs out of training (texts as they
+    are; session feature vectors rounded, since a replayed session re-adds its page views)."""
+    return x if isinstance(x, str) else tuple(round(v, 3) for v in x)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,7 @@ class TrainingSet:
     replay: list[Example]  # older labels mixed in against forgetting
     holdout: list[Example]  # the newest fresh labels, never trained on in this run
     watermark: Watermark  # after this run: every fresh and held-out label counts as used
+    excluded: int = 0  # labels dropped because their input is in the reference set
 
     @property
     def train(self) -> list[Example]:
@@ -104,11 +107,11 @@ class TrainingSet:
 
 def select(
     examples: Iterable[Example],
-    watermark: Mapping[int, int],
+    watermark: Watermark,
     holdout_fraction: float,
     replay_ratio: float,
     seed: int,
-    exclude_inputs: frozenset[str] = frozenset(),
+    exclude_inputs: frozenset[str | tuple[float, ...]] = frozenset(),
     holdout_max: int | None = None,
 ) -> TrainingSet:
     """Split joined labels into fresh / replay / holdout.
@@ -118,7 +121,8 @@ def select(
     is a seeded sample of older labels, ``replay_ratio`` per fresh label. Inputs in
     ``exclude_inputs`` (the reference set) are never trained on.
     """
-    all_ex = [e for e in examples if not (isinstance(e.x, str) and e.x in exclude_inputs)]
+    every = list(examples)
+    all_ex = [e for e in every if input_key(e.x) not in exclude_inputs]
     fresh = sorted((e for e in all_ex if is_fresh(e, watermark)), key=lambda e: (e.ts, e.partition, e.offset))
     old = sorted((e for e in all_ex if not is_fresh(e, watermark)), key=lambda e: e.key)
     n_hold = min(len(fresh), max(1, math.ceil(len(fresh) * holdout_fraction))) if fresh else 0
@@ -127,7 +131,8 @@ def select(
     train_fresh, holdout = fresh[: len(fresh) - n_hold], fresh[len(fresh) - n_hold :]
     n_replay = min(len(old), round(len(train_fresh) * replay_ratio))
     replay = random.Random(seed).sample(old, n_replay) if n_replay else []
-    return TrainingSet(train_fresh, replay, holdout, advance(watermark, fresh))
+    used = advance(watermark, (e for e in every if is_fresh(e, watermark)))
+    return TrainingSet(train_fresh, replay, holdout, used, excluded=len(every) - len(all_ex))
 
 
 @dataclass(frozen=True)
