@@ -21,6 +21,7 @@ import redis
 
 from streamtune.settings import REPO_ROOT, Settings
 from streamtune.stack import EmbeddedKafka, EmbeddedRedis, find_free_port
+from streamtune.workers import settings_env as worker_env
 
 
 def wait_until(
@@ -110,8 +111,7 @@ def redis_client(stack: Stack) -> Iterator[redis.Redis]:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTUNE_")}
-    for name, value in settings.model_dump().items():
-        env[f"STREAMTUNE_{name.upper()}"] = str(value)
+    env.update({k: v for k, v in worker_env(settings).items() if k.startswith("STREAMTUNE_")})
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO_ROOT / "workers")  # this checkout, whatever the venv points at
     return env

@@ -71,3 +71,47 @@ def test_wrong_base_model_is_refused(tmp_path: Path) -> None:
     reg.publish(_build(tmp_path), _manifest(1, sha="c" * 64))
     with pytest.raises(AdapterError, match="trained for base model"):
         reg.verify("review_sentiment", 1, base_sha256="b" * 64)
+
+
+def test_signed_manifests_refuse_tampering_and_unsigned_versions(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from streamtune.errors import AdapterError
+    from streamtune.registry import LocalRegistry
+    from streamtune.settings import Settings
+
+    root = tmp_path / "adapters"
+    shutil.copytree(Settings().adapter_dir / "purchase_intent", root / "purchase_intent")
+    signed = LocalRegistry(root, b"k1")
+    with pytest.raises(AdapterError, match="not signed"):
+        signed.verify("purchase_intent", 1)  # the committed version predates signing
+    assert signed.sign_existing("purchase_intent", 1) is True
+    assert signed.sign_existing("purchase_intent", 1) is False
+    signed.verify("purchase_intent", 1)
+    LocalRegistry(root).verify("purchase_intent", 1)  # a reader without a key still verifies checksums
+    with pytest.raises(AdapterError, match="signature does not match"):
+        LocalRegistry(root, b"another key").verify("purchase_intent", 1)
+    path = root / "purchase_intent" / "1" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["metrics"]["roc_auc"] = 0.99  # a tampered manifest
+    path.write_text(json.dumps(m))
+    with pytest.raises(AdapterError, match="signature does not match"):
+        signed.verify("purchase_intent", 1)
+
+
+def test_publish_signs_with_the_key_and_a_changed_weight_file_is_still_refused(tmp_path: Path) -> None:
+    reg = LocalRegistry(tmp_path / "reg", b"secret")
+    m = reg.publish(_build(tmp_path), _manifest(1))
+    assert len(m.signature) == 64
+    reg.verify("review_sentiment", 1)
+    (tmp_path / "reg" / "review_sentiment" / "1" / "adapter_model.safetensors").write_bytes(b"evil")
+    with pytest.raises(AdapterError, match="checksum mismatch"):
+        reg.verify("review_sentiment", 1)
+
+
+def test_the_key_never_appears_in_settings_output() -> None:
+    from streamtune.settings import Settings
+
+    s = Settings(manifest_hmac_key="planted-secret-123")
+    assert "planted-secret-123" not in repr(s) and "planted-secret-123" not in str(s.model_dump())

@@ -22,6 +22,7 @@ from streamtune.rollout import canary_bucket, promote
 from streamtune.settings import Settings
 from streamtune.sink import score_key
 from streamtune.topics import ensure_topics
+from streamtune.workers import settings_env as worker_env
 from test_e2e import check_aggregates, event_id
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,7 @@ def rsettings(settings: Settings, tmp_path: Path) -> Settings:
 
 
 def cli(settings: Settings, *args: str) -> str:
-    env = {f"STREAMTUNE_{k.upper()}": str(v) for k, v in settings.model_dump().items()}
+    env = {k: v for k, v in worker_env(settings).items() if k.startswith("STREAMTUNE_")}
     result = CliRunner().invoke(cli_app, list(args), env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output

@@ -62,3 +62,18 @@ def test_invalid_setting_names_the_variable() -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "STREAMTUNE_BATCH_MAX_EVENTS" in proc.stderr
+
+
+def test_signing_key_refuses_unsigned_adapters_and_is_never_logged(
+    settings: Settings, tmp_path: Path
+) -> None:
+    import shutil
+
+    registry = tmp_path / "adapters"
+    shutil.copytree(Settings().adapter_dir, registry)
+    secret = "planted-secret-7f3a"
+    s = settings.model_copy(update={"adapter_dir": registry, "manifest_hmac_key": secret})
+    proc = run_scorer(s)
+    assert proc.returncode == 2
+    assert "manifest is not signed" in last_line(proc)
+    assert secret not in proc.stdout + proc.stderr

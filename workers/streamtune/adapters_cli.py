@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamtune.errors import AdapterError, StreamtuneError
-from streamtune.registry import LocalRegistry, Manifest
+from streamtune.registry import LocalRegistry, Manifest, registry_for
 from streamtune.releases import ReleaseLog
 from streamtune.rollout import Release, canary, current_states, promote, rollback
 from streamtune.settings import Settings
@@ -26,7 +26,7 @@ MAIN_METRIC = {"review_sentiment": "macro_f1", "query_class": "top1", "purchase_
 
 def _ctx() -> tuple[Settings, LocalRegistry, ReleaseLog]:
     s = Settings()
-    return s, LocalRegistry(s.adapter_dir), ReleaseLog(s)
+    return s, registry_for(s.adapter_dir, s.manifest_hmac_key), ReleaseLog(s)
 
 
 def _task(task: str) -> str:
@@ -153,6 +153,16 @@ def rollback_(
     _verified(reg, task, to, force=True)  # going back to what served before
     log.publish(rollback(task, bad, to, reg.manifest_sha256(task, to), reason, getpass.getuser()))  # type: ignore[arg-type]
     out.print(f"{task}: v{bad} rolled back, v{to} live")
+
+
+@adapters.command()
+def sign() -> None:
+    """Sign every version published before STREAMTUNE_MANIFEST_HMAC_KEY was set (files verified first)."""
+    _, reg, _ = _ctx()
+    for task in TASK_NAMES:
+        for version in reg.versions(task):
+            state = "signed" if reg.sign_existing(task, version) else "already signed"
+            out.print(f"{task} v{version}: {state}")
 
 
 @adapters.command()

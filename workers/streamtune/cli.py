@@ -84,12 +84,12 @@ def train(
 ) -> None:
     """Fine-tune a task's adapter on the shipped data, evaluate on held-out rows, publish a version."""
     from streamtune.logs import configure_logging
-    from streamtune.registry import LocalRegistry
+    from streamtune.registry import registry_for
     from streamtune.training.bootstrap import TrainConfig, train_task
 
     s = _settings()
     configure_logging(s.log_level, json=False)
-    registry = LocalRegistry(s.adapter_dir)
+    registry = registry_for(s.adapter_dir, s.manifest_hmac_key)
     cfg = TrainConfig(seed=seed, epochs=epochs, train_rows=train_rows, max_len=max_len)
     for t in _tasks(task):
         if if_missing and registry.latest(t) is not None:

@@ -16,6 +16,7 @@ never sees half a version; an existing version is never overwritten. Storage sit
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from streamtune.errors import AdapterError
 from streamtune.events import TaskName
@@ -57,6 +58,11 @@ class Manifest(BaseModel):
         default_factory=dict, description="The release gate's comparison (online versions); passed: bool"
     )
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    signature: str = Field("", description="HMAC-SHA256 of the manifest without this field (optional)")
+
+    def signing_bytes(self) -> bytes:
+        """What the signature covers: the manifest (file checksums included) minus the signature."""
+        return self.model_copy(update={"signature": ""}).model_dump_json().encode()
 
     @property
     def releasable(self) -> bool:
@@ -89,8 +95,13 @@ class AdapterStore(Protocol):
 class LocalRegistry:
     """The registry as a local (or mounted) directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, hmac_key: bytes | None = None) -> None:
         self.root = Path(root)
+        self._key = hmac_key  # set: publish signs manifests, verify refuses unsigned or tampered ones
+
+    def _sign(self, m: Manifest) -> str:
+        assert self._key is not None
+        return hmac.new(self._key, m.signing_bytes(), hashlib.sha256).hexdigest()
 
     def _dir(self, task: str, version: int) -> Path:
         return self.root / task / str(version)
@@ -127,6 +138,15 @@ class LocalRegistry:
         """
         m = self.manifest(task, version)
         d = self._dir(task, version)
+        if self._key is not None:
+            if not m.signature:
+                raise AdapterError(
+                    f"{task} v{version}: manifest is not signed (STREAMTUNE_MANIFEST_HMAC_KEY is set)"
+                )
+            if not hmac.compare_digest(m.signature, self._sign(m)):
+                raise AdapterError(
+                    f"{task} v{version}: manifest signature does not match (tampered or another key)"
+                )
         if not m.files:
             raise AdapterError(f"{task} v{version}: manifest lists no files")
         for name, digest in m.files.items():
@@ -155,7 +175,9 @@ class LocalRegistry:
         files = {
             p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file() and p.name != MANIFEST
         }
-        final = manifest.model_copy(update={"files": files})
+        final = manifest.model_copy(update={"files": files, "signature": ""})
+        if self._key is not None:
+            final = final.model_copy(update={"signature": self._sign(final)})
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
         try:
@@ -183,6 +205,23 @@ class LocalRegistry:
                             removed.append(p)
         return removed
 
+    def sign_existing(self, task: str, version: int) -> bool:
+        """Add the signature to a version published before signing was on (checksums verified
+        first; only the signature field changes). False when it is already signed validly."""
+        if self._key is None:
+            raise AdapterError("no signing key (STREAMTUNE_MANIFEST_HMAC_KEY)")
+        m = self.manifest(task, version)
+        if m.signature and hmac.compare_digest(m.signature, self._sign(m)):
+            return False
+        unsigned = LocalRegistry(self.root)
+        unsigned.verify(task, version)  # every file's checksum, before vouching for them
+        signed = m.model_copy(update={"signature": self._sign(m)})
+        path = self._dir(task, version) / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(signed.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return True
+
     def default_version(self, task: str) -> int | None:
         """What serves a task when no release was announced: the newest releasable version."""
         for version in reversed(self.versions(task)):
@@ -203,3 +242,8 @@ class LocalRegistry:
 def read_json(path: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return data
+
+
+def registry_for(root: Path, key: SecretStr | None) -> LocalRegistry:
+    """The registry as the workers use it: signing and verifying when a key is configured."""
+    return LocalRegistry(root, key.get_secret_value().encode() if key is not None else None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +115,12 @@ class Settings(BaseSettings):
         1800.0, gt=0, description="Session state expires after this idle time"
     )
     session_sweep_s: float = Field(60.0, gt=0, description="How often expired sessions are swept")
+
+    # Security
+    manifest_hmac_key: SecretStr | None = Field(
+        None,
+        description="Signs published manifests; workers then refuse unsigned or tampered ones (unset: off)",
+    )
 
     # Operability
     metrics_port: int = Field(9108, ge=0, description="Prometheus /metrics port (0: disabled)")

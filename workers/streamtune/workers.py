@@ -12,13 +12,21 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from streamtune.errors import StartupError
 from streamtune.settings import REPO_ROOT, Settings
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTUNE_")}
-    env.update({f"STREAMTUNE_{k.upper()}": str(v) for k, v in settings.model_dump().items()})
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue  # unset stays unset (an env var would read as the string "None")
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"STREAMTUNE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

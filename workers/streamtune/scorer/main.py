@@ -11,7 +11,7 @@ import structlog
 from streamtune.errors import AdapterError, StartupError
 from streamtune.logs import configure_logging
 from streamtune.model.runtime import ModelRuntime, Route
-from streamtune.registry import LocalRegistry
+from streamtune.registry import LocalRegistry, registry_for
 from streamtune.releases import ReleaseFollower, ReleaseLog
 from streamtune.rollout import Release, current_states, promote
 from streamtune.scorer.app import ScorerResources, build_app
@@ -70,7 +70,7 @@ def prepare(settings: Settings) -> ScorerResources:
     check_redis(settings)
     release_log = ReleaseLog(settings)
     records, ends = release_log.read_all()
-    registry = LocalRegistry(settings.adapter_dir)
+    registry = registry_for(settings.adapter_dir, settings.manifest_hmac_key)
     runtime = ModelRuntime(
         settings.base_model, registry, settings.max_seq_len, settings.torch_threads,
         batch_size=settings.model_batch_size, backend=settings.backend,

@@ -11,7 +11,7 @@ import torch
 
 from streamtune.errors import StartupError
 from streamtune.logs import configure_logging
-from streamtune.registry import LocalRegistry, Manifest
+from streamtune.registry import LocalRegistry, Manifest, registry_for
 from streamtune.releases import ReleaseLog
 from streamtune.rollout import Release, canary, promote
 from streamtune.settings import Settings
@@ -145,7 +145,7 @@ def run_trainer(settings: Settings) -> None:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    registry = LocalRegistry(settings.adapter_dir)
+    registry = registry_for(settings.adapter_dir, settings.manifest_hmac_key)
     for stale in registry.clean_stale():
         log.warning("stale_publish_dir_removed", path=str(stale))
     ensure_topics(settings)
