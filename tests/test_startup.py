@@ -77,3 +77,22 @@ def test_signing_key_refuses_unsigned_adapters_and_is_never_logged(
     assert proc.returncode == 2
     assert "manifest is not signed" in last_line(proc)
     assert secret not in proc.stdout + proc.stderr
+
+
+def test_credentials_never_reach_error_output(settings: Settings) -> None:
+    redis_secret, sasl_secret = "planted-redis-pw-91", "planted-sasl-pw-42"
+    s = settings.model_copy(update={"redis_url": f"redis://:{redis_secret}@127.0.0.1:{find_free_port()}/0"})
+    proc = run_scorer(s)
+    assert proc.returncode == 2
+    assert "STREAMTUNE_REDIS_URL=redis://:***@127.0.0.1" in last_line(proc)
+    assert redis_secret not in proc.stdout + proc.stderr
+    sasl = settings.model_copy(
+        update={"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_sasl_username": "svc",
+                "kafka_sasl_password": sasl_secret}
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamtune.cli", "topics"], env=settings_env(sasl), capture_output=True,
+        text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0  # a SASL client against a plaintext listener cannot connect
+    assert sasl_secret not in proc.stdout + proc.stderr

@@ -35,6 +35,7 @@ from streamtune.demo_online import AccuracyBook, Timeline, TrainerView, judge_ca
 from streamtune.registry import LocalRegistry
 from streamtune.releases import ReleaseLog
 from streamtune.rollout import promote, rollback
+from streamtune.security import redact_url
 from streamtune.settings import REPO_ROOT, Settings
 from streamtune.stack import EmbeddedKafka, ensure_redis, find_free_port
 from streamtune.tail import describe
@@ -361,7 +362,8 @@ def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
         )
         trainer_settings = settings.model_copy(update={"metrics_port": find_free_port()})
         console.print(
-            f"  Kafka {settings.bootstrap_servers}  Redis {redis_url}  registry {settings.adapter_dir}"
+            f"  Kafka {settings.bootstrap_servers}  Redis {redact_url(redis_url)}  "
+            f"registry {settings.adapter_dir}"
         )
         console.print("  starting a scorer and a trainer (loading the model)…")
         scorer = Worker("scorer", settings, work / "scorer.log")

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from streamtune.errors import StartupError
 from streamtune.rollout import Release, current_states
+from streamtune.security import kafka_client_kwargs
 from streamtune.settings import Settings
 from streamtune.tasks import RELEASES_TOPIC
 
@@ -29,7 +30,7 @@ class ReleaseLog:
     def _consumer(self) -> KafkaConsumer:
         try:
             return KafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers.split(","),
+                **kafka_client_kwargs(self.settings),
                 group_id=None,
                 enable_auto_commit=False,
                 consumer_timeout_ms=self.settings.releases_poll_ms,
@@ -66,7 +67,7 @@ class ReleaseLog:
 
     def publish(self, release: Release) -> None:
         try:
-            producer = KafkaProducer(bootstrap_servers=self.settings.bootstrap_servers.split(","), acks="all")
+            producer = KafkaProducer(**kafka_client_kwargs(self.settings), acks="all")
         except (KafkaError, OSError) as e:
             raise StartupError(
                 f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={self.settings.bootstrap_servers} ({e})"
@@ -123,7 +124,7 @@ class ReleaseFollower:
     def _run(self) -> None:
         topic = self.settings.topic(RELEASES_TOPIC)
         consumer = KafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers.split(","),
+            **kafka_client_kwargs(self.settings),
             group_id=None,
             enable_auto_commit=False,
         )

@@ -24,6 +24,7 @@ from streamtune.drift import critical_wave
 from streamtune.errors import StartupError
 from streamtune.events import ClickEvent, LabelEvent, ReviewEvent, SearchEvent
 from streamtune.features import PAGE_COLUMNS
+from streamtune.security import kafka_client_kwargs
 from streamtune.settings import Settings
 from streamtune.tasks import LABELS_TOPIC, TASKS
 from streamtune.training import data
@@ -236,7 +237,7 @@ class ReplayReport:
 def producer(settings: Settings) -> KafkaProducer:
     try:
         return KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
+            **kafka_client_kwargs(settings),
             acks="all",
             linger_ms=5,
             retries=5,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -117,6 +118,16 @@ class Settings(BaseSettings):
     session_sweep_s: float = Field(60.0, gt=0, description="How often expired sessions are swept")
 
     # Security
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol of every client"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism (SASL_* protocols)"
+    )
+    kafka_sasl_username: str = Field("", description="SASL user name")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged)")
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers' certificates")
+    redis_ca_file: Path | None = Field(None, description="CA bundle for rediss:// (TLS) Redis URLs")
     manifest_hmac_key: SecretStr | None = Field(
         None,
         description="Signs published manifests; workers then refuse unsigned or tampered ones (unset: off)",

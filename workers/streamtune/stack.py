@@ -30,6 +30,7 @@ from typing import Any, Self
 import structlog
 
 from streamtune.errors import StackError
+from streamtune.security import redact_url
 
 log = structlog.get_logger(__name__)
 
@@ -661,9 +662,9 @@ def ensure_redis(url: str | None, work_dir: Path) -> tuple[str, EmbeddedRedis | 
     the started :class:`EmbeddedRedis`, which the caller must ``stop()``.
     """
     if url and redis_answers(url):
-        log.info("redis.external", url=url)
+        log.info("redis.external", url=redact_url(url))
         return url, None
     if url:
-        log.warning("redis.unreachable_starting_embedded", url=url)
+        log.warning("redis.unreachable_starting_embedded", url=redact_url(url))
     embedded = EmbeddedRedis(work_dir).start()
     return embedded.url, embedded

@@ -9,6 +9,7 @@ from kafka.errors import KafkaError
 from rich.console import Console
 
 from streamtune.errors import StartupError
+from streamtune.security import kafka_client_kwargs
 from streamtune.settings import Settings
 
 
@@ -39,7 +40,7 @@ def run_tail(settings: Settings, topic: str, from_beginning: bool, max_messages:
     try:
         consumer = KafkaConsumer(
             settings.topic(topic),
-            bootstrap_servers=settings.bootstrap_servers.split(","),
+            **kafka_client_kwargs(settings),
             auto_offset_reset="earliest" if from_beginning else "latest",
             enable_auto_commit=False,
             group_id=None,

@@ -10,6 +10,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streamtune.errors import StartupError
+from streamtune.security import kafka_client_kwargs
 from streamtune.settings import Settings
 from streamtune.tasks import DLQ_TOPIC, LABELS_TOPIC, RELEASES_TOPIC, TASKS
 
@@ -37,7 +38,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:
     try:
         return KafkaAdminClient(
-            bootstrap_servers=settings.bootstrap_servers.split(","),
+            **kafka_client_kwargs(settings),
             client_id="streamtune-admin",
             request_timeout_ms=int(timeout_s * 1000),
             bootstrap_timeout_ms=int(timeout_s * 1000),

@@ -29,6 +29,7 @@ from streamtune.features import SessionState, apply_click, is_expired
 from streamtune.model.runtime import ModelRuntime
 from streamtune.releases import ReleaseFollower
 from streamtune.scorer.pipeline import BatchProcessor
+from streamtune.security import faust_credentials, redis_kwargs
 from streamtune.settings import Settings
 from streamtune.sink import RedisSink
 from streamtune.tasks import TASKS
@@ -82,9 +83,12 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         producer_acks=-1,
+        broker_credentials=faust_credentials(settings),
     )
     publisher = FaustPublisher(app)
-    redis_client = aioredis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    redis_client = aioredis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=5, **redis_kwargs(settings)
+    )
     sink = RedisSink(
         redis_client,
         score_ttl_s=settings.score_ttl_s,

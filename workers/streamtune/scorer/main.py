@@ -16,6 +16,7 @@ from streamtune.releases import ReleaseFollower, ReleaseLog
 from streamtune.rollout import Release, current_states, promote
 from streamtune.scorer.app import ScorerResources, build_app
 from streamtune.scorer.swap import Swapper, build_route
+from streamtune.security import redact_url, redis_kwargs
 from streamtune.settings import Settings
 from streamtune.tasks import TASK_NAMES
 from streamtune.telemetry import Readiness, ScorerMetrics
@@ -25,11 +26,14 @@ log = structlog.get_logger(__name__)
 
 
 def check_redis(settings: Settings) -> None:
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=3)
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=3, socket_timeout=3, **redis_kwargs(settings)
+    )
     try:
         client.ping()
     except (redis.RedisError, OSError) as e:
-        raise StartupError(f"cannot reach Redis at STREAMTUNE_REDIS_URL={settings.redis_url} ({e})") from e
+        url = redact_url(settings.redis_url)
+        raise StartupError(f"cannot reach Redis at STREAMTUNE_REDIS_URL={url} ({e})") from e
     finally:
         client.close()
 

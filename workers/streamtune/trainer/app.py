@@ -29,6 +29,7 @@ import structlog
 from streamtune.decode import Decoded, Source, decode
 from streamtune.events import ClickEvent, DeadLetter, LabelEvent, ReviewEvent, SearchEvent
 from streamtune.features import SessionState, apply_click, session_row, vectorize
+from streamtune.security import faust_credentials
 from streamtune.settings import Settings
 from streamtune.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS
 from streamtune.telemetry import Readiness, TrainerMetrics
@@ -103,6 +104,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         producer_acks=-1,
+        broker_credentials=faust_credentials(settings),
     )
     m, state = res.metrics, res.state
     inputs = app.Table("inputs", default=None, partitions=settings.topic_partitions, schema=JSON)
