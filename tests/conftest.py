@@ -96,6 +96,7 @@ def settings(stack: Stack, tmp_path: Path) -> Settings:
         batch_max_events=16,
         batch_max_ms=30,
         commit_interval_s=0.2,
+        kafka_session_timeout_s=15.0,  # a SIGKILLed scorer's partitions move on quickly
         torch_threads=1,
         log_json=True,
     )

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(3, ge=1, description="Partitions of topics the workers create")
     topic_replication: int = Field(1, ge=1, description="Replication factor of topics the workers create")
     group_id: str = Field("streamtune-scorer", description="Consumer group (Faust app id) of the scorers")
+    kafka_session_timeout_s: float = Field(
+        30.0, ge=6, le=300, description="A crashed worker's partitions move to the others after this long"
+    )
 
     # Model and adapters
     base_model: str = Field(

@@ -84,6 +84,9 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         value_serializer="raw",
         producer_acks=-1,
         broker_credentials=faust_credentials(settings),
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_rebalance_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 10),
     )
     publisher = FaustPublisher(app)
     redis_client = aioredis.from_url(

@@ -105,6 +105,9 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         value_serializer="raw",
         producer_acks=-1,
         broker_credentials=faust_credentials(settings),
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_rebalance_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 10),
     )
     m, state = res.metrics, res.state
     inputs = app.Table("inputs", default=None, partitions=settings.topic_partitions, schema=JSON)
