@@ -15,6 +15,7 @@ timeline.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import threading
@@ -221,34 +222,17 @@ def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: t
             name = sentiment_of_rating(lab.label) if isinstance(lab.label, int) else str(lab.label)
             st.book.label(lab.event_id, name, drifted=st.phase == "drifted")
 
-    first = replay(
-        settings,
-        list(TASK_NAMES),
-        1_000_000,
-        opts.rate,
-        opts.malformed,
-        labels=True,
-        label_delay_s=opts.label_delay,
-        should_stop=lambda: stop.is_set() or time.monotonic() - began > opts.drift_after,
-        on_label=on_label,
-    )
+    # Both phases: all tasks, paced, labels following their events after the delay.
+    phase = functools.partial(
+        replay, settings, list(TASK_NAMES), 1_000_000, opts.rate, opts.malformed,
+        labels=True, label_delay_s=opts.label_delay, on_label=on_label,
+    )  # fmt: skip
+    first = phase(should_stop=lambda: stop.is_set() or time.monotonic() - began > opts.drift_after)
     if stop.is_set():
         return
     st.phase = "drifted"
     st.timeline.add("the review stream drifts: a critical wave (a third negative, a third neutral)")
-    replay(
-        settings,
-        list(TASK_NAMES),
-        1_000_000,
-        opts.rate,
-        opts.malformed,
-        labels=True,
-        label_delay_s=opts.label_delay,
-        skip=max(first.sent.values()),
-        should_stop=stop.is_set,
-        reviews="critical",
-        on_label=on_label,
-    )
+    phase(skip=max(first.sent.values()), should_stop=stop.is_set, reviews="critical")
 
 
 def _observe(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -69,6 +70,15 @@ class Worker:
                 return self
             time.sleep(0.2)
         raise StartupError(f"{self.command} not ready after {timeout_s:.0f} s (log: {self.log})")
+
+    def wait_for(self, cond: Callable[..., object], timeout_s: float, what: str) -> None:
+        """Poll ``cond`` while the worker lives; a dead worker or ``timeout_s`` is an error."""
+        deadline = time.monotonic() + timeout_s
+        while not cond():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise StartupError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            time.sleep(0.05)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc.poll() is None:

@@ -25,7 +25,6 @@ import numpy as np
 import structlog
 from kafka import KafkaConsumer, KafkaProducer
 
-from streamtune.errors import StartupError
 from streamtune.registry import LocalRegistry
 from streamtune.replay import plan, replay
 from streamtune.settings import Settings
@@ -148,16 +147,6 @@ def _scored(worker: Worker, task: str) -> float:
     return 0.0
 
 
-def _wait(cond: Any, timeout_s: float, what: str, worker: Worker | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if worker is not None:
-            worker.check_alive()
-        if time.monotonic() > deadline:
-            raise StartupError(f"benchmark timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def _latencies(s: Settings, task: str, n: int, since_ms: int) -> list[float]:
     """Seconds from event time to the result's publish time (after its Redis write)."""
     consumer = KafkaConsumer(
@@ -223,8 +212,8 @@ def end_to_end(
             t_cpu0, _ = _proc_stats(scorer.proc.pid)
             started = time.monotonic()
             sent = replay(s, [task], cfg.events, 0.0, seed=11).sent[task]  # fewer when the data is short
-            _wait(
-                lambda t=task, b=before, n=sent: _scored(scorer, t) - b >= n, 900, f"{task} results", scorer
+            scorer.wait_for(
+                lambda t=task, b=before, n=sent: _scored(scorer, t) - b >= n, 900, f"{task} results"
             )
             seconds = time.monotonic() - started
             t_cpu1, _ = _proc_stats(scorer.proc.pid)
@@ -242,7 +231,9 @@ def end_to_end(
                 since = int(time.time() * 1000)
                 n0 = _scored(scorer, task)
                 paced = replay(s, [task], cfg.latency_events, rate * share, seed=12, skip=skip).sent[task]
-                _wait(lambda t=task, n=n0, k=paced: _scored(scorer, t) - n >= k, 600, "paced results", scorer)
+                scorer.wait_for(
+                    lambda t=task, n=n0, k=paced: _scored(scorer, t) - n >= k, 600, "paced results"
+                )
                 lat = _latencies(s, task, paced, since)
                 res[f"latency_at_{int(share * 100)}pct"] = {
                     "rate": rate * share,

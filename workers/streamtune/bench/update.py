@@ -134,15 +134,6 @@ def _collect(settings: Settings, out: list[tuple[float, int, str]], stop: thread
         consumer.close()
 
 
-def _wait(cond: Any, timeout_s: float, what: str, worker: Worker) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        worker.check_alive()
-        if time.monotonic() > deadline:
-            raise StartupError(f"benchmark timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def swap(
     base: Settings, cfg: UpdateBenchConfig, registry_dir: Path, new_version: int, work: Path
 ) -> dict[str, Any]:
@@ -177,11 +168,14 @@ def swap(
 
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
-        _wait(lambda: len(results) >= cfg.swap_results, 600, "steady-state results", scorer)
+        scorer.wait_for(lambda: len(results) >= cfg.swap_results, 600, "steady-state results")
         released_at = time.time()
         releases.publish(promote(TASK, new_version, reg.manifest_sha256(TASK, new_version), by="bench"))  # type: ignore[arg-type]
-        _wait(lambda: sum(1 for r in list(results) if r[1] == new_version) >= cfg.swap_results, 600,
-              "results of the new version", scorer)  # fmt: skip
+        scorer.wait_for(
+            lambda: sum(1 for r in list(results) if r[1] == new_version) >= cfg.swap_results,
+            600,
+            "results of the new version",
+        )
         stop.set()
         producer.join(timeout=60)
         sent = report.get("sent", 0)
@@ -189,7 +183,7 @@ def swap(
         late: list[tuple[float, int, str]] = []
         t = threading.Thread(target=_collect, args=(s, late, stop_collect), daemon=True)
         t.start()
-        _wait(lambda: len({e for _, _, e in late}) >= sent, 120, "every event's result", scorer)
+        scorer.wait_for(lambda: len({e for _, _, e in late}) >= sent, 120, "every event's result")
         stop_collect.set()
         t.join(timeout=10)
         scorer_metrics = _batch_stats(scorer.metrics())

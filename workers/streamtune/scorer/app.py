@@ -15,7 +15,6 @@ import weakref
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -25,11 +24,12 @@ from faust.streams import _current_event
 
 from streamtune.decode import Decoded, Source
 from streamtune.events import ClickEvent
+from streamtune.faust_app import JSON_TABLE, worker_app
 from streamtune.features import SessionState, apply_click, is_expired
 from streamtune.model.runtime import ModelRuntime
 from streamtune.releases import ReleaseFollower
 from streamtune.scorer.pipeline import BatchProcessor
-from streamtune.security import faust_credentials, redis_kwargs
+from streamtune.security import redis_kwargs
 from streamtune.settings import Settings
 from streamtune.sink import RedisSink
 from streamtune.tasks import TASKS
@@ -68,26 +68,7 @@ class FaustPublisher:
 
 
 def build_app(settings: Settings, res: ScorerResources) -> faust.App:
-    app = faust.App(
-        settings.group_id,
-        broker=[f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(",")],
-        store="memory://",
-        datadir=str(Path(settings.state_dir) / settings.group_id),
-        web_enabled=False,
-        topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.topic_replication,
-        topic_disable_leader=True,
-        table_standby_replicas=0,
-        broker_commit_interval=settings.commit_interval_s,
-        consumer_auto_offset_reset="earliest",
-        key_serializer="raw",
-        value_serializer="raw",
-        producer_acks=-1,
-        broker_credentials=faust_credentials(settings),
-        broker_session_timeout=settings.kafka_session_timeout_s,
-        broker_rebalance_timeout=settings.kafka_session_timeout_s,
-        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 10),
-    )
+    app = worker_app(settings, settings.group_id)
     publisher = FaustPublisher(app)
     redis_client = aioredis.from_url(
         settings.redis_url, socket_timeout=5, socket_connect_timeout=5, **redis_kwargs(settings)
@@ -104,7 +85,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         "sessions",
         default=None,
         partitions=settings.topic_partitions,
-        schema=faust.Schema(key_serializer="json", value_serializer="json"),
+        schema=JSON_TABLE,
     )
     click_topic_name = settings.topic(TASKS["purchase_intent"].input_topic)
     within = settings.batch_max_ms / 1000.0

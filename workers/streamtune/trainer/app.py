@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -28,8 +27,8 @@ import structlog
 
 from streamtune.decode import Decoded, Source, decode
 from streamtune.events import ClickEvent, DeadLetter, LabelEvent, ReviewEvent, SearchEvent
+from streamtune.faust_app import JSON_TABLE, worker_app
 from streamtune.features import SessionState, apply_click, session_row, vectorize
-from streamtune.security import faust_credentials
 from streamtune.settings import Settings
 from streamtune.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS
 from streamtune.telemetry import Readiness, TrainerMetrics
@@ -47,8 +46,6 @@ from streamtune.training.online import (
 )
 
 log = structlog.get_logger(__name__)
-
-JSON: faust.Schema = faust.Schema(key_serializer="json", value_serializer="json")
 
 # Runs one training job (in the training thread) and returns whether a version was published.
 TrainJob = Callable[[str, TrainingSet], Any]
@@ -89,30 +86,11 @@ def _session_x(raw: dict[str, Any]) -> list[float]:
 
 
 def build_app(settings: Settings, res: TrainerResources) -> faust.App:
-    app = faust.App(
-        settings.trainer_group_id,
-        broker=[f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(",")],
-        store="memory://",
-        datadir=str(Path(settings.state_dir) / settings.trainer_group_id),
-        web_enabled=False,
-        topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.topic_replication,
-        topic_disable_leader=True,
-        table_standby_replicas=0,
-        broker_commit_interval=settings.commit_interval_s,
-        consumer_auto_offset_reset="earliest",
-        key_serializer="raw",
-        value_serializer="raw",
-        producer_acks=-1,
-        broker_credentials=faust_credentials(settings),
-        broker_session_timeout=settings.kafka_session_timeout_s,
-        broker_rebalance_timeout=settings.kafka_session_timeout_s,
-        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 10),
-    )
+    app = worker_app(settings, settings.trainer_group_id)
     m, state = res.metrics, res.state
-    inputs = app.Table("inputs", default=None, partitions=settings.topic_partitions, schema=JSON)
-    joined = app.Table("joined", default=None, partitions=settings.topic_partitions, schema=JSON)
-    pending = app.Table("pending", default=None, partitions=settings.topic_partitions, schema=JSON)
+    inputs = app.Table("inputs", default=None, partitions=settings.topic_partitions, schema=JSON_TABLE)
+    joined = app.Table("joined", default=None, partitions=settings.topic_partitions, schema=JSON_TABLE)
+    pending = app.Table("pending", default=None, partitions=settings.topic_partitions, schema=JSON_TABLE)
     trigger = Trigger(
         settings.trainer_min_labels, settings.trainer_interval_s, settings.trainer_interval_min_labels
     )
