@@ -7,11 +7,12 @@ PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+CHAOS_ARGS ?=
 
-.PHONY: help env test demo lint typecheck train bench clean
+.PHONY: help env test demo lint typecheck train bench chaos clean
 
 help:
-	@echo "targets: env test demo lint typecheck train bench clean"
+	@echo "targets: env test demo lint typecheck train bench chaos clean"
 	@echo "vars:    VENV=$(VENV) PYTEST_ARGS=... DEMO_ARGS=... BENCH_ARGS=..."
 
 env:
@@ -37,6 +38,10 @@ typecheck: env
 
 train: env
 	$(VENV)/bin/streamtune train --task all
+
+# Fault-tolerance suite, long version: writes docs/chaos.md and docs/chaos.json.
+chaos: env
+	$(VENV)/bin/streamtune chaos $(CHAOS_ARGS)
 
 bench: env
 	$(VENV)/bin/streamtune bench throughput $(BENCH_ARGS)

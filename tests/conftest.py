@@ -30,10 +30,12 @@ def wait_until(
     what: str,
     poll_s: float = 0.1,
     guard: Callable[[], None] | None = None,
+    context: Callable[[], str] | None = None,
 ) -> Any:
     """Poll ``cond`` until it returns something truthy; fail the test after ``timeout_s``.
 
-    ``guard`` runs before each poll and fails fast (e.g. when a worker process died).
+    ``guard`` runs before each poll and fails fast (e.g. when a worker process died);
+    ``context`` adds what helps explain a timeout (a worker's log tail) to the failure.
     """
     deadline = time.monotonic() + timeout_s
     last_exc: Exception | None = None
@@ -50,6 +52,7 @@ def wait_until(
     raise AssertionError(
         f"timed out after {timeout_s} s waiting for {what}"
         + (f" (last error: {last_exc})" if last_exc else "")
+        + (f"\n{context()}" if context is not None else "")
     )
 
 
@@ -99,6 +102,7 @@ def settings(stack: Stack, tmp_path: Path) -> Settings:
         kafka_session_timeout_s=15.0,  # a SIGKILLed scorer's partitions move on quickly
         torch_threads=1,
         log_json=True,
+        lib_log_level="INFO",  # rebalances and table recovery in the worker logs a failed test prints
     )
 
 
@@ -161,6 +165,9 @@ class ScorerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_tail(self, chars: int = 8000) -> str:
+        return f"--- {self.log_path.name} (last {chars} chars) ---\n{self.log()[-chars:]}"
+
     def kill(self) -> None:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -216,6 +223,30 @@ def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float 
     finally:
         consumer.close()
     return records
+
+
+def read_topic(settings: Settings, topic: str, timeout_s: float = 60) -> list[Any]:
+    """Every record a topic holds now: each partition read from its start to its end offset."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
+    try:
+        name = settings.topic(topic)
+        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, f"could not read {name} to its end within {timeout_s} s"
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
 
 
 def load_json(raw: bytes) -> Any:

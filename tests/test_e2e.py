@@ -149,7 +149,12 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
     assert not all_scored(redis_client, outs)(), "the scorer finished before it was killed"
     second = scorer_factory(settings).start()
     wait_until(
-        all_scored(redis_client, outs), 300, "every event scored after the restart", 0.5, second.assert_alive
+        all_scored(redis_client, outs),
+        300,
+        "every event scored after the restart",
+        0.5,
+        second.assert_alive,
+        context=lambda: first.log_tail(3000) + "\n" + second.log_tail(),
     )
     check_aggregates(redis_client, outs)
     # Replays happened (at-least-once) but the aggregates above counted nothing twice.

@@ -73,6 +73,10 @@ def test_probes_scaling_and_config_are_wired() -> None:
         seeds = [c for c in pod.get("initContainers", []) if c["name"] == "seed-registry"]
         assert seeds, f"{name}: nothing seeds the registry volume"
         assert seeds[0]["volumeMounts"][0]["mountPath"] == config["STREAMTUNE_ADAPTER_DIR"]
+    grace = float(config["STREAMTUNE_SHUTDOWN_GRACE_S"])
+    for name in ("scorer", "trainer"):
+        pod = res[f"Deployment/streamtune-{name}"]["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] > grace + 10, f"{name}: SIGKILL before the drain ends"
     trainer = res["Deployment/streamtune-trainer"]["spec"]
     assert trainer["replicas"] == 1 and trainer["strategy"]["type"] == "Recreate"
     pdb = res["PodDisruptionBudget/streamtune-scorer"]["spec"]["selector"]["matchLabels"]

@@ -261,6 +261,39 @@ def bench_throughput(
     print(markdown(result))
 
 
+@app.command()
+def chaos(
+    quick: Annotated[bool, typer.Option(help="Short scenarios (CI); full runs write docs/chaos.*")] = False,
+    scenario: Annotated[
+        list[str] | None, typer.Option(help="Run only these (repeatable); default: all")
+    ] = None,
+    out: Annotated[str, typer.Option(help="Directory for chaos.json and chaos.md ('': none)")] = "",
+) -> None:
+    """Fault-tolerance suite: kill, stop and flood real processes mid-stream; fail on any loss."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from streamtune.chaos import ChaosConfig, markdown, run_scenarios
+    from streamtune.logs import configure_logging
+    from streamtune.settings import REPO_ROOT
+
+    s = _settings()
+    configure_logging("WARNING", json=False)
+    cfg = ChaosConfig(quick=quick)
+    reports = run_scenarios(s, cfg, REPO_ROOT / "var" / "chaos", scenario or None)
+    target = Path(out) if out else (None if quick else REPO_ROOT / "docs")
+    text = markdown(reports, cfg)
+    if target is not None:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "chaos.json").write_text(json.dumps([asdict(r) for r in reports], indent=2) + "\n")
+        (target / "chaos.md").write_text(text)
+    print(text)
+    failed = [r.name for r in reports if not r.passed and not r.extra.get("skipped")]
+    if failed:
+        raise typer.Exit(1)
+
+
 def _register_subcommands() -> None:
     from streamtune.adapters_cli import adapters
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import faust
+import structlog
+from faust.types import TP
 
+from streamtune.offsets import DONE, TAKE, OffsetGuard, disable_gap_filling
 from streamtune.security import faust_credentials
 from streamtune.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 # Table keys and values as JSON (readable changelogs, no pickle).
 JSON_TABLE: faust.Schema = faust.Schema(key_serializer="json", value_serializer="json")
@@ -17,7 +28,7 @@ def worker_app(settings: Settings, app_id: str) -> faust.App:
     """A Faust app with raw topics, in-memory tables recovered from changelogs, acks=all, the
     configured security, and a session timeout that bounds how long a crashed worker holds
     its partitions."""
-    return faust.App(
+    app = faust.App(
         app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(",")],
         store="memory://",
@@ -37,3 +48,174 @@ def worker_app(settings: Settings, app_id: str) -> faust.App:
         broker_rebalance_timeout=settings.kafka_session_timeout_s,
         broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 10),
     )
+
+    # Before any record is fetched (the first join revokes the empty assignment first).
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _no_gap_on_revoke(app: faust.App, revoked: Any, **_: Any) -> None:
+        disable_gap_filling(app.consumer)
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def _no_gap_on_assign(app: faust.App, assigned: Any, **_: Any) -> None:
+        disable_gap_filling(app.consumer)
+
+    return app
+
+
+class SkipGuard:
+    """Keeps an agent's input contiguous and free of repeats (see offsets.py): a record that
+    arrives after a skip is left unacknowledged and the consumer seeks back to the first
+    missing offset; a record processed before is acknowledged again, not processed again."""
+
+    RESEEK_AFTER_S = 0.2  # stale prefetched records can still arrive after a seek: seek again
+
+    def __init__(self, app: faust.App, on_skip: Callable[[], None] | None = None) -> None:
+        self.app = app
+        self.on_skip = on_skip
+        self.guard = OffsetGuard(committed=lambda tp: app.consumer._committed_offset.get(tp))  # type: ignore[attr-defined]
+        self._sought: dict[tuple[str, int], tuple[int, float]] = {}
+
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+        async def _forget(app: faust.App, revoked: Any, **_: Any) -> None:
+            self.guard.reset()
+            self._sought.clear()
+
+    async def admit(self, events: Sequence[Any]) -> list[Any]:
+        """The events to process, in order; the others stay pending and come again, or were
+        processed already (the stream acknowledges those as usual)."""
+        kept, skipping = [], set()
+        for ev in events:
+            m = ev.message
+            tp = (m.topic, m.partition)
+            if tp in skipping:
+                m.incref()  # never acknowledged, so never committed
+                continue
+            verdict = self.guard.observe(tp, m.offset)
+            if verdict == TAKE:
+                kept.append(ev)
+            elif verdict != DONE:
+                m.incref()
+                skipping.add(tp)
+                await self._seek(m.topic, m.partition, int(verdict), m.offset)
+        return kept
+
+    def done(self, events: Sequence[Any]) -> None:
+        """Processed and flushed: acknowledge now (commits may include them from here on)."""
+        for ev in events:
+            m = ev.message
+            self.guard.mark_done((m.topic, m.partition), m.offset)
+            self.app.consumer.ack(m)
+
+    async def _seek(self, topic: str, partition: int, back: int, got: int) -> None:
+        last = self._sought.get((topic, partition))
+        now = time.monotonic()
+        if last is not None and last[0] == back and now - last[1] <= self.RESEEK_AFTER_S:
+            return
+        self._sought[(topic, partition)] = (back, now)
+        log.warning("offsets_skipped", topic=topic, partition=partition, expected=back, got=got)
+        if self.on_skip is not None:
+            self.on_skip()
+        await self.app.consumer.seek(TP(topic, partition), back)
+
+
+class BatchGate:
+    """Whether agents may start a batch, and which batches are in progress.
+
+    Closed while partitions are being handed over (a rebalance) and for good on SIGTERM, so
+    that what a scorer has started it finishes and commits before anyone else takes over the
+    partition: nothing lost, nothing scored twice."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.stopping = False
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+
+    def _event(self) -> asyncio.Event:
+        if self._idle is None:  # created on the worker's loop, not at import or build time
+            self._idle = asyncio.Event()
+            self._idle.set()
+        return self._idle
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[None]:
+        self._in_flight += 1
+        self._event().clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._event().set()
+
+    async def close(self, timeout_s: float) -> bool:
+        """Close and wait for the batches in progress; False when they outlasted ``timeout_s``."""
+        self.closed = True
+        try:
+            await asyncio.wait_for(self._event().wait(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def reopen(self) -> None:
+        if not self.stopping:
+            self.closed = False
+
+
+async def commit_now(app: faust.App) -> bool:
+    """Commit every acknowledged offset now. ``Consumer.commit`` returns without committing when
+    another commit is in flight (it waits for that one, which may predate our last acks), so
+    wait for it first, then commit ours."""
+    await app.consumer.commit()
+    return bool(await app.consumer.force_commit())  # type: ignore[attr-defined]
+
+
+def hand_over_cleanly(app: faust.App, gate: BatchGate, timeout_s: float) -> None:
+    """On a rebalance, finish the batches in progress and commit them before the partitions
+    move (Faust's own wait does not see batches taken with ``take_events``)."""
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _finish_then_commit(app: faust.App, revoked: Any, **_: Any) -> None:
+        if not app.consumer.assignment():
+            return
+        finished = await gate.close(timeout_s)
+        committed = await commit_now(app)
+        log.info("handover", finished=finished, committed=committed, revoked=len(revoked))
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def _reopen(app: faust.App, assigned: Any, **_: Any) -> None:
+        gate.reopen()
+
+
+async def drain_app(app: faust.App, gate: BatchGate, grace_s: float) -> None:
+    """SIGTERM, first half: stop handing out records, let the batches in progress finish
+    (bounded by ``grace_s``), commit what they acknowledged. Faust's own stop then leaves the
+    group and flushes the producer. Records taken but not started stay unacknowledged: the next
+    owner of their partition scores them, nobody scores them twice."""
+    started = time.monotonic()
+    gate.stopping = True
+    assignment = app.consumer.assignment()
+    app.consumer.pause_partitions(assignment)
+    finished = await gate.close(grace_s)
+    await commit_now(app)
+    log.info(
+        "drain_complete" if finished else "drain_timed_out",
+        partitions=len(assignment),
+        seconds=round(time.monotonic() - started, 3),
+        grace_s=grace_s,
+    )
+
+
+class DrainingWorker(faust.Worker):
+    """A Faust worker whose SIGTERM (and SIGINT) first runs ``before_stop`` (a drain), then stops."""
+
+    def __init__(self, app: faust.App, before_stop: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._before_stop = before_stop
+
+    async def _stop_on_signal(self, sig: signal.Signals) -> None:  # mode.Worker's signal path
+        log.info("stop_requested", signal=sig.name)
+        try:
+            await self._before_stop()
+        except Exception:  # a failed drain must not keep the process from stopping
+            log.exception("drain_failed")
+        await super()._stop_on_signal(sig)

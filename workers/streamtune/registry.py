@@ -178,9 +178,10 @@ class LocalRegistry:
         final = manifest.model_copy(update={"files": files, "signature": ""})
         if self._key is not None:
             final = final.model_copy(update={"signature": self._sign(final)})
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+        tmp: Path | None = None
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
             for name in files:
                 shutil.copy2(build_dir / name, tmp / name)
             (tmp / MANIFEST).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -188,8 +189,9 @@ class LocalRegistry:
                 with p.open("rb") as f:
                     os.fsync(f.fileno())
             os.rename(tmp, target)  # fails if target appeared meanwhile: never overwrite
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:  # disk full, read-only, permissions: nothing partial is left behind
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise AdapterError(f"publishing {task} v{version} failed: {e}") from e
         return final
 

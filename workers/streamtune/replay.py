@@ -238,9 +238,8 @@ def producer(settings: Settings) -> KafkaProducer:
     try:
         return KafkaProducer(
             **kafka_client_kwargs(settings),
-            acks="all",
+            acks="all",  # idempotent, retried within delivery_timeout_ms (kafka-python defaults)
             linger_ms=5,
-            retries=5,
             client_id="streamtune-replay",
         )
     except (KafkaError, OSError, ValueError) as e:

@@ -141,7 +141,13 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Address /metrics binds to (0.0.0.0 in containers)")
     log_level: str = Field("INFO", description="Log level")
     log_json: bool = Field(True, description="JSON logs (false: human-readable console)")
+    lib_log_level: str = Field(
+        "WARNING", description="Log level of faust, aiokafka and kafka-python (INFO: rebalances, recovery)"
+    )
     commit_interval_s: float = Field(1.0, gt=0, description="How often acknowledged offsets are committed")
+    shutdown_grace_s: float = Field(
+        20.0, gt=0, description="SIGTERM: longest wait for batches in progress before stopping anyway"
+    )
     redis_retry_max_s: float = Field(5.0, gt=0, description="Longest back-off between Redis retries")
 
     @field_validator("backend")
@@ -158,7 +164,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown release stage {v!r}; one of canary, live, none")
         return v
 
-    @field_validator("log_level")
+    @field_validator("log_level", "lib_log_level")
     @classmethod
     def _upper(cls, v: str) -> str:
         return v.upper()

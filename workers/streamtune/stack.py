@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -407,9 +408,17 @@ class EmbeddedKafka(LocalServer):
         startup_timeout_s: float = 60.0,
         stop_timeout_s: float = 30.0,
         heap: tuple[str, ...] = ("-Xmx512m", "-Xms256m"),
+        node_id: int = 1,
+        voters: str | None = None,
+        cluster_id: str | None = None,
+        replication: int = 1,
     ) -> None:
         super().__init__(work_dir, startup_timeout_s, stop_timeout_s)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.node_id = node_id
+        self._voters = voters  # None: a single node that is its own quorum
+        self.cluster_id = cluster_id
+        self.replication = replication
         if port is None or controller_port is None:
             free = iter(p for p in _free_ports(3) if p not in (port, controller_port))
             port = port if port is not None else next(free)
@@ -461,10 +470,11 @@ class EmbeddedKafka(LocalServer):
     # -- config -------------------------------------------------------------------------------------
     def _write_config(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        rf = str(self.replication)
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self._voters or f"{self.node_id}@127.0.0.1:{self.controller_port}",
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -472,12 +482,12 @@ class EmbeddedKafka(LocalServer):
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),
             "num.partitions": "1",
-            "default.replication.factor": "1",
-            "min.insync.replicas": "1",
-            "offsets.topic.replication.factor": "1",
+            "default.replication.factor": rf,
+            "min.insync.replicas": "2" if self.replication >= 3 else "1",
+            "offsets.topic.replication.factor": rf,
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": "2" if self.replication >= 3 else "1",
             "transaction.state.log.num.partitions": "4",
             "group.initial.rebalance.delay.ms": "0",
             # After a SIGKILL the restarted broker cannot register until the old registration's
@@ -525,7 +535,7 @@ class EmbeddedKafka(LocalServer):
         cmd = [
             *self._java_base(java, libs),
             "kafka.tools.StorageTool", "format",
-            "-t", _new_cluster_id(),
+            "-t", self.cluster_id or _new_cluster_id(),
             "-c", str(self.server_properties),
             "--ignore-formatted",
         ]  # fmt: skip
@@ -576,6 +586,65 @@ class EmbeddedKafka(LocalServer):
         )
 
 
+class KafkaCluster:
+    """``size`` KRaft nodes (each broker + controller) as local JVMs: replication factor ``size``,
+    ``min.insync.replicas`` 2. Used by the fault-tolerance suite to kill one broker mid-stream."""
+
+    def __init__(self, work_dir: Path, size: int = 3, cache_dir: Path | None = None) -> None:
+        ports = _free_ports(2 * size)
+        cluster_id = _new_cluster_id()
+        voters = ",".join(f"{i + 1}@127.0.0.1:{ports[size + i]}" for i in range(size))
+        self.nodes = [
+            EmbeddedKafka(
+                Path(work_dir) / f"node{i + 1}",
+                cache_dir=cache_dir,
+                port=ports[i],
+                controller_port=ports[size + i],
+                node_id=i + 1,
+                voters=voters,
+                cluster_id=cluster_id,
+                replication=size,
+                heap=("-Xmx384m", "-Xms128m"),
+                startup_timeout_s=120.0,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(n.bootstrap_servers for n in self.nodes)
+
+    def start(self) -> KafkaCluster:
+        """Start every node at once (a node only answers once the controller quorum has formed)."""
+        errors: list[BaseException] = []
+
+        def run(node: EmbeddedKafka) -> None:
+            try:
+                node.start()
+            except BaseException as e:  # reported below, after every thread ended
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in self.nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop()
+            raise StackError(f"kafka cluster did not start: {errors[0]}") from errors[0]
+        return self
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+    def __enter__(self) -> KafkaCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 # ------------------------------------------------------------------------------------------------------
 # Redis
 # ------------------------------------------------------------------------------------------------------
@@ -599,7 +668,8 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
 
 
 class EmbeddedRedis(LocalServer):
-    """Debian's ``redis-server`` on 127.0.0.1, no persistence, logging to ``work_dir/redis.log``."""
+    """Debian's ``redis-server`` on 127.0.0.1, logging to ``work_dir/redis.log``; no persistence
+    unless ``persist`` (append-only file, fsync always: a restart keeps every acknowledged write)."""
 
     name = "redis"
 
@@ -610,9 +680,11 @@ class EmbeddedRedis(LocalServer):
         port: int | None = None,
         startup_timeout_s: float = 15.0,
         stop_timeout_s: float = 10.0,
+        persist: bool = False,
     ) -> None:
         super().__init__(work_dir, startup_timeout_s, stop_timeout_s)
         self.port = port if port is not None else find_free_port()
+        self.persist = persist
 
     @property
     def url(self) -> str:
@@ -633,7 +705,8 @@ class EmbeddedRedis(LocalServer):
             "--bind", "127.0.0.1",
             "--protected-mode", "yes",
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "always",
             "--dir", str(self.work_dir),
             "--daemonize", "no",
             "--logfile", str(self.log_file),

@@ -101,6 +101,11 @@ class ScorerMetrics:
             "streamtune_adapter_version", "Adapter version in use", ["task"], registry=r
         )
         self.redis_retries = Counter("streamtune_redis_retries", "Redis write retries", registry=r)
+        self.offset_skips = Counter(
+            "streamtune_offset_skips",
+            "Input records the consumer skipped and the scorer sought back to (see offsets.py)",
+            registry=r,
+        )
         self.sessions_expired = Counter(
             "streamtune_sessions_expired", "Session states expired after inactivity", registry=r
         )

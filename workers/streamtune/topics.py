@@ -31,8 +31,22 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     names += [DLQ_TOPIC, LABELS_TOPIC]
     specs = [TopicSpec(settings.topic(n), p, r, {}) for n in names]
     # One record per task (the current release); compaction keeps it forever.
-    specs.append(TopicSpec(settings.topic(RELEASES_TOPIC), 1, r, {"cleanup.policy": "compact"}))
+    compact = {"cleanup.policy": "compact"}
+    specs.append(TopicSpec(settings.topic(RELEASES_TOPIC), 1, r, compact))
+    # Faust table changelogs, created here rather than by Faust at start: a worker then never
+    # sees its table's changelog missing from metadata (on a multi-broker cluster topic creation
+    # takes a moment to propagate, and Faust fails the table's agent on the partition check).
+    specs += [TopicSpec(changelog_topic(settings.group_id, "sessions"), p, r, compact)]
+    specs += [TopicSpec(changelog_topic(settings.trainer_group_id, t), p, r, compact) for t in TRAINER_TABLES]
     return specs
+
+
+TRAINER_TABLES = ("inputs", "joined", "pending")
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    """Faust's name for a table's changelog topic."""
+    return f"{app_id}-{table}-changelog"
 
 
 def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClient:

@@ -10,6 +10,7 @@ acknowledged by ``take_events``' cleanup: its offsets stay uncommitted and are r
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 from collections.abc import Awaitable
@@ -24,7 +25,7 @@ from faust.streams import _current_event
 
 from streamtune.decode import Decoded, Source
 from streamtune.events import ClickEvent
-from streamtune.faust_app import JSON_TABLE, worker_app
+from streamtune.faust_app import JSON_TABLE, BatchGate, SkipGuard, hand_over_cleanly, worker_app
 from streamtune.features import SessionState, apply_click, is_expired
 from streamtune.model.runtime import ModelRuntime
 from streamtune.releases import ReleaseFollower
@@ -47,6 +48,7 @@ class ScorerResources:
     model_executor: ThreadPoolExecutor
     follower: ReleaseFollower | None = None
     readiness: Readiness = field(default_factory=Readiness)
+    gate: BatchGate = field(default_factory=BatchGate)
 
 
 class FaustPublisher:
@@ -95,27 +97,49 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             settings.topic(TASKS[task].input_topic), key_serializer="raw", value_serializer="raw"
         )
 
+    skip_guard = SkipGuard(app, on_skip=res.metrics.offset_skips.inc)
+    hand_over_cleanly(app, res.gate, timeout_s=settings.kafka_session_timeout_s / 2)
+
     async def run(task: str, stream: faust.StreamT, events_by_pos: dict[tuple[int, int], Any] | None) -> None:
-        async for events in stream.take_events(settings.batch_max_events, within=within):  # type: ignore[attr-defined]
-            for ev in events:
-                ev.message.incref()  # pin until the batch is flushed (see module docstring)
-            records = [
-                (
-                    ev.message.value,
-                    Source(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key),
-                )
-                for ev in events
-            ]
-            if events_by_pos is not None:
-                events_by_pos.clear()
-                events_by_pos.update({(ev.message.partition, ev.message.offset): ev for ev in events})
-            try:
-                await processor.process(task, records, update_sessions if task == "purchase_intent" else None)
-            except Exception:
-                log.exception("batch_failed", task=task, first_offset=records[0][1].offset)
-                raise
-            for ev in events:
-                ev.message.decref()
+        async for batch in stream.take_events(settings.batch_max_events, within=within):  # type: ignore[attr-defined]
+            if res.gate.closed:  # handing over or stopping: leave these to the partition's next owner
+                for ev in batch:
+                    ev.message.incref()
+                continue
+            events = await skip_guard.admit(batch)
+            if not events:
+                continue
+            async with res.gate.batch():
+                await score_batch(task, events, events_by_pos)
+
+    async def score_batch(
+        task: str, events: list[Any], events_by_pos: dict[tuple[int, int], Any] | None
+    ) -> None:
+        for ev in events:
+            ev.message.incref()  # pin until the batch is flushed (see module docstring)
+        records = [
+            (
+                ev.message.value,
+                Source(ev.message.topic, ev.message.partition, ev.message.offset, ev.message.key),
+            )
+            for ev in events
+        ]
+        if events_by_pos is not None:
+            events_by_pos.clear()
+            events_by_pos.update({(ev.message.partition, ev.message.offset): ev for ev in events})
+        if log.isEnabledFor(logging.DEBUG):
+            spans: dict[int, list[int]] = {}
+            for _, src in records:
+                spans.setdefault(src.partition, []).append(src.offset)
+            log.debug("batch", task=task, offsets={p: [min(o), max(o)] for p, o in spans.items()})
+        try:
+            await processor.process(task, records, update_sessions if task == "purchase_intent" else None)
+        except Exception:
+            log.exception("batch_failed", task=task, first_offset=records[0][1].offset)
+            raise
+        skip_guard.done(events)
+        for ev in events:
+            ev.message.decref()
 
     click_events: dict[tuple[int, int], Any] = {}
 

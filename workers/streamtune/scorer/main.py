@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import faust
 import redis
 import structlog
 
 from streamtune.errors import AdapterError, StartupError
+from streamtune.faust_app import DrainingWorker, drain_app
 from streamtune.logs import configure_logging
 from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.registry import LocalRegistry, registry_for
@@ -97,7 +97,7 @@ def prepare(settings: Settings) -> ScorerResources:
 
 
 def run_scorer(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, settings.lib_log_level)
     resources = prepare(settings)
     log.info(
         "scorer_starting",
@@ -109,8 +109,13 @@ def run_scorer(settings: Settings) -> None:
     app = build_app(settings, resources)
     assert resources.follower is not None
     resources.follower.start()
-    worker = faust.Worker(
-        app, loglevel=settings.log_level, override_logging=False, redirect_stdouts=False, quiet=True
+    worker = DrainingWorker(
+        app,
+        before_stop=lambda: drain_app(app, resources.gate, settings.shutdown_grace_s),
+        loglevel=settings.log_level,
+        override_logging=False,
+        redirect_stdouts=False,
+        quiet=True,
     )
     try:
         worker.execute_from_commandline()

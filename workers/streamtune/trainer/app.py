@@ -27,7 +27,7 @@ import structlog
 
 from streamtune.decode import Decoded, Source, decode
 from streamtune.events import ClickEvent, DeadLetter, LabelEvent, ReviewEvent, SearchEvent
-from streamtune.faust_app import JSON_TABLE, worker_app
+from streamtune.faust_app import JSON_TABLE, SkipGuard, worker_app
 from streamtune.features import SessionState, apply_click, session_row, vectorize
 from streamtune.settings import Settings
 from streamtune.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS
@@ -127,9 +127,13 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             if key not in joined:
                 join(key, waiting["label"], x, partition)
 
+    skip_guard = SkipGuard(app)
+
     async def store_inputs(task: str, stream: faust.StreamT) -> None:
         model = TASKS[task].event_model
         async for event in stream.events():
+            if not await skip_guard.admit([event]):
+                continue
             src = source(event)
             decoded = decode(model, event.message.value, src)
             if isinstance(decoded, DeadLetter):
@@ -179,6 +183,8 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
     @app.agent(topic(LABELS_TOPIC), name="trainer-labels")
     async def labels(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            if not await skip_guard.admit([event]):
+                continue
             src = source(event)
             decoded = decode(LabelEvent, event.message.value, src)
             if isinstance(decoded, DeadLetter):

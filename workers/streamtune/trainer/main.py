@@ -139,7 +139,7 @@ class TrainJobRunner:
 
 
 def run_trainer(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, settings.lib_log_level)
     if not settings.adapter_dir.is_dir():
         raise StartupError(f"adapter directory not found: STREAMTUNE_ADAPTER_DIR={settings.adapter_dir}")
     if settings.torch_threads > 0:

@@ -1,0 +1,78 @@
+"""Offset continuity guard (pure): skips are caught and named, redeliveries are not."""
+
+from __future__ import annotations
+
+import asyncio
+
+from streamtune.offsets import DONE, TAKE, OffsetGuard, disable_gap_filling
+
+TP = ("events.review", 0)
+
+
+def test_contiguous_offsets_pass() -> None:
+    g = OffsetGuard()
+    assert [g.observe(TP, o) for o in range(5)] == [TAKE] * 5
+    assert g.expected(TP) == 5
+
+
+def test_a_forward_jump_names_the_first_missing_offset_until_it_arrives() -> None:
+    g = OffsetGuard()
+    g.observe(TP, 14)
+    assert g.observe(TP, 72) == 15
+    assert g.observe(TP, 73) == 15  # still missing
+    assert g.observe(TP, 15) == TAKE  # the seek delivered it
+    assert g.expected(TP) == 16
+
+
+def test_redelivery_is_not_a_skip_and_processed_records_are_not_redone() -> None:
+    g = OffsetGuard()
+    for o in range(10):
+        g.observe(TP, o)
+    for o in range(6):
+        g.mark_done(TP, o)
+    assert g.observe(TP, 3) == DONE  # processed: acknowledge, do not redo
+    assert g.observe(TP, 7) == TAKE  # delivered before but never processed
+    assert g.expected(TP) == 10
+    g.reset()
+    assert g.observe(TP, 3) == DONE  # a lost commit does not make us redo it
+    assert g.observe(TP, 6) == TAKE
+
+
+def test_the_first_record_after_an_assignment_is_checked_against_the_commit() -> None:
+    committed = {TP: 7}
+    g = OffsetGuard(committed=committed.get)
+    assert g.observe(TP, 72) == 7  # skipped everything from the commit on
+    g.reset()
+    assert g.observe(TP, 7) == TAKE
+    other = ("events.review", 1)
+    assert g.observe(other, 40) == TAKE  # nothing known: accepted
+    assert g.expected(other) == 41
+
+
+def test_disable_gap_filling_replaces_the_consumer_method() -> None:
+    added: list[tuple[int, int]] = []
+
+    class Consumer:
+        async def _add_gap(self, tp: object, a: int, b: int) -> None:
+            added.append((a, b))
+
+    c = Consumer()
+    asyncio.run(c._add_gap(TP, 1, 2))
+    disable_gap_filling(c)
+    asyncio.run(c._add_gap(TP, 3, 5))
+    assert added == [(1, 2)]
+
+
+def test_only_offsets_really_processed_count_as_done() -> None:
+    """A record processed after a hole does not make the hole "done" (the hole is redelivered
+    and must be processed, not skipped)."""
+    g = OffsetGuard()
+    for o in (0, 1, 2, 30, 31, 5, 3, 4):
+        g.mark_done(TP, o)
+    assert g._done[TP] == [(0, 6), (30, 32)]
+    for o in (0, 4, 5, 30, 31):
+        assert g.observe(TP, o) == DONE, o
+    g.reset()
+    for o in (6, 7, 29, 32):
+        g.reset()
+        assert g.observe(TP, o) == TAKE, o
