@@ -68,3 +68,21 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def redis_client(s: Settings, **kwargs: Any) -> Any:
+    """A blocking client for the configured Redis: a single server, or a cluster through one node."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    factory = RedisCluster.from_url if s.redis_cluster else redis.Redis.from_url
+    return factory(s.redis_url, **redis_kwargs(s), **kwargs)
+
+
+def async_redis_client(s: Settings, **kwargs: Any) -> Any:
+    """The asyncio twin of :func:`redis_client` (the scorer's sink)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
+
+    factory = RedisCluster.from_url if s.redis_cluster else aioredis.from_url
+    return factory(s.redis_url, **redis_kwargs(s), **kwargs)

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     # Connections
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    redis_cluster: bool = Field(
+        False, description="STREAMTUNE_REDIS_URL names one node of a Redis Cluster (keys carry hash tags)"
+    )
     topic_prefix: str = Field("", description="Prefix for every topic name (isolates deployments and tests)")
     topic_partitions: int = Field(3, ge=1, description="Partitions of topics the workers create")
     topic_replication: int = Field(1, ge=1, description="Replication factor of topics the workers create")

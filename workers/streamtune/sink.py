@@ -3,9 +3,12 @@
 Keys (``{}`` are placeholders)::
 
     streamtune:score:{task}:{event_id}   JSON score record, TTL ``score_ttl_s``
-    streamtune:product:{product_id}      hash: reviews, reviews_<sentiment>, mean_positive_probability
-    streamtune:product:{product_id}:scored  hash event_id -> "label|p": what each review contributed
+    streamtune:product:{<product_id>}    hash: reviews, reviews_<sentiment>, mean_positive_probability
+    streamtune:product:{<product_id>}:scored  hash event_id -> "label|p": what each review contributed
     streamtune:session:{session_id}      hash: page_views, purchase_probability, adapter_version, ...
+
+The product id sits in literal braces: a Redis Cluster hash tag, so a product's view and its
+ledger, which one script updates together, live in one slot.
 
 The product view is updated by a Lua script that first looks up what the event contributed
 before; a re-scored event replaces its contribution instead of adding a second one, so a
@@ -61,11 +64,11 @@ def score_key(task: str, event_id: str) -> str:
 
 
 def product_key(product_id: str) -> str:
-    return f"{PREFIX}:product:{product_id}"
+    return f"{PREFIX}:product:{{{product_id}}}"
 
 
 def product_ledger_key(product_id: str) -> str:
-    return f"{PREFIX}:product:{product_id}:scored"
+    return f"{PREFIX}:product:{{{product_id}}}:scored"
 
 
 def session_key(session_id: str) -> str:
@@ -80,6 +83,7 @@ class RedisSink:
         session_ttl_s: int,
         retry_max_s: float = 5.0,
         on_retry: Callable[[], None] | None = None,
+        cluster: bool = False,
     ) -> None:
         self.client = client
         self.score_ttl_s = score_ttl_s
@@ -87,6 +91,7 @@ class RedisSink:
         self.retry_max_s = retry_max_s
         self.on_retry = on_retry
         self._product = client.register_script(PRODUCT_SCRIPT)
+        self.cluster = cluster
 
     async def write(self, results: Sequence[Result], now_iso: str) -> None:
         """Write a batch in one pipeline; returns only once Redis acknowledged all of it."""
@@ -95,16 +100,18 @@ class RedisSink:
         await self._retry(lambda: self._write_once(results, now_iso))
 
     async def _write_once(self, results: Sequence[Result], now_iso: str) -> None:
+        scripts: list[tuple[list[str], list[str]]] = []
         async with self.client.pipeline(transaction=False) as pipe:
             for r in results:
                 pipe.set(score_key(r.task, r.event_id), r.payload(), ex=self.score_ttl_s)
                 agg = r.aggregate
                 if isinstance(agg, ProductUpdate):
-                    await self._product(
-                        keys=[product_key(agg.product_id), product_ledger_key(agg.product_id)],
-                        args=[agg.event_id, agg.label, repr(agg.positive_probability), now_iso],
-                        client=pipe,
-                    )
+                    keys = [product_key(agg.product_id), product_ledger_key(agg.product_id)]
+                    args = [agg.event_id, agg.label, repr(agg.positive_probability), now_iso]
+                    if self.cluster:  # cluster pipelines refuse scripts: run them beside it
+                        scripts.append((keys, args))
+                    else:
+                        await self._product(keys=keys, args=args, client=pipe)
                 elif isinstance(agg, SessionUpdate):
                     key = session_key(agg.session_id)
                     pipe.hset(
@@ -119,6 +126,8 @@ class RedisSink:
                     )
                     pipe.expire(key, self.session_ttl_s)
             await pipe.execute()
+        if scripts:
+            await asyncio.gather(*(self._product(keys=k, args=a) for k, a in scripts))
 
     async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
         """Retry connection-level failures forever with capped exponential back-off.

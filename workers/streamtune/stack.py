@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -68,6 +69,23 @@ def default_cache_dir() -> Path:
 def find_free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     return _free_ports(1)[0]
+
+
+def _free_cluster_port(taken: set[int]) -> int:
+    """A free port for a Redis Cluster node: its cluster bus listens 10000 above it, so the port
+    must be at most 55535 and that one free too."""
+    for port in random.sample(range(20000, 55535), 2000):
+        if port in taken or port + 10000 in taken:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in (port, port + 10000):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind(("127.0.0.1", p))
+            except OSError:
+                continue
+            return port
+    raise StackError("no free port pair (p, p + 10000) for a Redis Cluster node")
 
 
 def _free_ports(count: int) -> list[int]:
@@ -681,10 +699,12 @@ class EmbeddedRedis(LocalServer):
         startup_timeout_s: float = 15.0,
         stop_timeout_s: float = 10.0,
         persist: bool = False,
+        cluster: bool = False,
     ) -> None:
         super().__init__(work_dir, startup_timeout_s, stop_timeout_s)
         self.port = port if port is not None else find_free_port()
         self.persist = persist
+        self.cluster = cluster  # a cluster node (see RedisClusterStack): one database only
 
     @property
     def url(self) -> str:
@@ -712,6 +732,8 @@ class EmbeddedRedis(LocalServer):
             "--logfile", str(self.log_file),
             "--databases", "16",
         ]  # fmt: skip
+        if self.cluster:
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.work_dir / "nodes.conf")]
         return subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -726,6 +748,65 @@ class EmbeddedRedis(LocalServer):
 
     def _diagnostics(self) -> str:
         return f"--- tail of {self.log_file} ---\n{_tail(self.log_file)}"
+
+
+class RedisClusterStack:
+    """A Redis Cluster of ``size`` primaries (no replicas) from Debian's redis packages: each node
+    ``redis-server --cluster-enabled yes``, joined with ``redis-cli --cluster create``."""
+
+    def __init__(self, work_dir: Path, size: int = 3) -> None:
+        taken: set[int] = set()
+        self.nodes = []
+        for i in range(size):
+            port = _free_cluster_port(taken)
+            taken |= {port, port + 10000}
+            self.nodes.append(EmbeddedRedis(Path(work_dir) / f"node{i + 1}", port=port, cluster=True))
+
+    @property
+    def url(self) -> str:
+        """One node's URL: cluster clients discover the others from it."""
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def _state_ok(self) -> bool:
+        import redis
+
+        for node in self.nodes:
+            try:
+                with redis.Redis(port=node.port, socket_timeout=1, decode_responses=True) as c:
+                    if c.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                        return False
+            except (redis.RedisError, OSError):
+                return False
+        return True
+
+    def start(self) -> RedisClusterStack:
+        for node in self.nodes:
+            node.start()
+        cli = _require("redis-cli", REDIS_HINT)
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        done = subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            self.stop()
+            output = (done.stdout + done.stderr)[-3000:]
+            raise StackError(f"redis-cli --cluster create failed:\n{output}")
+        if not _wait_until(self._state_ok, timeout_s=30.0):
+            self.stop()
+            raise StackError("redis cluster did not reach cluster_state:ok within 30 s")
+        log.info("redis_cluster.ready", nodes=addresses)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def ensure_redis(url: str | None, work_dir: Path) -> tuple[str, EmbeddedRedis | None]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-import redis.asyncio as aioredis
 import structlog
 from faust.streams import _current_event
 
@@ -30,7 +29,7 @@ from streamtune.features import SessionState, apply_click, is_expired
 from streamtune.model.runtime import ModelRuntime
 from streamtune.releases import ReleaseFollower
 from streamtune.scorer.pipeline import BatchProcessor
-from streamtune.security import redis_kwargs
+from streamtune.security import async_redis_client
 from streamtune.settings import Settings
 from streamtune.sink import RedisSink
 from streamtune.tasks import TASKS
@@ -72,15 +71,14 @@ class FaustPublisher:
 def build_app(settings: Settings, res: ScorerResources) -> faust.App:
     app = worker_app(settings, settings.group_id)
     publisher = FaustPublisher(app)
-    redis_client = aioredis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=5, **redis_kwargs(settings)
-    )
+    redis_client = async_redis_client(settings, socket_timeout=5, socket_connect_timeout=5)
     sink = RedisSink(
         redis_client,
         score_ttl_s=settings.score_ttl_s,
         session_ttl_s=settings.session_ttl_s,
         retry_max_s=settings.redis_retry_max_s,
         on_retry=res.metrics.redis_retries.inc,
+        cluster=settings.redis_cluster,
     )
     processor = BatchProcessor(settings, res.runtime, res.model_executor, sink, publisher, res.metrics)
     sessions = app.Table(

@@ -16,7 +16,7 @@ from streamtune.releases import ReleaseFollower, ReleaseLog
 from streamtune.rollout import Release, current_states, promote
 from streamtune.scorer.app import ScorerResources, build_app
 from streamtune.scorer.swap import Swapper, build_route
-from streamtune.security import redact_url, redis_kwargs
+from streamtune.security import redact_url, redis_client
 from streamtune.settings import Settings
 from streamtune.tasks import TASK_NAMES
 from streamtune.telemetry import Readiness, ScorerMetrics
@@ -26,9 +26,11 @@ log = structlog.get_logger(__name__)
 
 
 def check_redis(settings: Settings) -> None:
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=3, socket_timeout=3, **redis_kwargs(settings)
-    )
+    try:
+        client = redis_client(settings, socket_connect_timeout=3, socket_timeout=3)
+    except (redis.RedisError, OSError) as e:  # a cluster client asks its nodes on creation
+        url = redact_url(settings.redis_url)
+        raise StartupError(f"cannot reach Redis at STREAMTUNE_REDIS_URL={url} ({e})") from e
     try:
         client.ping()
     except (redis.RedisError, OSError) as e:
