@@ -115,11 +115,8 @@ def redis_client(stack: Stack) -> Iterator[redis.Redis]:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTUNE_")}
-    env.update({k: v for k, v in worker_env(settings).items() if k.startswith("STREAMTUNE_")})
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = str(REPO_ROOT / "workers")  # this checkout, whatever the venv points at
-    return env
+    """A worker's environment: the settings as ``STREAMTUNE_*``, this checkout on PYTHONPATH."""
+    return worker_env(settings)
 
 
 class ScorerProcess:

@@ -170,16 +170,34 @@ async def commit_now(app: faust.App) -> bool:
 
 
 def hand_over_cleanly(app: faust.App, gate: BatchGate, timeout_s: float) -> None:
-    """On a rebalance, finish the batches in progress and commit them before the partitions
-    move (Faust's own wait does not see batches taken with ``take_events``)."""
+    """On a rebalance, finish the batches in progress and commit them before the partitions move.
+
+    This has to run before Faust's own revocation handler, which first throws away the
+    acknowledgements not yet committed (``Consumer.on_partitions_revoked`` drops ``_acked`` for
+    every revoked partition; with the eager protocol that is all of them) and only then waits
+    for streams, a wait that does not see batches taken with ``take_events`` anyway. So the
+    consumer's handler is wrapped, once, when the first (empty) revocation of the first join
+    comes by."""
+
+    async def finish_then_commit(revoked: Any) -> None:
+        if app.consumer.assignment():
+            finished = await gate.close(timeout_s)
+            committed = await commit_now(app)
+            log.info("handover", finished=finished, committed=committed, revoked=len(revoked))
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
-    async def _finish_then_commit(app: faust.App, revoked: Any, **_: Any) -> None:
-        if not app.consumer.assignment():
+    async def _wrap(app: faust.App, revoked: Any, **_: Any) -> None:
+        consumer: Any = app.consumer
+        if getattr(consumer, "_streamtune_handover", False):
             return
-        finished = await gate.close(timeout_s)
-        committed = await commit_now(app)
-        log.info("handover", finished=finished, committed=committed, revoked=len(revoked))
+        original = consumer.on_partitions_revoked
+
+        async def on_partitions_revoked(revoked: Any) -> None:
+            await finish_then_commit(revoked)
+            await original(revoked)
+
+        consumer.on_partitions_revoked = on_partitions_revoked
+        consumer._streamtune_handover = True
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _reopen(app: faust.App, assigned: Any, **_: Any) -> None:

@@ -60,11 +60,9 @@ class OffsetGuard:
         expected = self._next.get(tp)
         if expected is not None and offset > expected:
             return expected  # keep expecting it until it arrives
-        if self._processed(tp, offset):
-            return DONE
         if expected is None or offset == expected:
             self._next[tp] = offset + 1
-        return TAKE
+        return DONE if self._processed(tp, offset) else TAKE
 
     def mark_done(self, tp: TopicPartition, offset: int) -> None:
         """The record at ``offset`` was processed and its writes flushed. Kept as ranges

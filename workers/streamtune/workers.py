@@ -29,6 +29,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             value = value.get_secret_value()
         env[f"STREAMTUNE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
+    # The same checkout as the caller, whatever the virtualenv's editable install points at.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT / "workers"), env.get("PYTHONPATH")) if p)
     return env
 
 
