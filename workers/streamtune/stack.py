@@ -430,9 +430,13 @@ class EmbeddedKafka(LocalServer):
         voters: str | None = None,
         cluster_id: str | None = None,
         replication: int = 1,
+        sasl_users: dict[str, str] | None = None,
     ) -> None:
         super().__init__(work_dir, startup_timeout_s, stop_timeout_s)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        # Users of a second listener, SASL_PLAINTEXT with the PLAIN mechanism (security tests).
+        self.sasl_users = dict(sasl_users or {})
+        self.sasl_port = find_free_port() if self.sasl_users else None
         self.node_id = node_id
         self._voters = voters  # None: a single node that is its own quorum
         self.cluster_id = cluster_id
@@ -472,6 +476,13 @@ class EmbeddedKafka(LocalServer):
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        """The SASL_PLAINTEXT listener (only with ``sasl_users``)."""
+        if self.sasl_port is None:
+            raise StackError("this broker has no SASL listener (pass sasl_users)")
+        return f"127.0.0.1:{self.sasl_port}"
+
     def _address(self) -> str:
         return self.bootstrap_servers
 
@@ -489,13 +500,29 @@ class EmbeddedKafka(LocalServer):
     def _write_config(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         rf = str(self.replication)
+        listeners = f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        advertised = f"PLAINTEXT://127.0.0.1:{self.port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        sasl: dict[str, str] = {}
+        if self.sasl_users:
+            listeners += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            advertised += f",SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            users = " ".join(f'user_{u}="{p}"' for u, p in self.sasl_users.items())
+            sasl = {
+                "sasl.enabled.mechanisms": "PLAIN",
+                "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+                ),
+            }
         props = {
             "process.roles": "broker,controller",
             "node.id": str(self.node_id),
             "controller.quorum.voters": self._voters or f"{self.node_id}@127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
+            "listener.security.protocol.map": protocols,
+            **sasl,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.data_dir),

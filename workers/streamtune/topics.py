@@ -58,8 +58,16 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
             bootstrap_timeout_ms=int(timeout_s * 1000),
         )
     except (KafkaError, OSError, ValueError) as e:
+        hint = ""
+        if settings.kafka_security_protocol.startswith("SASL"):
+            # kafka-python reports a refused login as a failed bootstrap: name what to check.
+            hint = (
+                f"; with STREAMTUNE_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}, also check"
+                " STREAMTUNE_KAFKA_SASL_MECHANISM, STREAMTUNE_KAFKA_SASL_USERNAME"
+                " and STREAMTUNE_KAFKA_SASL_PASSWORD"
+            )
         raise StartupError(
-            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.bootstrap_servers} ({e})"
+            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.bootstrap_servers} ({e}){hint}"
         ) from e
 
 
