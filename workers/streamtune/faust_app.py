@@ -61,6 +61,15 @@ def worker_app(settings: Settings, app_id: str) -> faust.App:
     return app
 
 
+def leave_pending(app: faust.App, message: Any) -> None:
+    """Neither process nor acknowledge ``message``: its offset is never committed, so it comes
+    again (to us after a seek, or to the partition's next owner). Pinned so the stream's own
+    clean-up cannot acknowledge it, and untracked so Faust's stop and rebalance, which wait
+    for every tracked message to be acknowledged, do not wait for it."""
+    message.incref()
+    app.consumer._unacked_messages.discard(message)  # type: ignore[attr-defined]
+
+
 class SkipGuard:
     """Keeps an agent's input contiguous and free of repeats (see offsets.py): a record that
     arrives after a skip is left unacknowledged and the consumer seeks back to the first
@@ -87,13 +96,13 @@ class SkipGuard:
             m = ev.message
             tp = (m.topic, m.partition)
             if tp in skipping:
-                m.incref()  # never acknowledged, so never committed
+                leave_pending(self.app, m)
                 continue
             verdict = self.guard.observe(tp, m.offset)
             if verdict == TAKE:
                 kept.append(ev)
             elif verdict != DONE:
-                m.incref()
+                leave_pending(self.app, m)
                 skipping.add(tp)
                 await self._seek(m.topic, m.partition, int(verdict), m.offset)
         return kept

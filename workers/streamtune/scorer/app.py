@@ -24,7 +24,14 @@ from faust.streams import _current_event
 
 from streamtune.decode import Decoded, Source
 from streamtune.events import ClickEvent
-from streamtune.faust_app import JSON_TABLE, BatchGate, SkipGuard, hand_over_cleanly, worker_app
+from streamtune.faust_app import (
+    JSON_TABLE,
+    BatchGate,
+    SkipGuard,
+    hand_over_cleanly,
+    leave_pending,
+    worker_app,
+)
 from streamtune.features import SessionState, apply_click, is_expired
 from streamtune.model.runtime import ModelRuntime
 from streamtune.releases import ReleaseFollower
@@ -102,7 +109,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         async for batch in stream.take_events(settings.batch_max_events, within=within):  # type: ignore[attr-defined]
             if res.gate.closed:  # handing over or stopping: leave these to the partition's next owner
                 for ev in batch:
-                    ev.message.incref()
+                    leave_pending(app, ev.message)
                 continue
             events = await skip_guard.admit(batch)
             if not events:
