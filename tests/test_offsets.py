@@ -85,3 +85,13 @@ def test_a_processed_record_delivered_again_still_moves_the_sequence_on() -> Non
     g.mark_done(TP, 11)
     assert g.observe(TP, 11) == DONE
     assert g.observe(TP, 12) == TAKE
+
+
+def test_rewind_expects_a_failed_batch_again() -> None:
+    g = OffsetGuard()
+    for o in range(10, 16):
+        g.observe(TP, o)
+    g.mark_done(TP, 10)
+    g.rewind(TP, 11)  # the batch 11..15 failed
+    assert g.observe(TP, 16) == 11  # not a skip past the failed batch
+    assert [g.observe(TP, o) for o in (10, 11, 12)] == [DONE, TAKE, TAKE]

@@ -107,6 +107,26 @@ class SkipGuard:
                 await self._seek(m.topic, m.partition, int(verdict), m.offset)
         return kept
 
+    def retry_later(self, message: Any) -> None:
+        """Leave a record admitted but not started: unacknowledged, expected again."""
+        self.guard.rewind((message.topic, message.partition), message.offset)
+        leave_pending(self.app, message)
+
+    async def rewind(self, events: Sequence[Any]) -> None:
+        """A batch failed: its records stay unacknowledged, and each partition is read again from
+        the batch's first offset (the processed ones among them are recognised as done)."""
+        first: dict[tuple[str, int], int] = {}
+        for ev in events:
+            m = ev.message
+            tp = (m.topic, m.partition)
+            first[tp] = min(first.get(tp, m.offset), m.offset)
+            m.decref()  # the batch's own pin (see scorer/app.py)
+            leave_pending(self.app, m)
+        for (topic, partition), offset in first.items():
+            self.guard.rewind((topic, partition), offset)
+            if TP(topic, partition) in self.app.consumer.assignment():
+                await self.app.consumer.seek(TP(topic, partition), offset)
+
     def done(self, events: Sequence[Any]) -> None:
         """Processed and flushed: acknowledge now (commits may include them from here on)."""
         for ev in events:
@@ -170,12 +190,20 @@ class BatchGate:
             self.closed = False
 
 
-async def commit_now(app: faust.App) -> bool:
-    """Commit every acknowledged offset now. ``Consumer.commit`` returns without committing when
-    another commit is in flight (it waits for that one, which may predate our last acks), so
-    wait for it first, then commit ours."""
-    await app.consumer.commit()
-    return bool(await app.consumer.force_commit())  # type: ignore[attr-defined]
+async def commit_now(app: faust.App, timeout_s: float) -> bool:
+    """Commit every acknowledged offset now, within ``timeout_s`` (False: it did not finish).
+    ``Consumer.commit`` returns without committing when another commit is in flight (it waits
+    for that one, which may predate our last acks), so wait for it first, then commit ours."""
+
+    async def both() -> bool:
+        first = await app.consumer.commit()
+        return bool(await app.consumer.force_commit()) or first  # type: ignore[attr-defined]
+
+    try:
+        return await asyncio.wait_for(both(), timeout=timeout_s)
+    except TimeoutError:
+        log.warning("commit_timed_out", timeout_s=round(timeout_s, 1))
+        return False
 
 
 def hand_over_cleanly(app: faust.App, gate: BatchGate, timeout_s: float) -> None:
@@ -190,8 +218,9 @@ def hand_over_cleanly(app: faust.App, gate: BatchGate, timeout_s: float) -> None
 
     async def finish_then_commit(revoked: Any) -> None:
         if app.consumer.assignment():
+            started = time.monotonic()
             finished = await gate.close(timeout_s)
-            committed = await commit_now(app)
+            committed = await commit_now(app, max(1.0, timeout_s - (time.monotonic() - started)))
             log.info("handover", finished=finished, committed=committed, revoked=len(revoked))
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
@@ -202,7 +231,10 @@ def hand_over_cleanly(app: faust.App, gate: BatchGate, timeout_s: float) -> None
         original = consumer.on_partitions_revoked
 
         async def on_partitions_revoked(revoked: Any) -> None:
-            await finish_then_commit(revoked)
+            try:
+                await finish_then_commit(revoked)
+            except Exception:  # Faust's own revocation must run whatever happened here
+                log.exception("handover_failed")
             await original(revoked)
 
         consumer.on_partitions_revoked = on_partitions_revoked
@@ -223,7 +255,7 @@ async def drain_app(app: faust.App, gate: BatchGate, grace_s: float) -> None:
     assignment = app.consumer.assignment()
     app.consumer.pause_partitions(assignment)
     finished = await gate.close(grace_s)
-    await commit_now(app)
+    await commit_now(app, max(1.0, grace_s - (time.monotonic() - started)))
     log.info(
         "drain_complete" if finished else "drain_timed_out",
         partitions=len(assignment),

@@ -64,6 +64,12 @@ class OffsetGuard:
             self._next[tp] = offset + 1
         return DONE if self._processed(tp, offset) else TAKE
 
+    def rewind(self, tp: TopicPartition, offset: int) -> None:
+        """Expect ``offset`` next again (its batch failed and is taken again after a seek)."""
+        expected = self._next.get(tp)
+        if expected is None or offset < expected:
+            self._next[tp] = offset
+
     def mark_done(self, tp: TopicPartition, offset: int) -> None:
         """The record at ``offset`` was processed and its writes flushed. Kept as ranges
         ``[start, end)``: normally one per partition, more only around skips."""

@@ -23,12 +23,33 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamtune.encode import ProductUpdate, Result, SessionUpdate
 from streamtune.errors import SinkError
+
+# Transient: the server or cluster is away, loading, failing over or resharding.
+RETRIABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    BusyLoadingError,
+    ClusterDownError,
+    TryAgainError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+)
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -139,7 +160,7 @@ class RedisSink:
         while True:
             try:
                 return await op()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except RETRIABLE as e:
                 if self.on_retry:
                     self.on_retry()
                 log.warning("redis_unavailable", error=str(e), retry_in_s=round(delay, 2))

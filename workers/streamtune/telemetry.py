@@ -101,6 +101,12 @@ class ScorerMetrics:
             "streamtune_adapter_version", "Adapter version in use", ["task"], registry=r
         )
         self.redis_retries = Counter("streamtune_redis_retries", "Redis write retries", registry=r)
+        self.batch_failures = Counter(
+            "streamtune_batch_failures",
+            "Batches that failed and were taken again from their first offset",
+            ["task"],
+            registry=r,
+        )
         self.offset_skips = Counter(
             "streamtune_offset_skips",
             "Input records the consumer skipped and the scorer sought back to (see offsets.py)",

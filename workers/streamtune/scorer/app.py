@@ -114,8 +114,20 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             events = await skip_guard.admit(batch)
             if not events:
                 continue
-            async with res.gate.batch():
-                await score_batch(task, events, events_by_pos)
+            if res.gate.closed:  # closed while admit awaited a seek
+                for ev in events:
+                    skip_guard.retry_later(ev.message)
+                continue
+            try:
+                async with res.gate.batch():
+                    await score_batch(task, events, events_by_pos)
+            except Exception:
+                # Not acknowledged, so never committed: take the batch again from its first
+                # offset (seek back), after a pause, instead of crashing the agent or moving on.
+                log.exception("batch_failed", task=task, first_offset=events[0].message.offset)
+                res.metrics.batch_failures.labels(task).inc()
+                await skip_guard.rewind(events)
+                await asyncio.sleep(settings.redis_retry_max_s)  # back-off before the retry
 
     async def score_batch(
         task: str, events: list[Any], events_by_pos: dict[tuple[int, int], Any] | None
@@ -137,11 +149,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             for _, src in records:
                 spans.setdefault(src.partition, []).append(src.offset)
             log.debug("batch", task=task, offsets={p: [min(o), max(o)] for p, o in spans.items()})
-        try:
-            await processor.process(task, records, update_sessions if task == "purchase_intent" else None)
-        except Exception:
-            log.exception("batch_failed", task=task, first_offset=records[0][1].offset)
-            raise
+        await processor.process(task, records, update_sessions if task == "purchase_intent" else None)
         skip_guard.done(events)
         for ev in events:
             ev.message.decref()
