@@ -444,6 +444,15 @@ def broker_failure_cluster(root: Path, base: Settings, cfg: ChaosConfig) -> Scen
     try:
         run = Run(root / "run", cluster.bootstrap_servers, red.url, base, replication=3)
 
+        def topics_created() -> bool:
+            try:
+                ensure_topics(run.settings)
+            except StreamtuneError:  # the new quorum may still be settling: try again
+                return False
+            return True
+
+        run.wait(topics_created, 90.0, "topics created on the cluster")
+
         def inject(run: Run, ws: list[Worker]) -> list[Worker]:
             cluster.nodes[1].kill()
             return ws

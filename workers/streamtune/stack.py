@@ -677,7 +677,26 @@ class KafkaCluster:
         if errors:
             self.stop()
             raise StackError(f"kafka cluster did not start: {errors[0]}") from errors[0]
+        # Each node answers once some broker is unfenced; wait for all of them (on a loaded
+        # machine the controller quorum can change leader a few times right after start).
+        if not _wait_until(self._all_unfenced, timeout_s=90.0, poll_s=0.5):
+            self.stop()
+            raise StackError(f"kafka cluster: not all {len(self.nodes)} brokers unfenced within 90 s")
         return self
+
+    def _all_unfenced(self) -> bool:
+        try:
+            admin = _quiet_admin(self.bootstrap_servers, 2.0)
+        except Exception:
+            return False
+        try:
+            brokers = admin.describe_cluster().get("brokers") or []
+            return sum(not b.get("is_fenced", False) for b in brokers) == len(self.nodes)
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                admin.close()
 
     def stop(self) -> None:
         for n in self.nodes:
