@@ -26,18 +26,28 @@ def test_update_benchmark_quick(tmp_path: Path) -> None:
 def test_throughput_benchmark_quick(tmp_path: Path) -> None:
     cfg = throughput.ThroughputConfig.quick_mode()
     r = throughput.run(Settings(), cfg, tmp_path / "work", tmp_path / "out")
-    torch_e2e = r["end_to_end"]["torch"]
+    assert set(r["end_to_end"]) == {"torch-fp32", "tuned"}
+    for backend in ("onnx-fp32", "onnx-int8"):
+        for task in throughput.TEXT_TASKS:
+            art = r["artifacts"][backend][task]
+            assert art["passed"] == (art["agreement"] >= 0.99) and art["eval_rows"] > 0
+    assert all(a["passed"] for a in r["artifacts"]["onnx-fp32"].values())  # fp32 graph == fp32 torch
     for task in throughput.TEXT_TASKS:
         assert r["ceiling"]["torch"][task]["sequences_per_s"] > 0
-        assert torch_e2e[task]["events_per_s"] > 0 and r["naive"][task]["events_per_s"] > 0
-        lat = torch_e2e[task]["latency_at_50pct"]
-        assert lat["n"] == min(cfg.latency_events, torch_e2e[task]["events"])
-        assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"]
-    for backend in cfg.backends:
-        assert backend in r["end_to_end"] or backend in r["skipped"]
-        for task in throughput.TEXT_TASKS:
-            agree = r["ceiling"][backend][task]["label_agreement_with_fp32"]
-            assert 0.0 <= agree <= 1.0
-    assert torch_e2e["scorer_peak_rss_mib"] > 100
-    assert r["default_backend"] in r["end_to_end"]
-    assert "| torch | review_sentiment |" in (tmp_path / "out" / "bench-throughput-quick.md").read_text()
+        backend, batch = r["tuned"][task]
+        assert r["ceiling"][backend][task]["sequences_per_s"] > 0 and batch in cfg.batch_sizes
+        for name, e in r["end_to_end"].items():
+            assert e[task]["events_per_s"] > 0 and r["naive"][task]["events_per_s"] > 0
+            lat = e[task]["latency_at_50pct"]
+            assert lat["n"] == min(cfg.latency_events, e[task]["events"])
+            assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"]
+            assert r["ratios"][f"{name}/{task}"]["end_to_end_over_ceiling"] > 0
+        assert r["end_to_end"]["tuned"][task]["backend"] == backend
+    for e in r["end_to_end"].values():
+        assert e["scorer_peak_rss_mib"] > 100
+    prof = r["end_to_end"]["tuned"]["review_sentiment"]["profile"]
+    assert "error" in prof or (prof["samples"] > 0 and abs(sum(prof["stages"].values()) - 1) < 1e-6)
+    assert {t["target"] for t in r["targets"]} >= {"reviews end to end ÷ naive", "queries end to end ÷ naive"}
+    out = tmp_path / "out"
+    assert "| tuned | review_sentiment |" in (out / "bench-throughput-quick.md").read_text()
+    assert (out / "bench-throughput-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -206,3 +208,49 @@ def test_idle_sessions_expire_from_the_table(
     # The Redis session views stay readable (they expire on their own TTL).
     assert all(redis_client.exists(session_key(sid)) for sid in sessions)
     scorer.stop()
+
+
+def test_onnx_backends_score_end_to_end_with_per_task_batch_bounds(
+    settings: Settings,
+    redis_client: redis.Redis,
+    scorer_factory: Callable[[Settings], ScorerProcess],
+    tmp_path: Path,
+) -> None:
+    """A scorer on ONNX Runtime (reviews int8, queries fp32): it exports the artifacts it lacks at
+    start (gate included), scores every event, and honours a per-task batch bound."""
+    registry = tmp_path / "adapters"
+    shutil.copytree(settings.adapter_dir, registry, ignore=shutil.ignore_patterns("artifacts"))
+    s = settings.model_copy(
+        update={
+            "adapter_dir": registry,
+            "backend": "onnx-int8",
+            "task_backends": {"query_class": "onnx-fp32"},
+            "task_batch_max_events": {"query_class": 4},
+            "export_eval_rows": 80,
+            "onnx_min_agreement": 0.9,  # 80 rows: the gate's resolution is 1.25 %
+        }
+    )
+    ensure_topics(s)
+    outs = expected(s, limit=40, malformed=0.0, seed=21)
+    replay(s, TASKS, limit=40, seed=21)
+    scorer = scorer_factory(s).start()
+    wait_until(
+        all_scored(redis_client, outs), 300, "every event scored on ONNX Runtime", 0.5, scorer.assert_alive
+    )
+    for task, backend in (("review_sentiment", "onnx-int8"), ("query_class", "onnx-fp32")):
+        art = json.loads((registry / task / "1" / "artifacts" / backend / "artifact.json").read_text())
+        assert art["passed"] and art["agreement"] >= 0.9 and art["eval_rows"] == 80
+    msgs = consume_all(s, "scores.search", sum(o.task == "query_class" for o in outs))
+    assert {json.loads(m.value)["adapter"]["version"] for m in msgs} == {1}
+    check_aggregates(redis_client, outs)
+    metrics = scorer.metrics()
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith("streamtune_batch_size")
+    }
+    assert (
+        values['streamtune_batch_size_bucket{le="4.0",task="query_class"}']
+        == values['streamtune_batch_size_count{task="query_class"}']
+    )
+    assert scorer.stop() == 0

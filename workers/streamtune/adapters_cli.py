@@ -44,6 +44,9 @@ def _verified(reg: LocalRegistry, task: str, version: int, force: bool = False) 
     m = reg.manifest(task, version)
     base = base_model_sha256(s.base_model) if m.kind == "text-lora" else None
     verified = reg.verify(task, version, base_sha256=base)
+    backend = s.backend_for(task)
+    if backend.startswith("onnx") and m.kind == "text-lora":
+        reg.verify_artifact(task, version, backend)  # scorers on this backend would refuse it
     if not verified.releasable and not force:
         raise StreamtuneError(
             f"{task} v{version} failed its release gate ({verified.gate.get('reason', 'no reason')}); "
@@ -67,7 +70,7 @@ def list_() -> None:
     _, reg, log = _ctx()
     states = log.states()
     table = Table()
-    for col in ("task", "version", "parent", "created", "metric", "value", "gate", "serving"):
+    for col in ("task", "version", "parent", "created", "metric", "value", "gate", "artifacts", "serving"):
         table.add_column(col)
     for task in TASK_NAMES:
         state = states.get(task)
@@ -84,8 +87,48 @@ def list_() -> None:
             if state and state.canary_version == v:
                 serving = f"canary {state.canary_fraction:.0%}"
             table.add_row(task, str(v), str(m.parent_version or ""), m.created_at.strftime("%Y-%m-%d %H:%M"),
-                          metric, f"{m.metrics.get(metric, float('nan')):.3f}", gate, serving)  # fmt: skip
+                          metric, f"{m.metrics.get(metric, float('nan')):.3f}", gate,
+                          _artifacts(reg, task, v), serving)  # fmt: skip
     out.print(table)
+
+
+def _artifacts(reg: LocalRegistry, task: str, version: int) -> str:
+    from streamtune.settings import BACKENDS
+
+    parts = []
+    for backend in BACKENDS:
+        try:
+            art = reg.artifact(task, version, backend)
+        except AdapterError:
+            parts.append(f"{backend} [red]invalid[/]")
+            continue
+        if art is not None:
+            verdict = "" if art.passed else " [red]refused[/]"
+            parts.append(f"{backend} {art.agreement:.3f}{verdict}")
+    return ", ".join(parts)
+
+
+@adapters.command()
+def export(
+    task: Annotated[str, typer.Option(help="review_sentiment or query_class")],
+    version: Annotated[int | None, typer.Option(help="Version (default: the one serving)")] = None,
+    backend: Annotated[str, typer.Option(help="onnx-int8 or onnx-fp32")] = "onnx-int8",
+) -> None:
+    """Export a version to ONNX Runtime (merged, fused, quantized), check its label agreement with
+    fp32 on the held-out slice and store it, with checksums, in the version's registry directory."""
+    from streamtune.model.onnx_export import export_for
+
+    s, reg, log = _ctx()
+    v = version if version is not None else _live(reg, log.states().get(_task(task)), task)
+    art = export_for(s, reg, task, v, backend)
+    verdict = "[green]passed[/]" if art.passed else "[red]refused[/]"
+    out.print(
+        f"{task} v{v} {backend}: agreement with fp32 {art.agreement:.4f} on {art.eval_rows} held-out rows "
+        f"(gate {art.min_agreement}) {verdict}; plan {art.details.get('plan')}, "
+        f"{len(art.fp32_nodes)} MatMuls kept fp32, {art.details.get('seconds')} s"
+    )
+    if not art.passed:
+        raise typer.Exit(1)
 
 
 @adapters.command()

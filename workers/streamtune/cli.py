@@ -240,7 +240,9 @@ def bench_throughput(
     quick: Annotated[
         bool, typer.Option(help="Seconds-scale run that checks the benchmark works (CI)")
     ] = False,
-    backends: Annotated[str, typer.Option(help="Comma-separated: torch, torch-bf16")] = "torch,torch-bf16",
+    backends: Annotated[
+        str, typer.Option(help="Comma-separated: torch, torch-bf16, onnx-fp32, onnx-int8 (default: all)")
+    ] = "",
     out: Annotated[str, typer.Option(help="Directory for the JSON and markdown report ('' : none)")] = "docs",
 ) -> None:
     """Ceiling vs streamtune end to end vs a naive consumer, per backend; ratios, latency, cost."""
@@ -252,8 +254,8 @@ def bench_throughput(
 
     s = _settings()
     configure_logging("WARNING", json=False)
-    chosen = tuple(b.strip() for b in backends.split(",") if b.strip())
     base = ThroughputConfig.quick_mode() if quick else ThroughputConfig()
+    chosen = tuple(b.strip() for b in backends.split(",") if b.strip()) or base.backends
     if "torch" not in chosen:
         chosen = ("torch", *chosen)  # fp32 is the reference every ratio and agreement is against
     cfg = type(base)(**{**base.__dict__, "backends": chosen})

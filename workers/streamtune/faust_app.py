@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import faust
 import structlog
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from streamtune.offsets import DONE, TAKE, OffsetGuard, disable_gap_filling
@@ -22,6 +23,21 @@ log = structlog.get_logger(__name__)
 
 # Table keys and values as JSON (readable changelogs, no pickle).
 JSON_TABLE: faust.Schema = faust.Schema(key_serializer="json", value_serializer="json")
+
+
+class IdempotentProducer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer, idempotent always. Faust asks for idempotence only in
+    exactly-once mode, so a send retried after a timeout or a leader change could land twice on
+    an output topic; with idempotence the broker drops the repeat."""
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
+class IdempotentTransport(faust_aiokafka.Transport):
+    """The aiokafka transport with :class:`IdempotentProducer`."""
+
+    Producer = IdempotentProducer
 
 
 def worker_app(settings: Settings, app_id: str) -> faust.App:
@@ -48,6 +64,8 @@ def worker_app(settings: Settings, app_id: str) -> faust.App:
         broker_rebalance_timeout=settings.kafka_session_timeout_s,
         broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 10),
     )
+    # Faust's own producer (results, DLQ, changelogs) comes from the consumer transport.
+    app.transport = IdempotentTransport(app.conf.broker_consumer, app)
 
     # Before any record is fetched (the first join revokes the empty assignment first).
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
@@ -92,6 +110,12 @@ class SkipGuard:
         """The events to process, in order; the others stay pending and come again, or were
         processed already (the stream acknowledges those as usual)."""
         kept, skipping = [], set()
+        seen = {TP(ev.message.topic, ev.message.partition) for ev in events}
+        fresh = [tp for tp in seen if self.guard.needs_start((tp.topic, tp.partition))]
+        if fresh:  # no committed offset: the partition starts at its log start offset
+            for part, start in (await self.app.consumer.earliest_offsets(*fresh)).items():
+                if start is not None:
+                    self.guard.start_at((part.topic, part.partition), int(start))
         for ev in events:
             m = ev.message
             tp = (m.topic, m.partition)

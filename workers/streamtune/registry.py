@@ -7,6 +7,14 @@ On-disk shape, one directory per version::
         adapter_config.json        peft LoRA config
         adapter_model.safetensors  LoRA weights (safetensors only, never pickle)
         head.safetensors           task head (text tasks)  | base_model.safetensors (click model)
+        artifacts/<backend>/       derived inference artifacts, added later (see below)
+            artifact.json          backend, the version's manifest sha256, label agreement with fp32,
+                                   what stayed fp32, the file's sha256, passed
+            model.onnx             adapter merged into the base, graph-optimized (and quantized)
+
+A version's own files never change. Derived artifacts (ONNX Runtime graphs) are exported after
+publishing, each under its backend's name and immutable once it passed its agreement gate; a
+refused export leaves only its record (``passed: false``), which a later export may replace.
 
 Publishing writes into a hidden temporary directory and renames it into place, so a reader
 never sees half a version; an existing version is never overwritten. Storage sits behind
@@ -31,6 +39,8 @@ from streamtune.errors import AdapterError
 from streamtune.events import TaskName
 
 MANIFEST = "manifest.json"
+ARTIFACTS = "artifacts"
+ARTIFACT_MANIFEST = "artifact.json"
 ModelKind = Literal["text-lora", "click-mlp-lora"]
 
 
@@ -70,12 +80,46 @@ class Manifest(BaseModel):
         return not self.gate or bool(self.gate.get("passed"))
 
 
+class Artifact(BaseModel):
+    """An inference artifact derived from one adapter version for one backend."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task: TaskName
+    version: int = Field(ge=1)
+    backend: str
+    manifest_sha256: str = Field(description="sha256 of the version's manifest it was derived from")
+    created_at: datetime
+    agreement: float = Field(description="share of the evaluation slice where its label equals fp32's")
+    eval_rows: int
+    min_agreement: float
+    passed: bool
+    fp32_nodes: list[str] = Field(default_factory=list, description="graph nodes left unquantized")
+    details: dict[str, Any] = {}
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    signature: str = ""
+
+    def signing_bytes(self) -> bytes:
+        return self.model_copy(update={"signature": ""}).model_dump_json().encode()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _stage(tmp: Path, build_dir: Path, files: dict[str, str], record: str, final: BaseModel) -> None:
+    """Copy ``files`` and write the record into ``tmp``, all fsynced, ready to be renamed into place."""
+    tmp.chmod(0o755)  # readable by workers running as another user (mkdtemp makes it 0700)
+    for name in files:
+        shutil.copy2(build_dir / name, tmp / name)
+    (tmp / record).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    for p in tmp.iterdir():
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
 
 
 class AdapterStore(Protocol):
@@ -99,7 +143,7 @@ class LocalRegistry:
         self.root = Path(root)
         self._key = hmac_key  # set: publish signs manifests, verify refuses unsigned or tampered ones
 
-    def _sign(self, m: Manifest) -> str:
+    def _sign(self, m: Manifest | Artifact) -> str:
         assert self._key is not None
         return hmac.new(self._key, m.signing_bytes(), hashlib.sha256).hexdigest()
 
@@ -182,17 +226,90 @@ class LocalRegistry:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
-            for name in files:
-                shutil.copy2(build_dir / name, tmp / name)
-            (tmp / MANIFEST).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
-            for p in tmp.iterdir():
-                with p.open("rb") as f:
-                    os.fsync(f.fileno())
+            _stage(tmp, build_dir, files, MANIFEST, final)
             os.rename(tmp, target)  # fails if target appeared meanwhile: never overwrite
         except OSError as e:  # disk full, read-only, permissions: nothing partial is left behind
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise AdapterError(f"publishing {task} v{version} failed: {e}") from e
+        return final
+
+    # -- derived artifacts ------------------------------------------------------------------
+
+    def artifact_dir(self, task: str, version: int, backend: str) -> Path:
+        return self._dir(task, version) / ARTIFACTS / backend
+
+    def artifact(self, task: str, version: int, backend: str) -> Artifact | None:
+        """The artifact record of ``backend`` for a version (None when never exported)."""
+        path = self.artifact_dir(task, version, backend) / ARTIFACT_MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return Artifact.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as e:
+            raise AdapterError(f"{task} v{version}: {backend} artifact record invalid: {e}") from e
+
+    def verify_artifact(self, task: str, version: int, backend: str) -> tuple[Artifact, Path]:
+        """The artifact and its model file, after checking it passed its gate, was derived from
+        this very manifest, is signed (when a key is set) and matches its checksums."""
+        art = self.artifact(task, version, backend)
+        where = f"{task} v{version}"
+        if art is None:
+            raise AdapterError(
+                f"{where}: no {backend} artifact; run `streamtune adapters export --task {task} "
+                f"--version {version} --backend {backend}`"
+            )
+        if not art.passed:
+            raise AdapterError(
+                f"{where}: the {backend} artifact was refused by its gate (label agreement with fp32 "
+                f"{art.agreement:.4f} < {art.min_agreement}); use another backend for {task}"
+            )
+        if art.manifest_sha256 != self.manifest_sha256(task, version):
+            raise AdapterError(f"{where}: the {backend} artifact was derived from another manifest")
+        if self._key is not None and not (
+            art.signature and hmac.compare_digest(art.signature, self._sign(art))
+        ):
+            raise AdapterError(f"{where}: the {backend} artifact record is unsigned or tampered")
+        d = self.artifact_dir(task, version, backend)
+        if not art.files:
+            raise AdapterError(f"{where}: the {backend} artifact lists no files")
+        for name, digest in art.files.items():
+            if not (d / name).is_file():
+                raise AdapterError(f"{where}: {backend} artifact file {name} missing")
+            if sha256_file(d / name) != digest:
+                raise AdapterError(f"{where}: checksum mismatch for {backend} artifact file {name}")
+        return art, d / next(iter(art.files))
+
+    def publish_artifact(self, build_dir: Path, art: Artifact) -> Artifact:
+        """Publish an artifact (its files in ``build_dir``; none for a refused one) atomically.
+        A passed artifact is immutable; a refused record may be replaced by a new export."""
+        target = self.artifact_dir(art.task, art.version, art.backend)
+        existing = self.artifact(art.task, art.version, art.backend)
+        if existing is not None and existing.passed:
+            raise AdapterError(f"{art.task} v{art.version}: {art.backend} artifact exists; it is immutable")
+        files = (
+            {p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file()} if art.passed else {}
+        )
+        final = art.model_copy(update={"files": files, "signature": ""})
+        if self._key is not None:
+            final = final.model_copy(update={"signature": self._sign(final)})
+        tmp: Path | None = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{art.backend}.", dir=target.parent))
+            _stage(tmp, build_dir, files, ARTIFACT_MANIFEST, final)
+            if existing is not None:  # a refused record: move it aside, then take its place
+                old = target.parent / f".{art.backend}.refused"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(target, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, target)
+        except OSError as e:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise AdapterError(
+                f"publishing the {art.backend} artifact of {art.task} v{art.version} failed: {e}"
+            ) from e
         return final
 
     def clean_stale(self) -> list[Path]:
@@ -201,7 +318,8 @@ class LocalRegistry:
         if self.root.is_dir():
             for task_dir in self.root.iterdir():
                 if task_dir.is_dir():
-                    for p in task_dir.glob(".*.*"):
+                    stale = [*task_dir.glob(".*.*"), *task_dir.glob(f"*/{ARTIFACTS}/.*")]
+                    for p in stale:
                         if p.is_dir() and not p.name[1:].isdigit():
                             shutil.rmtree(p, ignore_errors=True)
                             removed.append(p)

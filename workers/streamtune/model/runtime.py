@@ -6,8 +6,10 @@ The runtime is not thread-safe on purpose: the scorer calls it from a single mod
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
@@ -19,7 +21,15 @@ from transformers import PreTrainedTokenizerBase
 
 from streamtune.errors import AdapterError, StartupError
 from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
-from streamtune.model.encoder import Head, base_model_sha256, load_base, mean_pool, sorted_batches
+from streamtune.model.encoder import (
+    Head,
+    base_model_sha256,
+    load_base,
+    load_tokenizer,
+    mean_pool,
+    sorted_batches,
+)
+from streamtune.model.onnx_export import ONNX_BACKENDS, OnnxOptions, run_session, session
 from streamtune.registry import LocalRegistry, Manifest
 from streamtune.rollout import in_canary
 
@@ -69,8 +79,10 @@ class Route:
 @dataclass
 class LoadedAdapter:
     manifest: Manifest
-    head: nn.Module | None = None  # text tasks
+    head: nn.Module | None = None  # text tasks (torch backends)
     click: nn.Module | None = None  # purchase_intent
+    session: Any = None  # text tasks (ONNX backends): an onnxruntime.InferenceSession
+    backend: str = "torch"
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,24 +98,46 @@ class ModelRuntime:
         threads: int = 0,
         batch_size: int = 32,
         backend: str = "torch",
+        task_backends: Mapping[str, str] | None = None,
+        task_batch_sizes: Mapping[str, int] | None = None,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.registry = registry
         self.max_len = max_len
+        self.threads = threads
         self.batch_size = batch_size
         self.backend = backend
+        self.task_backends = dict(task_backends or {})
+        self.task_batch_sizes = dict(task_batch_sizes or {})
         self.base_sha256 = base_model_sha256(base_path)
+        torch_backends = {self.backend_for(t) for t in TEXT_TASKS} - set(ONNX_BACKENDS)
+        if len(torch_backends) > 1:
+            raise StartupError(
+                "torch and torch-bf16 share one base model: pick one of them for all text tasks"
+            )
         self.tokenizer: PreTrainedTokenizerBase
-        self.tokenizer, self._base = load_base(base_path)
-        if backend == "torch-bf16":
+        self._base: Any = None  # the torch encoder, only when a text task runs in torch
+        if torch_backends:
+            self.tokenizer, self._base = load_base(base_path)
+        else:  # ONNX only: no torch encoder in memory (each artifact holds its merged graph)
+            self.tokenizer = load_tokenizer(base_path)
+        if torch_backends == {"torch-bf16"}:
             # bf16 base weights (AMX/AVX-512 matmuls); LoRA weights and heads stay fp32 and peft
             # casts at the boundary. Agreement with fp32 is measured by `streamtune bench`.
-            self._base.to(dtype=torch.bfloat16)  # type: ignore[call-arg]
+            self._base.to(dtype=torch.bfloat16)
         self._peft: PeftModel | None = None
         self.routes: dict[str, Route] = {}
         self._loaded: dict[tuple[str, int], LoadedAdapter] = {}
         self._verified: dict[tuple[str, int], Manifest] = {}
+
+    def backend_for(self, task: str) -> str:
+        if task not in TEXT_TASKS:
+            return "torch"
+        return self.task_backends.get(task, self.backend)
+
+    def batch_size_for(self, task: str) -> int:
+        return self.task_batch_sizes.get(task, self.batch_size)
 
     @property
     def active(self) -> dict[str, LoadedAdapter]:
@@ -116,6 +150,9 @@ class ModelRuntime:
         """Manifest, every checksum and the base model, without touching the model: safe on any
         thread, so a hot-swap does this off the scoring path and the model thread only loads."""
         manifest = self.registry.verify(task, version, base_sha256=self.base_sha256)
+        backend = self.backend_for(task)
+        if backend in ONNX_BACKENDS and manifest.kind == "text-lora":
+            self.registry.verify_artifact(task, version, backend)
         self._verified[(task, version)] = manifest
         return manifest
 
@@ -144,7 +181,13 @@ class ModelRuntime:
         return loaded
 
     def _load_text(self, manifest: Manifest, path: Path) -> LoadedAdapter:
-        loaded = LoadedAdapter(manifest=manifest)
+        backend = self.backend_for(manifest.task)
+        if backend in ONNX_BACKENDS:
+            _, model_file = self.registry.verify_artifact(manifest.task, manifest.version, backend)
+            return LoadedAdapter(
+                manifest=manifest, session=session(model_file, self.threads), backend=backend
+            )
+        loaded = LoadedAdapter(manifest=manifest, backend=backend)
         if self._peft is None:
             self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=loaded.name)
         elif loaded.name not in self._peft.peft_config:
@@ -253,10 +296,15 @@ class ModelRuntime:
             x = torch.tensor(inputs, dtype=torch.float32)
             p = torch.sigmoid(loaded.click(x)).unsqueeze(-1)
             return Scored(m.task, m.labels, p.numpy(), np.full(len(inputs), m.version))
+        if loaded.session is not None:
+            opts = OnnxOptions(self.threads, self.batch_size_for(m.task), self.max_len)
+            probs = run_session(loaded.session, self.tokenizer, inputs, opts)  # type: ignore[arg-type]
+            return Scored(m.task, m.labels, probs, np.full(len(inputs), m.version))
         assert self._peft is not None and loaded.head is not None
         self._peft.set_adapter(loaded.name)
         out = np.zeros((len(inputs), len(m.labels)), dtype=np.float32)
-        for rows, batch in sorted_batches(self.tokenizer, inputs, self.max_len, self.batch_size):  # type: ignore[arg-type]
+        chunk = self.batch_size_for(m.task)
+        for rows, batch in sorted_batches(self.tokenizer, inputs, self.max_len, chunk):  # type: ignore[arg-type]
             hidden = self._peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             pooled = mean_pool(hidden.last_hidden_state.float(), batch["attention_mask"])
             out[rows] = torch.softmax(loaded.head(pooled), dim=-1).numpy()

@@ -106,7 +106,8 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
     hand_over_cleanly(app, res.gate, timeout_s=settings.kafka_session_timeout_s / 2)
 
     async def run(task: str, stream: faust.StreamT, events_by_pos: dict[tuple[int, int], Any] | None) -> None:
-        async for batch in stream.take_events(settings.batch_max_events, within=within):  # type: ignore[attr-defined]
+        take = settings.batch_max_events_for(task)
+        async for batch in stream.take_events(take, within=within):  # type: ignore[attr-defined]
             if res.gate.closed:  # handing over or stopping: leave these to the partition's next owner
                 for ev in batch:
                     leave_pending(app, ev.message)

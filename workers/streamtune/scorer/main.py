@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
@@ -10,6 +11,7 @@ import structlog
 from streamtune.errors import AdapterError, StartupError
 from streamtune.faust_app import DrainingWorker, drain_app
 from streamtune.logs import configure_logging
+from streamtune.model.onnx_export import ensure_artifact
 from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.registry import LocalRegistry, registry_for
 from streamtune.releases import ReleaseFollower, ReleaseLog
@@ -41,11 +43,16 @@ def check_redis(settings: Settings) -> None:
 
 
 def initial_routes(
-    runtime: ModelRuntime, registry: LocalRegistry, states: dict[str, Release], releases: ReleaseLog | None
+    runtime: ModelRuntime,
+    registry: LocalRegistry,
+    states: dict[str, Release],
+    releases: ReleaseLog | None,
+    prepare_version: Callable[[str, int], object] | None = None,
 ) -> None:
     """Serve what ``adapters.releases`` says. A task never released serves its newest releasable
     version, and that choice is announced so every scorer (and the CLI) agrees from then on.
-    A broken canary is skipped (logged); a broken live version stops the start."""
+    A broken canary is skipped (logged); a broken live version stops the start.
+    ``prepare_version`` runs first for each version served (exports missing ONNX artifacts)."""
     for task in TASK_NAMES:
         state = states.get(task)
         if state is None:
@@ -59,6 +66,10 @@ def initial_routes(
             if releases is not None:
                 releases.publish(state)
         try:
+            if prepare_version is not None:
+                for version in (state.live_version, state.canary_version):
+                    if version is not None:
+                        prepare_version(task, version)
             runtime.set_route(task, build_route(runtime, state))
         except AdapterError as e:
             if state.canary_version is None:
@@ -79,9 +90,15 @@ def prepare(settings: Settings) -> ScorerResources:
     registry = registry_for(settings.adapter_dir, settings.manifest_hmac_key)
     runtime = ModelRuntime(
         settings.base_model, registry, settings.max_seq_len, settings.torch_threads,
-        batch_size=settings.model_batch_size, backend=settings.backend,
+        batch_size=settings.model_batch_size, backend=settings.backend, task_backends=settings.task_backends,
+        task_batch_sizes=settings.task_model_batch_size,
     )  # fmt: skip
-    initial_routes(runtime, registry, current_states(records), release_log)
+
+    def export_missing(task: str, version: int) -> None:
+        ensure_artifact(settings, registry, task, version)
+
+    prepare_version = export_missing if settings.export_on_start else None
+    initial_routes(runtime, registry, current_states(records), release_log, prepare_version)
     metrics = ScorerMetrics()
     # One model thread: batches of all tasks run one at a time, and a swap can only
     # happen between them. torch releases the GIL, so consuming and Redis I/O go on meanwhile.

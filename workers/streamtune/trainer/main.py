@@ -11,6 +11,7 @@ import torch
 
 from streamtune.errors import StartupError
 from streamtune.logs import configure_logging
+from streamtune.model.onnx_export import ensure_artifact
 from streamtune.registry import LocalRegistry, Manifest, registry_for
 from streamtune.releases import ReleaseLog
 from streamtune.rollout import Release, canary, promote
@@ -112,6 +113,13 @@ class TrainJobRunner:
         self._reference_live[(task, live)] = dict(outcome.manifest.gate["reference"]["live"])
         if not outcome.verdict.passed:
             return "rejected"
+        # Scorers on an ONNX backend need the version's artifact: export it (with its agreement
+        # gate) before announcing, so a release never names a version they would refuse.
+        art = ensure_artifact(self.settings, self.registry, task, outcome.manifest.version)
+        if art is not None and not art.passed:
+            why = f"{art.backend} artifact agreement {art.agreement:.4f} < {art.min_agreement}"
+            log.warning("candidate_not_released", task=task, version=outcome.manifest.version, reason=why)
+            return "artifact_refused"
         return self.announce(outcome.manifest, live)
 
     def announce(self, m: Manifest, parent: int) -> str:
