@@ -68,7 +68,19 @@ def test_a_passed_artifact_is_immutable_and_ensure_reuses_it(
     with pytest.raises(AdapterError, match="immutable"):
         reg.publish_artifact(reg.artifact_dir(TASK, 1, "onnx-fp32"), fp32_artifact)
     assert ensure_artifact(settings, reg, TASK, 1) == reg.artifact(TASK, 1, "onnx-fp32")
-    assert ensure_artifact(settings, reg, "purchase_intent", 1) is None  # the click MLP stays in torch
+    # All text tasks in ONNX Runtime: the click MLP follows (fp32), so the scorer needs no torch.
+    click = ensure_artifact(settings, reg, "purchase_intent", 1)
+    assert click is not None and click.backend == "onnx-fp32" and click.passed and click.agreement == 1.0
+    mixed = settings.model_copy(update={"task_backends": {"review_sentiment": "torch"}})
+    assert ensure_artifact(mixed, reg, "purchase_intent", 1) is None  # a torch text task: click in torch too
+    rows = reference_set("purchase_intent", settings.data_dir, 30).x
+    torch_rt = ModelRuntime(settings.base_model, reg, threads=1, backend="torch")
+    onnx_rt = ModelRuntime(settings.base_model, reg, threads=1, backend="onnx-fp32")
+    for rt in (torch_rt, onnx_rt):
+        rt.activate(rt.load("purchase_intent", 1))
+    np.testing.assert_allclose(
+        onnx_rt.score("purchase_intent", rows).probs, torch_rt.score("purchase_intent", rows).probs, atol=1e-5
+    )
 
 
 def _version_2(reg: LocalRegistry) -> Path:
@@ -131,7 +143,8 @@ def test_int8_gate_records_agreement_and_refuses_below_the_threshold(
 
 def test_backend_settings_are_validated() -> None:
     assert Settings(task_backends={"query_class": "onnx-fp32"}).backend_for("query_class") == "onnx-fp32"
-    assert Settings(backend="onnx-int8").backend_for("purchase_intent") == "torch"
+    assert Settings(backend="onnx-int8").backend_for("purchase_intent") == "onnx-fp32"
+    assert Settings(backend="torch-bf16").backend_for("purchase_intent") == "torch"
     with pytest.raises(ValueError, match="unknown backend"):
         Settings(backend="tensorrt")
     with pytest.raises(ValueError, match="not a text task"):

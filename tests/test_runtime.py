@@ -76,10 +76,25 @@ def test_queries_get_a_ranked_class(runtime: ModelRuntime) -> None:
 
 
 def test_padding_only_to_the_longest_in_batch(runtime: ModelRuntime) -> None:
-    from streamtune.model.encoder import tokenize
+    [(rows, ids, mask)] = runtime.batcher.chunks(["a slightly longer text here", "short"], 8)
+    assert rows == [1, 0] and ids.shape == mask.shape and ids.shape[1] < 16
+    assert mask[0].sum() < mask[1].sum() == ids.shape[1]  # the short row is padded, the long one not
 
-    batch = tokenize(runtime.tokenizer, ["short", "a slightly longer text here"], 128)
-    assert batch["input_ids"].shape[1] < 16
+
+def test_tokens_match_the_transformers_tokenizer() -> None:
+    """The torch-free tokenizer gives the ids the transformers fast tokenizer gives, truncation
+    included (both read the model's tokenizer.json)."""
+    from transformers import AutoTokenizer
+
+    from streamtune.model.tokens import TextBatcher
+    from streamtune.training import data
+
+    s = Settings()
+    texts = [r.model_text() for r in data.load_reviews(s.data_dir)[:60]] + ["", "ÉLÉGANT dress!!! 😀"]
+    expected = AutoTokenizer.from_pretrained(s.base_model)(texts, truncation=True, max_length=64)["input_ids"]
+    for rows, ids, mask in TextBatcher(s.base_model, 64).chunks(texts, 16):
+        for r, i in enumerate(rows):
+            assert ids[r, : int(mask[r].sum())].tolist() == expected[i]
 
 
 def test_swap_between_batches_uses_the_new_version(
@@ -148,7 +163,7 @@ def test_length_sorted_chunks_return_results_in_input_order(runtime: ModelRuntim
 
 
 def test_length_chunks_sort_by_length_and_keep_every_row() -> None:
-    from streamtune.model.encoder import length_chunks
+    from streamtune.model.tokens import length_chunks
 
     chunks = length_chunks([5, 1, 3, 1, 9, 2], 4)
     assert chunks == [[1, 3, 5, 2], [0, 4]]

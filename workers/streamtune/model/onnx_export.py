@@ -20,7 +20,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,21 @@ import torch
 from torch import nn
 
 from streamtune.errors import AdapterError
-from streamtune.model.encoder import Head, base_model_sha256, load_base, mean_pool, sorted_batches
-from streamtune.registry import Artifact, LocalRegistry
+from streamtune.model.encoder import Head, base_model_sha256, load_base, mean_pool
+from streamtune.model.onnx_session import (
+    CLICK_BACKEND,
+    MODEL_FILE,
+    ONNX_BACKENDS,
+    OnnxOptions,
+    run_click,
+    run_text,
+    session,
+)
+from streamtune.model.tokens import TextBatcher
+from streamtune.registry import Artifact, LocalRegistry, Manifest
 from streamtune.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-ONNX_BACKENDS = ("onnx-fp32", "onnx-int8")
-MODEL_FILE = "model.onnx"
 
 
 def _ffn_out(name: str) -> bool:
@@ -70,54 +76,22 @@ class TextClassifier(nn.Module):
         return torch.softmax(self.head.linear(mean_pool(hidden, attention_mask)), dim=-1)
 
 
-@dataclass(frozen=True)
-class OnnxOptions:
-    threads: int = 0  # ONNX Runtime intra-op threads (0: ORT's default, one per core)
-    batch_size: int = 16
-    max_len: int = 128
+class ClickProbability(nn.Module):
+    """The click MLP (adapter merged) with its sigmoid: features in, purchase probability out."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x)).unsqueeze(-1)
 
 
-def session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session with deliberate thread counts (intra-op ``threads``, one
-    inter-op thread: batches run one at a time on the scorer's model thread)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise AdapterError(f"ONNX Runtime cannot load {path}: {e}") from e
-
-
-def run_session(sess: Any, tokenizer: Any, texts: Sequence[str], opts: OnnxOptions) -> np.ndarray:
-    """Probabilities for ``texts``, length-sorted chunks, in input order."""
-    out: np.ndarray | None = None
-    for rows, batch in sorted_batches(tokenizer, list(texts), opts.max_len, opts.batch_size, tensors="np"):
-        probs = sess.run(
-            None,
-            {
-                "input_ids": batch["input_ids"].astype(np.int64),
-                "attention_mask": batch["attention_mask"].astype(np.int64),
-            },
-        )[0]
-        if out is None:
-            out = np.zeros((len(texts), probs.shape[1]), dtype=np.float32)
-        out[rows] = probs
-    assert out is not None
-    return out
-
-
-def _torch_probs(
-    model: TextClassifier, tokenizer: Any, texts: Sequence[str], opts: OnnxOptions
-) -> np.ndarray:
+def _torch_probs(model: nn.Module, batcher: TextBatcher, texts: Sequence[str], batch_size: int) -> np.ndarray:
     out: np.ndarray | None = None
     with torch.inference_mode():
-        for rows, batch in sorted_batches(tokenizer, list(texts), opts.max_len, opts.batch_size):
-            probs = model(batch["input_ids"], batch["attention_mask"]).numpy()
+        for rows, ids, mask in batcher.chunks(texts, batch_size):
+            probs = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
             if out is None:
                 out = np.zeros((len(texts), probs.shape[1]), dtype=np.float32)
             out[rows] = probs
@@ -125,28 +99,35 @@ def _torch_probs(
     return out
 
 
-def _export_fp32(model: TextClassifier, tokenizer: Any, work: Path) -> Path:
-    from onnxruntime.transformers.optimizer import optimize_model
+def _decide(probs: np.ndarray) -> np.ndarray:
+    """Chosen label per row (a single column is a probability: threshold 0.5)."""
+    return (probs[:, 0] >= 0.5).astype(np.int64) if probs.shape[1] == 1 else probs.argmax(1)
 
-    raw, fused = work / "raw.onnx", work / "fused.onnx"
-    sample = tokenizer(["an example", "a slightly longer example text"], padding=True, return_tensors="pt")
-    axes = {
-        "input_ids": {0: "batch", 1: "seq"},
-        "attention_mask": {0: "batch", 1: "seq"},
-        "probs": {0: "batch"},
-    }
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str], out: Path) -> None:
+    axes = {name: {0: "batch", 1: "seq"} for name in names if name != "x"}
+    axes.update({"x": {0: "batch"}, "probs": {0: "batch"}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (sample["input_ids"], sample["attention_mask"]),
-            str(raw),
-            input_names=["input_ids", "attention_mask"],
+            inputs,
+            str(out),
+            input_names=names,
             output_names=["probs"],
-            dynamic_axes=axes,
+            dynamic_axes={k: v for k, v in axes.items() if k in (*names, "probs")},
             opset_version=17,
             dynamo=False,
         )
+
+
+def _text_graph(model: TextClassifier, batcher: TextBatcher, work: Path) -> Path:
+    """TorchScript export, then ONNX Runtime's BERT fusions; returns the fused fp32 graph."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    raw, fused = work / "raw.onnx", work / "fused.onnx"
+    _, ids, mask = next(batcher.chunks(["an example", "a slightly longer example text"], 2))
+    _export(model, (torch.from_numpy(ids), torch.from_numpy(mask)), ["input_ids", "attention_mask"], raw)
     cfg: Any = getattr(model.encoder, "config")  # noqa: B009 (a transformers config)
     opt = optimize_model(
         str(raw),
@@ -184,57 +165,60 @@ def export_artifact(
     task: str,
     version: int,
     backend: str,
-    eval_texts: Sequence[str],
+    eval_inputs: Sequence[Any],
     min_agreement: float = 0.99,
     opts: OnnxOptions | None = None,
+    max_len: int = 128,
 ) -> Artifact:
-    """Export, gate and publish the ``backend`` artifact of a text adapter version.
+    """Export, gate and publish the ``backend`` artifact of an adapter version (text tasks: any
+    ONNX backend; the click MLP: fp32 only). ``eval_inputs`` are texts or session feature rows.
 
     Returns the published record (``passed`` false when every plan missed the gate; then no
     model file is stored). Raises :class:`AdapterError` for versions that cannot be exported.
     """
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
     if backend not in ONNX_BACKENDS:
         raise AdapterError(f"no export for backend {backend!r} (exportable: {', '.join(ONNX_BACKENDS)})")
     opts = opts or OnnxOptions()
     manifest = registry.verify(task, version, base_sha256=base_model_sha256(base_path))
-    if manifest.kind != "text-lora":
-        raise AdapterError(
-            f"{task} v{version}: only text adapters are exported (the click MLP runs in torch)"
-        )
-    if not eval_texts:
+    if manifest.kind != "text-lora" and backend != CLICK_BACKEND:
+        raise AdapterError(f"{task} v{version}: the click MLP is exported to {CLICK_BACKEND} only")
+    if not eval_inputs:
         raise AdapterError(f"{task}: empty evaluation slice")
     started = time.monotonic()
-    path = registry.fetch(task, version)
-    tokenizer, base = load_base(base_path)
-    try:
-        merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-        weights = load_file(str(path / "head.safetensors"))
-    except Exception as e:  # peft/safetensors raise many types for corrupt files
-        raise AdapterError(f"{task} v{version}: cannot load for export: {e}") from e
-    head = Head(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
-    head.load_state_dict(weights)
-    model = TextClassifier(merged, head).eval()
-    reference = _torch_probs(model, tokenizer, eval_texts, opts).argmax(1)
-    plans = INT8_PLANS if backend == "onnx-int8" else (("fp32", lambda name: True),)
     tried: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="streamtune-export-") as tmp:
         work = Path(tmp)
-        fused = _export_fp32(model, tokenizer, work)
+        if manifest.kind == "text-lora":
+            batcher = TextBatcher(base_path, max_len)
+            model = _text_model(registry, base_path, manifest)
+            reference = _decide(_torch_probs(model, batcher, eval_inputs, opts.batch_size))
+            fused = _text_graph(model, batcher, work)
+
+            def labels(path: Path) -> np.ndarray:
+                return _decide(run_text(session(path, opts.threads), batcher, eval_inputs, opts.batch_size))
+        else:
+            click = ClickProbability(_click_model(registry, manifest)).eval()
+            x = torch.tensor(eval_inputs, dtype=torch.float32)
+            with torch.inference_mode():
+                reference = _decide(click(x).numpy())
+            fused = work / "fused.onnx"
+            _export(click, (x[:2],), ["x"], fused)
+
+            def labels(path: Path) -> np.ndarray:
+                return _decide(run_click(session(path, opts.threads), eval_inputs))
+
+        plans = INT8_PLANS if backend == "onnx-int8" else (("fp32", lambda name: True),)
         build = work / "build"
         build.mkdir()
         best: tuple[float, str, list[str]] = (-1.0, "", [])
         for plan, keep_fp32 in plans:
             candidate = work / f"{plan}.onnx"
+            excluded: list[str] = []
             if backend == "onnx-fp32":
                 fused.rename(candidate)
-                excluded: list[str] = []
             else:
                 excluded = _quantize(fused, candidate, keep_fp32)
-            labels = run_session(session(candidate, opts.threads), tokenizer, eval_texts, opts).argmax(1)
-            agreement = float((labels == reference).mean())
+            agreement = float((labels(candidate) == reference).mean())
             tried.append({"plan": plan, "agreement": agreement, "fp32_nodes": len(excluded)})
             log.info(
                 "export_plan", task=task, version=version, backend=backend, plan=plan, agreement=agreement
@@ -254,7 +238,7 @@ def export_artifact(
             manifest_sha256=registry.manifest_sha256(task, version),
             created_at=datetime.now(UTC),
             agreement=agreement,
-            eval_rows=len(eval_texts),
+            eval_rows=len(eval_inputs),
             min_agreement=min_agreement,
             passed=agreement >= min_agreement,
             fp32_nodes=excluded,
@@ -264,7 +248,9 @@ def export_artifact(
                 "quantization": "dynamic, per-channel int8 weights, uint8 activations"
                 if backend == "onnx-int8"
                 else "none",
-                "graph": "ORT BERT optimizer: fused attention, skip layer-norm, bias-GELU",
+                "graph": "ORT BERT optimizer: fused attention, skip layer-norm, bias-GELU"
+                if manifest.kind == "text-lora"
+                else "MLP with sigmoid",
                 "seconds": round(time.monotonic() - started, 1),
             },
         )
@@ -274,6 +260,38 @@ def export_artifact(
     return published
 
 
+def _text_model(registry: LocalRegistry, base_path: str, manifest: Manifest) -> TextClassifier:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    path = registry.fetch(manifest.task, manifest.version)
+    _, base = load_base(base_path)
+    try:
+        merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        weights = load_file(str(path / "head.safetensors"))
+    except Exception as e:  # peft/safetensors raise many types for corrupt files
+        raise AdapterError(f"{manifest.task} v{manifest.version}: cannot load for export: {e}") from e
+    head = Head(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
+    head.load_state_dict(weights)
+    return TextClassifier(merged, head).eval()
+
+
+def _click_model(registry: LocalRegistry, manifest: Manifest) -> nn.Module:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
+
+    path = registry.fetch(manifest.task, manifest.version)
+    net = ClickNet()
+    try:
+        net.load_state_dict(load_file(str(path / CLICK_BASE_WEIGHTS)))
+        merged: nn.Module = PeftModel.from_pretrained(net, str(path)).merge_and_unload()
+    except Exception as e:
+        raise AdapterError(f"{manifest.task} v{manifest.version}: cannot load for export: {e}") from e
+    return merged.eval()
+
+
 def export_for(
     settings: Settings, registry: LocalRegistry, task: str, version: int, backend: str
 ) -> Artifact:
@@ -281,11 +299,12 @@ def export_for(
     fixed reference set (held-out split of the shipped data, never trained on)."""
     from streamtune.training.candidate import reference_set
 
-    texts = [str(x) for x in reference_set(task, settings.data_dir, settings.export_eval_rows).x]
-    opts = OnnxOptions(settings.torch_threads, settings.model_batch_size_for(task), settings.max_seq_len)
+    inputs = reference_set(task, settings.data_dir, settings.export_eval_rows).x
+    opts = OnnxOptions(settings.torch_threads, settings.model_batch_size_for(task))
     return export_artifact(
-        registry, settings.base_model, task, version, backend, texts, settings.onnx_min_agreement, opts
-    )
+        registry, settings.base_model, task, version, backend, inputs, settings.onnx_min_agreement, opts,
+        settings.max_seq_len,
+    )  # fmt: skip
 
 
 def ensure_artifact(settings: Settings, registry: LocalRegistry, task: str, version: int) -> Artifact | None:

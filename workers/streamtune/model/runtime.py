@@ -2,6 +2,9 @@
 
 The runtime is not thread-safe on purpose: the scorer calls it from a single model thread, so
 ``activate`` (the swap) can never interleave with a batch, and a batch never mixes versions.
+
+torch, transformers and peft are imported only when a task runs in torch: a scorer whose tasks
+all run in ONNX Runtime holds the exported graphs and a ``tokenizers`` tokenizer, nothing else.
 """
 
 from __future__ import annotations
@@ -13,25 +16,13 @@ from typing import Any
 
 import numpy as np
 import structlog
-import torch
-from peft import PeftModel
-from safetensors.torch import load_file
-from torch import nn
-from transformers import PreTrainedTokenizerBase
 
 from streamtune.errors import AdapterError, StartupError
-from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
-from streamtune.model.encoder import (
-    Head,
-    base_model_sha256,
-    load_base,
-    load_tokenizer,
-    mean_pool,
-    sorted_batches,
-)
-from streamtune.model.onnx_export import ONNX_BACKENDS, OnnxOptions, run_session, session
+from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
+from streamtune.model.tokens import TextBatcher, base_model_sha256
 from streamtune.registry import LocalRegistry, Manifest
 from streamtune.rollout import in_canary
+from streamtune.settings import resolve_backend
 
 log = structlog.get_logger(__name__)
 
@@ -79,9 +70,9 @@ class Route:
 @dataclass
 class LoadedAdapter:
     manifest: Manifest
-    head: nn.Module | None = None  # text tasks (torch backends)
-    click: nn.Module | None = None  # purchase_intent
-    session: Any = None  # text tasks (ONNX backends): an onnxruntime.InferenceSession
+    head: Any = None  # text tasks (torch backends): a torch Head
+    click: Any = None  # purchase_intent in torch: the peft-wrapped ClickNet
+    session: Any = None  # ONNX backends: an onnxruntime.InferenceSession
     backend: str = "torch"
     name: str = field(init=False)
 
@@ -101,8 +92,6 @@ class ModelRuntime:
         task_backends: Mapping[str, str] | None = None,
         task_batch_sizes: Mapping[str, int] | None = None,
     ) -> None:
-        if threads > 0:
-            torch.set_num_threads(threads)
         self.registry = registry
         self.max_len = max_len
         self.threads = threads
@@ -111,30 +100,36 @@ class ModelRuntime:
         self.task_backends = dict(task_backends or {})
         self.task_batch_sizes = dict(task_batch_sizes or {})
         self.base_sha256 = base_model_sha256(base_path)
-        torch_backends = {self.backend_for(t) for t in TEXT_TASKS} - set(ONNX_BACKENDS)
-        if len(torch_backends) > 1:
+        self.batcher = TextBatcher(base_path, max_len)
+        in_torch = {self.backend_for(t) for t in (*TEXT_TASKS, "purchase_intent")} - set(ONNX_BACKENDS)
+        text_torch = {self.backend_for(t) for t in TEXT_TASKS} - set(ONNX_BACKENDS)
+        if len(text_torch) > 1:
             raise StartupError(
                 "torch and torch-bf16 share one base model: pick one of them for all text tasks"
             )
-        self.tokenizer: PreTrainedTokenizerBase
         self._base: Any = None  # the torch encoder, only when a text task runs in torch
-        if torch_backends:
-            self.tokenizer, self._base = load_base(base_path)
-        else:  # ONNX only: no torch encoder in memory (each artifact holds its merged graph)
-            self.tokenizer = load_tokenizer(base_path)
-        if torch_backends == {"torch-bf16"}:
+        if in_torch:
+            import torch
+
+            if threads > 0:
+                torch.set_num_threads(threads)
+        if text_torch:
+            from streamtune.model.encoder import load_base
+
+            _, self._base = load_base(base_path)
+        if text_torch == {"torch-bf16"}:
+            import torch
+
             # bf16 base weights (AMX/AVX-512 matmuls); LoRA weights and heads stay fp32 and peft
             # casts at the boundary. Agreement with fp32 is measured by `streamtune bench`.
             self._base.to(dtype=torch.bfloat16)
-        self._peft: PeftModel | None = None
+        self._peft: Any = None  # peft.PeftModel over the torch encoder
         self.routes: dict[str, Route] = {}
         self._loaded: dict[tuple[str, int], LoadedAdapter] = {}
         self._verified: dict[tuple[str, int], Manifest] = {}
 
     def backend_for(self, task: str) -> str:
-        if task not in TEXT_TASKS:
-            return "torch"
-        return self.task_backends.get(task, self.backend)
+        return resolve_backend(task, self.backend, self.task_backends)
 
     def batch_size_for(self, task: str) -> int:
         return self.task_batch_sizes.get(task, self.batch_size)
@@ -151,7 +146,7 @@ class ModelRuntime:
         thread, so a hot-swap does this off the scoring path and the model thread only loads."""
         manifest = self.registry.verify(task, version, base_sha256=self.base_sha256)
         backend = self.backend_for(task)
-        if backend in ONNX_BACKENDS and manifest.kind == "text-lora":
+        if backend in ONNX_BACKENDS:
             self.registry.verify_artifact(task, version, backend)
         self._verified[(task, version)] = manifest
         return manifest
@@ -165,7 +160,9 @@ class ModelRuntime:
         manifest = self._verified.get((task, version)) or self.verify(task, version)
         path = self.registry.fetch(task, version)
         try:
-            if manifest.kind == "text-lora":
+            if self.backend_for(task) in ONNX_BACKENDS:
+                loaded = self._load_onnx(manifest)
+            elif manifest.kind == "text-lora":
                 loaded = self._load_text(manifest, path)
             else:
                 loaded = self._load_click(manifest, path)
@@ -180,14 +177,18 @@ class ModelRuntime:
         self._loaded[(task, version)] = loaded
         return loaded
 
-    def _load_text(self, manifest: Manifest, path: Path) -> LoadedAdapter:
+    def _load_onnx(self, manifest: Manifest) -> LoadedAdapter:
         backend = self.backend_for(manifest.task)
-        if backend in ONNX_BACKENDS:
-            _, model_file = self.registry.verify_artifact(manifest.task, manifest.version, backend)
-            return LoadedAdapter(
-                manifest=manifest, session=session(model_file, self.threads), backend=backend
-            )
-        loaded = LoadedAdapter(manifest=manifest, backend=backend)
+        _, model_file = self.registry.verify_artifact(manifest.task, manifest.version, backend)
+        return LoadedAdapter(manifest=manifest, session=session(model_file, self.threads), backend=backend)
+
+    def _load_text(self, manifest: Manifest, path: Path) -> LoadedAdapter:
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        from streamtune.model.encoder import Head
+
+        loaded = LoadedAdapter(manifest=manifest, backend=self.backend_for(manifest.task))
         if self._peft is None:
             self._peft = PeftModel.from_pretrained(self._base, str(path), adapter_name=loaded.name)
         elif loaded.name not in self._peft.peft_config:
@@ -201,6 +202,11 @@ class ModelRuntime:
         return loaded
 
     def _load_click(self, manifest: Manifest, path: Path) -> LoadedAdapter:
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
+
         net = ClickNet()
         net.load_state_dict(load_file(str(path / CLICK_BASE_WEIGHTS)))
         model = PeftModel.from_pretrained(net, str(path))
@@ -210,7 +216,7 @@ class ModelRuntime:
     def _smoke(self, loaded: LoadedAdapter) -> None:
         task = loaded.manifest.task
         probe: list[str] | list[list[float]]
-        if loaded.click is not None:
+        if loaded.manifest.kind != "text-lora":
             from streamtune.features import FEATURE_DIM
 
             probe = [[0.0] * FEATURE_DIM]
@@ -289,26 +295,38 @@ class ModelRuntime:
         assert probs is not None
         return Scored(task, route.live.manifest.labels, probs, versions, shadow_stats)
 
-    @torch.inference_mode()
     def _forward(self, loaded: LoadedAdapter, inputs: list[str] | list[list[float]]) -> Scored:
         m = loaded.manifest
-        if loaded.click is not None:
-            x = torch.tensor(inputs, dtype=torch.float32)
-            p = torch.sigmoid(loaded.click(x)).unsqueeze(-1)
-            return Scored(m.task, m.labels, p.numpy(), np.full(len(inputs), m.version))
+        versions = np.full(len(inputs), m.version)
         if loaded.session is not None:
-            opts = OnnxOptions(self.threads, self.batch_size_for(m.task), self.max_len)
-            probs = run_session(loaded.session, self.tokenizer, inputs, opts)  # type: ignore[arg-type]
-            return Scored(m.task, m.labels, probs, np.full(len(inputs), m.version))
+            if m.kind == "text-lora":
+                probs = run_text(loaded.session, self.batcher, inputs, self.batch_size_for(m.task))  # type: ignore[arg-type]
+            else:
+                probs = run_click(loaded.session, inputs)  # type: ignore[arg-type]
+            return Scored(m.task, m.labels, probs, versions)
+        import torch
+
+        with torch.inference_mode():
+            if loaded.click is not None:
+                x = torch.tensor(inputs, dtype=torch.float32)
+                p = torch.sigmoid(loaded.click(x)).unsqueeze(-1)
+                return Scored(m.task, m.labels, p.numpy(), versions)
+            return Scored(m.task, m.labels, self._torch_text(loaded, inputs), versions)  # type: ignore[arg-type]
+
+    def _torch_text(self, loaded: LoadedAdapter, texts: list[str]) -> np.ndarray:
+        import torch
+
+        from streamtune.model.encoder import mean_pool
+
         assert self._peft is not None and loaded.head is not None
         self._peft.set_adapter(loaded.name)
-        out = np.zeros((len(inputs), len(m.labels)), dtype=np.float32)
-        chunk = self.batch_size_for(m.task)
-        for rows, batch in sorted_batches(self.tokenizer, inputs, self.max_len, chunk):  # type: ignore[arg-type]
-            hidden = self._peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            pooled = mean_pool(hidden.last_hidden_state.float(), batch["attention_mask"])
+        out = np.zeros((len(texts), len(loaded.manifest.labels)), dtype=np.float32)
+        for rows, ids, mask in self.batcher.chunks(texts, self.batch_size_for(loaded.manifest.task)):
+            attention = torch.from_numpy(mask)
+            hidden = self._peft(input_ids=torch.from_numpy(ids), attention_mask=attention)
+            pooled = mean_pool(hidden.last_hidden_state.float(), attention)
             out[rows] = torch.softmax(loaded.head(pooled), dim=-1).numpy()
-        return Scored(m.task, m.labels, out, np.full(len(inputs), m.version))
+        return out
 
 
 def _decisions(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

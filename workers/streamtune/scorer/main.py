@@ -11,7 +11,7 @@ import structlog
 from streamtune.errors import AdapterError, StartupError
 from streamtune.faust_app import DrainingWorker, drain_app
 from streamtune.logs import configure_logging
-from streamtune.model.onnx_export import ensure_artifact
+from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.registry import LocalRegistry, registry_for
 from streamtune.releases import ReleaseFollower, ReleaseLog
@@ -95,6 +95,12 @@ def prepare(settings: Settings) -> ScorerResources:
     )  # fmt: skip
 
     def export_missing(task: str, version: int) -> None:
+        if settings.backend_for(task) not in ONNX_BACKENDS or registry.artifact(
+            task, version, settings.backend_for(task)
+        ):
+            return
+        from streamtune.model.onnx_export import ensure_artifact  # torch: only when exporting
+
         ensure_artifact(settings, registry, task, version)
 
     prepare_version = export_missing if settings.export_on_start else None
