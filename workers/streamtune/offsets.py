@@ -65,10 +65,10 @@ class OffsetGuard:
         return DONE if self._processed(tp, offset) else TAKE
 
     def needs_start(self, tp: TopicPartition) -> bool:
-        """True when ``tp`` has no expectation yet and no committed offset to resume from: the
-        caller then supplies the partition's log start offset (:meth:`start_at`), where a group
-        without commits begins (auto_offset_reset=earliest); otherwise a record skipped before the
-        first delivered one could not be noticed."""
+        """True when ``tp`` has no expectation yet and no known committed offset: the caller then
+        supplies where it resumes (:meth:`start_at`: the group's commit as the broker holds it,
+        or the log start offset when there is none); otherwise a record skipped before the first
+        delivered one could not be noticed."""
         return tp not in self._next and self._committed(tp) is None
 
     def start_at(self, tp: TopicPartition, offset: int) -> None:
