@@ -367,15 +367,15 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
             t_cpu0 = cpu()
             started = time.monotonic()
             profile: dict[str, Any] | None = None
-            if dep.profile_s > 0 and task == "review_sentiment":
+            if dep.profile_s > 0:
                 pool = ThreadPoolExecutor(1)
                 fut = pool.submit(
-                    _profile, scorers[0].proc.pid, dep.profile_s, work / f"profile-{dep.name}.txt"
+                    _profile, scorers[0].proc.pid, dep.profile_s, work / f"profile-{dep.name}-{task}.txt"
                 )
             sent = replay(s, [task], cfg.events, 0.0, seed=11).sent[task]  # fewer when the data is short
             scorers[0].wait_for(lambda t=task, b=before, n=sent: scored(t) - b >= n, 900, f"{task} results")
             seconds = time.monotonic() - started
-            if dep.profile_s > 0 and task == "review_sentiment":
+            if dep.profile_s > 0:
                 profile = fut.result()
                 pool.shutdown()
             t_cpu1 = cpu()
@@ -733,9 +733,11 @@ def markdown(r: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
             f"thread(s) each, three tasks loaded): {e['scorer_peak_rss_mib']:.0f} MiB.  "
         )
     lines += [f"Cost at {cfg['price_per_hour']} USD per hour for 2 vCPU (see README: cost).", ""]
-    prof = r["end_to_end"].get("tuned", {}).get("review_sentiment", {}).get("profile")
-    if prof:
-        lines += ["## Profile (py-spy, tuned scorer, reviews at full rate)", ""]
+    for task in TEXT_TASKS:
+        prof = r["end_to_end"].get("tuned", {}).get(task, {}).get("profile")
+        if not prof:
+            continue
+        lines += [f"## Profile (py-spy, tuned scorer, {task} at full rate)", ""]
         if "error" in prof:
             lines.append(prof["error"])
         else:
