@@ -101,6 +101,10 @@ def settings(stack: Stack, tmp_path: Path) -> Settings:
         commit_interval_s=0.2,
         kafka_session_timeout_s=15.0,  # a SIGKILLed scorer's partitions move on quickly
         torch_threads=1,
+        # Delivery and rollout tests copy versions around without exporting them: torch needs no
+        # artifacts. The default (ONNX) path runs in test_onnx_backend, the ONNX end-to-end test,
+        # the demo test (trainer export + canary hot-swap) and the benchmark's quick mode.
+        backend="torch",
         log_json=True,
         lib_log_level="INFO",  # rebalances and table recovery in the worker logs a failed test prints
     )

@@ -61,9 +61,9 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(128, ge=8, le=512, description="Tokens per text (longer texts are truncated)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: one per core)")
     backend: str = Field(
-        "torch",
-        description="Inference backend of the text tasks: torch (fp32), torch-bf16 (bf16 base weights), "
-        "onnx-fp32 or onnx-int8 (ONNX Runtime, fused graph; exported per adapter version)",
+        "onnx-fp32",
+        description="Inference backend of the text tasks: onnx-fp32 (default, chosen by `streamtune bench "
+        "throughput`), onnx-int8, torch (fp32) or torch-bf16; ONNX graphs are exported per adapter version",
     )
     task_backends: dict[str, str] = Field(
         default_factory=dict,

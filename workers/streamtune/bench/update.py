@@ -169,6 +169,10 @@ def swap(
         producer = threading.Thread(target=produce, daemon=True)
         producer.start()
         scorer.wait_for(lambda: len(results) >= cfg.swap_results, 600, "steady-state results")
+        # As the trainer does: an ONNX deployment gets the new version's artifact before the release.
+        from streamtune.model.onnx_export import ensure_artifact
+
+        ensure_artifact(s, reg, TASK, new_version)
         released_at = time.time()
         releases.publish(promote(TASK, new_version, reg.manifest_sha256(TASK, new_version), by="bench"))  # type: ignore[arg-type]
         scorer.wait_for(
