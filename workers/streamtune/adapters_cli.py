@@ -44,14 +44,14 @@ def _verified(reg: LocalRegistry, task: str, version: int, force: bool = False) 
     m = reg.manifest(task, version)
     base = base_model_sha256(s.base_model) if m.kind == "text-lora" else None
     verified = reg.verify(task, version, base_sha256=base)
-    backend = s.backend_for(task)
-    if backend.startswith("onnx-"):
-        reg.verify_artifact(task, version, backend)  # scorers on this backend would refuse it
     if not verified.releasable and not force:
         raise StreamtuneError(
             f"{task} v{version} failed its release gate ({verified.gate.get('reason', 'no reason')}); "
             "use --force to release it anyway"
         )
+    backend = s.backend_for(task)
+    if backend.startswith("onnx-"):
+        reg.verify_artifact(task, version, backend)  # scorers on this backend would refuse it
     return verified
 
 
