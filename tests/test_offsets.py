@@ -49,17 +49,6 @@ def test_the_first_record_after_an_assignment_is_checked_against_the_commit() ->
     assert g.expected(other) == 41
 
 
-def test_without_a_commit_the_log_start_is_the_baseline() -> None:
-    g = OffsetGuard(committed=lambda tp: None)
-    assert g.needs_start(TP)
-    g.start_at(TP, 0)  # what the agent looks up: the partition's log start offset
-    assert not g.needs_start(TP)
-    assert g.observe(TP, 1) == 0  # offset 0 never came: seek back to it
-    assert g.observe(TP, 0) == TAKE
-    committed = OffsetGuard(committed=lambda tp: 5)
-    assert not committed.needs_start(TP)  # a commit says where to resume
-
-
 def test_disable_gap_filling_replaces_the_consumer_method() -> None:
     added: list[tuple[int, int]] = []
 

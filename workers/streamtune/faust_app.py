@@ -110,11 +110,6 @@ class SkipGuard:
         """The events to process, in order; the others stay pending and come again, or were
         processed already (the stream acknowledges those as usual)."""
         kept, skipping = [], set()
-        for part in {TP(ev.message.topic, ev.message.partition) for ev in events}:
-            if self.guard.needs_start((part.topic, part.partition)):
-                start = await self._resume_offset(part)
-                if start is not None:
-                    self.guard.start_at((part.topic, part.partition), start)
         for ev in events:
             m = ev.message
             tp = (m.topic, m.partition)
@@ -129,23 +124,6 @@ class SkipGuard:
                 skipping.add(tp)
                 await self._seek(m.topic, m.partition, int(verdict), m.offset)
         return kept
-
-    async def _resume_offset(self, tp: TP) -> int | None:
-        """Where ``tp`` resumes when Faust has not cached its commit yet (records can arrive before
-        Faust's own seek to the committed offsets, e.g. while tables recover): the group's commit
-        as the broker holds it, else (never committed) the partition's log start offset, where
-        auto_offset_reset=earliest begins. None when neither can be asked."""
-        thread = getattr(self.app.consumer, "_thread", None)
-        try:
-            if thread is not None:
-                committed = await thread.call_thread(thread._ensure_consumer().committed, tp)
-                if committed is not None:
-                    return int(committed)
-            earliest = (await self.app.consumer.earliest_offsets(tp)).get(tp)
-        except Exception as e:  # the broker may be away for a moment: fall back to the first record
-            log.warning("resume_offset_unknown", topic=tp.topic, partition=tp.partition, error=str(e))
-            return None
-        return None if earliest is None else int(earliest)
 
     def retry_later(self, message: Any) -> None:
         """Leave a record admitted but not started: unacknowledged, expected again."""

@@ -64,17 +64,6 @@ class OffsetGuard:
             self._next[tp] = offset + 1
         return DONE if self._processed(tp, offset) else TAKE
 
-    def needs_start(self, tp: TopicPartition) -> bool:
-        """True when ``tp`` has no expectation yet and no known committed offset: the caller then
-        supplies where it resumes (:meth:`start_at`: the group's commit as the broker holds it,
-        or the log start offset when there is none); otherwise a record skipped before the first
-        delivered one could not be noticed."""
-        return tp not in self._next and self._committed(tp) is None
-
-    def start_at(self, tp: TopicPartition, offset: int) -> None:
-        if tp not in self._next:
-            self._next[tp] = offset
-
     def rewind(self, tp: TopicPartition, offset: int) -> None:
         """Expect ``offset`` next again (its batch failed and is taken again after a seek)."""
         expected = self._next.get(tp)
