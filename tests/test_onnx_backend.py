@@ -154,3 +154,23 @@ def test_backend_settings_are_validated() -> None:
 def test_torch_and_bf16_cannot_share_the_base(reg: LocalRegistry) -> None:
     with pytest.raises(StartupError, match="share one base"):
         ModelRuntime(Settings().base_model, reg, backend="torch", task_backends={TASK: "torch-bf16"})
+
+
+def test_a_swapped_out_onnx_version_releases_its_session(
+    settings: Settings, reg: LocalRegistry, fp32_artifact: Artifact
+) -> None:
+    """Each ONNX version holds a whole merged model: only versions a route uses stay loaded."""
+    src, dst = reg.fetch(TASK, 1), reg.root / TASK / "3"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("artifacts"))
+    m = json.loads((dst / "manifest.json").read_text())
+    m.update(version=3, parent_version=1)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    export_for(settings, reg, TASK, 3, "onnx-fp32")
+    rt = ModelRuntime(settings.base_model, reg, threads=1, backend="onnx-fp32")
+    rt.activate(rt.load(TASK, 1))
+    assert (TASK, 1) in rt._loaded
+    rt.activate(rt.load(TASK, 3))
+    assert (TASK, 3) in rt._loaded and (TASK, 1) not in rt._loaded
+    assert rt.score(TASK, ["winter boots"]).version == 3
+    rt.activate(rt.load(TASK, 1))  # a rollback loads it again
+    assert rt.score(TASK, ["winter boots"]).version == 1

@@ -29,7 +29,7 @@ import structlog
 from kafka import KafkaConsumer
 
 from streamtune.drift import critical_wave
-from streamtune.errors import StartupError
+from streamtune.errors import AdapterError, StartupError
 from streamtune.registry import LocalRegistry
 from streamtune.releases import ReleaseLog
 from streamtune.replay import replay
@@ -172,7 +172,11 @@ def swap(
         # As the trainer does: an ONNX deployment gets the new version's artifact before the release.
         from streamtune.model.onnx_export import ensure_artifact
 
-        ensure_artifact(s, reg, TASK, new_version)
+        art = ensure_artifact(s, reg, TASK, new_version)
+        if art is not None and not art.passed:
+            raise AdapterError(
+                f"{TASK} v{new_version}: {art.backend} artifact refused by its gate ({art.agreement:.4f})"
+            )
         released_at = time.time()
         releases.publish(promote(TASK, new_version, reg.manifest_sha256(TASK, new_version), by="bench"))  # type: ignore[arg-type]
         scorer.wait_for(

@@ -43,7 +43,7 @@ def run_text(sess: Any, batcher: TextBatcher, texts: Sequence[str], batch_size: 
     """Class probabilities for ``texts`` (length-sorted chunks inside), in input order."""
     out: np.ndarray | None = None
     for rows, ids, mask in batcher.chunks(texts, batch_size):
-        probs = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        probs = _run(sess, {"input_ids": ids, "attention_mask": mask})
         if out is None:
             out = np.zeros((len(texts), probs.shape[1]), dtype=np.float32)
         out[rows] = probs
@@ -54,4 +54,12 @@ def run_text(sess: Any, batcher: TextBatcher, texts: Sequence[str], batch_size: 
 def run_click(sess: Any, rows: Sequence[Sequence[float]]) -> np.ndarray:
     """Purchase probability per session row, shape [rows, 1]."""
     x = np.asarray(rows, dtype=np.float32)
-    return np.asarray(sess.run(None, {"x": x})[0], dtype=np.float32).reshape(len(rows), 1)
+    return np.asarray(_run(sess, {"x": x}), dtype=np.float32).reshape(len(rows), 1)
+
+
+def _run(sess: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    try:
+        out: np.ndarray = sess.run(None, feeds)[0]
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
+        raise AdapterError(f"ONNX Runtime run failed: {e}") from e
+    return out

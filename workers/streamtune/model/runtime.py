@@ -235,6 +235,7 @@ class ModelRuntime:
     def set_route(self, task: str, route: Route) -> None:
         """Swap what scores ``task``. Called on the model thread, so it lands between batches."""
         self.routes[task] = route
+        self._release_unused()
         log.info(
             "adapter_route",
             task=task,
@@ -242,6 +243,21 @@ class ModelRuntime:
             canary=route.canary.manifest.version if route.canary else None,
             fraction=route.fraction,
         )
+
+    def _release_unused(self) -> None:
+        """Drop ONNX sessions no route uses (each holds a whole merged model, ~90 MiB for fp32);
+        a version served again later is verified and loaded again. Torch adapters are small
+        LoRA weights inside the shared model and stay cached."""
+        in_use = {
+            (a.manifest.task, a.manifest.version)
+            for r in self.routes.values()
+            for a in (r.live, r.canary)
+            if a is not None
+        }
+        for key, loaded in list(self._loaded.items()):
+            if loaded.session is not None and key not in in_use:
+                del self._loaded[key]
+                self._verified.pop(key, None)
 
     def load_latest(self, tasks: tuple[str, ...]) -> None:
         for task in tasks:
