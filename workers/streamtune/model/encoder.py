@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from streamtune.errors import StartupError
-from streamtune.model.tokens import BASE_WEIGHTS, base_model_sha256, length_chunks  # noqa: F401 (re-exported)
+from streamtune.model.tokens import base_model_sha256  # noqa: F401 (re-exported for training code)
 
 LORA_TARGETS = ["query", "key", "value", "dense"]
 
@@ -41,22 +40,6 @@ def load_base(base_path: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]
 def mean_pool(last_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     mask = attention_mask.unsqueeze(-1).to(last_hidden.dtype)
     return (last_hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
-
-
-def sorted_batches(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int, chunk: int, tensors: str = "pt"
-) -> Iterator[tuple[list[int], dict[str, Any]]]:
-    """Tokenize once, then yield ``(rows, padded tensors)`` per length-sorted chunk
-    (``tensors``: "pt" for torch, "np" for ONNX Runtime)."""
-    enc = tokenizer(texts, truncation=True, max_length=max_len)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    for rows in length_chunks([len(x) for x in ids], chunk):
-        padded = tokenizer.pad(
-            {"input_ids": [ids[i] for i in rows], "attention_mask": [mask[i] for i in rows]},
-            return_tensors=tensors,
-            verbose=False,
-        )
-        yield rows, dict(padded)
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_len: int) -> dict[str, Any]:

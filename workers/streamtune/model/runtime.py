@@ -127,6 +127,7 @@ class ModelRuntime:
         self.routes: dict[str, Route] = {}
         self._loaded: dict[tuple[str, int], LoadedAdapter] = {}
         self._verified: dict[tuple[str, int], Manifest] = {}
+        self._artifact_files: dict[tuple[str, int], Path] = {}  # ONNX model files verify() checked
 
     def backend_for(self, task: str) -> str:
         return resolve_backend(task, self.backend, self.task_backends)
@@ -147,7 +148,7 @@ class ModelRuntime:
         manifest = self.registry.verify(task, version, base_sha256=self.base_sha256)
         backend = self.backend_for(task)
         if backend in ONNX_BACKENDS:
-            self.registry.verify_artifact(task, version, backend)
+            self._artifact_files[(task, version)] = self.registry.verify_artifact(task, version, backend)[1]
         self._verified[(task, version)] = manifest
         return manifest
 
@@ -179,7 +180,7 @@ class ModelRuntime:
 
     def _load_onnx(self, manifest: Manifest) -> LoadedAdapter:
         backend = self.backend_for(manifest.task)
-        _, model_file = self.registry.verify_artifact(manifest.task, manifest.version, backend)
+        model_file = self._artifact_files[(manifest.task, manifest.version)]  # checked by verify()
         return LoadedAdapter(manifest=manifest, session=session(model_file, self.threads), backend=backend)
 
     def _load_text(self, manifest: Manifest, path: Path) -> LoadedAdapter:
@@ -258,6 +259,7 @@ class ModelRuntime:
             if loaded.session is not None and key not in in_use:
                 del self._loaded[key]
                 self._verified.pop(key, None)
+                self._artifact_files.pop(key, None)
 
     def load_latest(self, tasks: tuple[str, ...]) -> None:
         for task in tasks:
