@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from streamtune.offsets import DONE, TAKE, OffsetGuard, disable_gap_filling
+from streamtune.offsets import DONE, IN_PROGRESS, TAKE, OffsetGuard, disable_gap_filling
 
 TP = ("events.review", 0)
 
@@ -95,3 +95,20 @@ def test_rewind_expects_a_failed_batch_again() -> None:
     g.rewind(TP, 11)  # the batch 11..15 failed
     assert g.observe(TP, 16) == 11  # not a skip past the failed batch
     assert [g.observe(TP, o) for o in (10, 11, 12)] == [DONE, TAKE, TAKE]
+
+
+def test_a_copy_delivered_while_the_first_is_in_progress_is_held_back() -> None:
+    g = OffsetGuard(track_in_progress=True)
+    assert [g.observe(TP, o) for o in (9, 10, 11)] == [TAKE] * 3
+    # Faust re-seeks to the commit and delivers 9-11 again while their batch is still running
+    assert [g.observe(TP, o) for o in (9, 10, 11)] == [IN_PROGRESS] * 3
+    g.mark_done(TP, 9)
+    assert g.observe(TP, 9) == DONE
+    g.rewind(TP, 10)  # the batch holding 10-11 failed: they are read again and taken again
+    assert [g.observe(TP, o) for o in (10, 11)] == [TAKE, TAKE]
+
+
+def test_without_tracking_a_redelivered_unfinished_record_is_taken_again() -> None:
+    g = OffsetGuard()  # the trainer: records are not reported back
+    assert [g.observe(TP, o) for o in (3, 4)] == [TAKE, TAKE]
+    assert g.observe(TP, 3) == TAKE

@@ -55,10 +55,10 @@ def _verified(reg: LocalRegistry, task: str, version: int, force: bool = False) 
     return verified
 
 
-def _live(reg: LocalRegistry, state: Release | None, task: str) -> int:
+def _live(s: Settings, reg: LocalRegistry, state: Release | None, task: str) -> int:
     if state is not None:
         return state.live_version
-    v = reg.default_version(task)
+    v = reg.default_version(task, s.backend_for(task))  # what a scorer would start with
     if v is None:
         raise AdapterError(f"{task} has no version to serve")
     return v
@@ -67,14 +67,14 @@ def _live(reg: LocalRegistry, state: Release | None, task: str) -> int:
 @adapters.command("list")
 def list_() -> None:
     """Every version per task with its main metric, gate verdict and rollout stage."""
-    _, reg, log = _ctx()
+    s, reg, log = _ctx()
     states = log.states()
     table = Table()
     for col in ("task", "version", "parent", "created", "metric", "value", "gate", "artifacts", "serving"):
         table.add_column(col)
     for task in TASK_NAMES:
         state = states.get(task)
-        live = _live(reg, state, task) if reg.versions(task) else None
+        live = _live(s, reg, state, task) if reg.versions(task) else None
         for v in reg.versions(task):
             try:
                 m = reg.manifest(task, v)
@@ -119,7 +119,7 @@ def export(
     from streamtune.model.onnx_export import export_for
 
     s, reg, log = _ctx()
-    v = version if version is not None else _live(reg, log.states().get(_task(task)), task)
+    v = version if version is not None else _live(s, reg, log.states().get(_task(task)), task)
     art = export_for(s, reg, task, v, backend)
     verdict = "[green]passed[/]" if art.passed else "[red]refused[/]"
     out.print(
@@ -146,9 +146,9 @@ def canary_(
     force: Annotated[bool, typer.Option(help="Release even if its gate rejected it")] = False,
 ) -> None:
     """Route a share of products/sessions to VERSION; the rest stay on the live version."""
-    _, reg, log = _ctx()
+    s, reg, log = _ctx()
     _verified(reg, _task(task), version, force)
-    live = _live(reg, log.states().get(task), task)
+    live = _live(s, reg, log.states().get(task), task)
     if live == version:
         raise StreamtuneError(f"{task} v{version} is already live")
     rel = canary(task, version, fraction, live, reg.manifest_sha256(task, version), getpass.getuser())  # type: ignore[arg-type]

@@ -15,7 +15,8 @@ import structlog
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from streamtune.offsets import DONE, TAKE, OffsetGuard, disable_gap_filling
+from streamtune.group_offsets import GroupStartOffsets
+from streamtune.offsets import DONE, IN_PROGRESS, TAKE, OffsetGuard, disable_gap_filling
 from streamtune.security import faust_credentials
 from streamtune.settings import Settings
 
@@ -95,10 +96,27 @@ class SkipGuard:
 
     RESEEK_AFTER_S = 0.2  # stale prefetched records can still arrive after a seek: seek again
 
-    def __init__(self, app: faust.App, on_skip: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        on_skip: Callable[[], None] | None = None,
+        settings: Settings | None = None,
+        overlapping: bool = False,
+    ) -> None:
+        """``overlapping``: batches overlap and every admitted record is reported back (done or
+        rewound), so a second copy delivered meanwhile is held back, not processed twice."""
         self.app = app
         self.on_skip = on_skip
-        self.guard = OffsetGuard(committed=lambda tp: app.consumer._committed_offset.get(tp))  # type: ignore[attr-defined]
+        # Without settings (unit tests) the guard relies on Faust's cached commits only.
+        self.starts = None
+        self.lookup_timeout_s = 5.0
+        if settings is not None:
+            self.lookup_timeout_s = max(1.0, settings.kafka_session_timeout_s / 4)
+            self.starts = GroupStartOffsets(settings, app.conf.id, timeout_s=self.lookup_timeout_s)
+        self.guard = OffsetGuard(
+            committed=lambda tp: app.consumer._committed_offset.get(tp),  # type: ignore[attr-defined]
+            track_in_progress=overlapping,
+        )
         self._sought: dict[tuple[str, int], tuple[int, float]] = {}
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
@@ -106,9 +124,18 @@ class SkipGuard:
             self.guard.reset()
             self._sought.clear()
 
+        @app.on_before_shutdown.connect  # type: ignore[arg-type]
+        async def _close(app: faust.App, **_: Any) -> None:
+            if self.starts is not None:
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self.starts.close)
+                except Exception:  # the other shutdown handlers must still run
+                    log.warning("group_offsets_close_failed", exc_info=True)
+
     async def admit(self, events: Sequence[Any]) -> list[Any]:
         """The events to process, in order; the others stay pending and come again, or were
         processed already (the stream acknowledges those as usual)."""
+        await self._learn_starts(events)
         kept, skipping = [], set()
         for ev in events:
             m = ev.message
@@ -119,11 +146,35 @@ class SkipGuard:
             verdict = self.guard.observe(tp, m.offset)
             if verdict == TAKE:
                 kept.append(ev)
+            elif verdict == IN_PROGRESS:  # a second copy: the first one's ack will cover it
+                leave_pending(self.app, m)
             elif verdict != DONE:
                 leave_pending(self.app, m)
                 skipping.add(tp)
                 await self._seek(m.topic, m.partition, int(verdict), m.offset)
         return kept
+
+    async def _learn_starts(self, events: Sequence[Any]) -> None:
+        """First records after an assignment: where the group resumes, from the broker (see
+        group_offsets.py). Without an answer the guard falls back to Faust's cached commit, else
+        the first record delivered (a skip before that one then goes unseen: logged)."""
+        if self.starts is None:
+            return
+        unknown = {
+            (ev.message.topic, ev.message.partition)
+            for ev in events
+            if self.guard.expected((ev.message.topic, ev.message.partition)) is None
+        }
+        if not unknown:
+            return
+        try:
+            # Bounded well inside a rebalance: Faust's revocation waits for these records.
+            found = await asyncio.wait_for(self.starts.starts(unknown), self.lookup_timeout_s)
+        except Exception as e:  # GroupOffsetsError, a timeout, a closed pool: fall back, keep going
+            log.warning("resume_offsets_unknown", error=str(e) or type(e).__name__)
+            return
+        for tp, offset in found.items():
+            self.guard.start(tp, offset)
 
     def retry_later(self, message: Any) -> None:
         """Leave a record admitted but not started: unacknowledged, expected again."""
@@ -131,8 +182,10 @@ class SkipGuard:
         leave_pending(self.app, message)
 
     async def rewind(self, events: Sequence[Any]) -> None:
-        """A batch failed: its records stay unacknowledged, and each partition is read again from
-        the batch's first offset (the processed ones among them are recognised as done)."""
+        """Batches failed: their records stay unacknowledged, and each partition is read again
+        from its first offset among them (the processed ones are recognised as done). Every
+        expectation is lowered before the first seek awaits, so nothing admitted meanwhile can
+        pass the rewound records."""
         first: dict[tuple[str, int], int] = {}
         for ev in events:
             m = ev.message
@@ -140,8 +193,9 @@ class SkipGuard:
             first[tp] = min(first.get(tp, m.offset), m.offset)
             m.decref()  # the batch's own pin (see scorer/app.py)
             leave_pending(self.app, m)
+        for tp, offset in first.items():
+            self.guard.rewind(tp, offset)
         for (topic, partition), offset in first.items():
-            self.guard.rewind((topic, partition), offset)
             if TP(topic, partition) in self.app.consumer.assignment():
                 await self.app.consumer.seek(TP(topic, partition), offset)
 
@@ -183,16 +237,23 @@ class BatchGate:
             self._idle.set()
         return self._idle
 
-    @asynccontextmanager
-    async def batch(self) -> AsyncIterator[None]:
+    def begin(self) -> None:
+        """A batch starts (synchronously, so a close that follows waits for it)."""
         self._in_flight += 1
         self._event().clear()
+
+    def end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._event().set()
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[None]:
+        self.begin()
         try:
             yield
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._event().set()
+            self.end()
 
     async def close(self, timeout_s: float) -> bool:
         """Close and wait for the batches in progress; False when they outlasted ``timeout_s``."""

@@ -30,6 +30,9 @@ TopicPartition = tuple[str, int]
 
 TAKE = "take"  # process it
 DONE = "done"  # processed before in this assignment: acknowledge it again, do not redo it
+# Delivered again while its first delivery is still being processed (batches overlap): neither
+# process nor acknowledge this copy; the first one's acknowledgement covers the offset.
+IN_PROGRESS = "in_progress"
 
 
 class OffsetGuard:
@@ -39,10 +42,19 @@ class OffsetGuard:
     ``committed`` gives the offset a partition resumes from after an assignment (or None when
     unknown); it is asked the first time a partition is seen after :meth:`reset`."""
 
-    def __init__(self, committed: Callable[[TopicPartition], int | None] = lambda tp: None) -> None:
+    def __init__(
+        self,
+        committed: Callable[[TopicPartition], int | None] = lambda tp: None,
+        track_in_progress: bool = False,
+    ) -> None:
+        """``track_in_progress``: the caller reports every taken record back (:meth:`mark_done`
+        or :meth:`rewind`), so a copy delivered while the first is in progress can be told
+        apart (:data:`IN_PROGRESS`); callers that do not report back leave it off."""
         self._committed = committed
+        self._track = track_in_progress
         self._next: dict[TopicPartition, int] = {}
         self._done: dict[TopicPartition, list[tuple[int, int]]] = {}
+        self._taken: dict[TopicPartition, set[int]] = {}  # taken, neither done nor rewound yet
 
     def reset(self) -> None:
         """Forget what was delivered (partitions were revoked: the next owner resumes from the
@@ -62,17 +74,34 @@ class OffsetGuard:
             return expected  # keep expecting it until it arrives
         if expected is None or offset == expected:
             self._next[tp] = offset + 1
-        return DONE if self._processed(tp, offset) else TAKE
+        if self._processed(tp, offset):
+            return DONE
+        if self._track:
+            taken = self._taken.setdefault(tp, set())
+            if offset in taken:
+                return IN_PROGRESS
+            taken.add(offset)
+        return TAKE
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        """Where ``tp`` resumes after an assignment (the group's commit, else the log start), when
+        known before its first record; takes precedence over ``committed``."""
+        if tp not in self._next:
+            self._next[tp] = offset
 
     def rewind(self, tp: TopicPartition, offset: int) -> None:
-        """Expect ``offset`` next again (its batch failed and is taken again after a seek)."""
+        """Expect ``offset`` next again (its batch failed and is taken again after a seek); the
+        offsets from there on are no longer taken."""
         expected = self._next.get(tp)
         if expected is None or offset < expected:
             self._next[tp] = offset
+        if taken := self._taken.get(tp):
+            self._taken[tp] = {o for o in taken if o < offset}
 
     def mark_done(self, tp: TopicPartition, offset: int) -> None:
         """The record at ``offset`` was processed and its writes flushed. Kept as ranges
         ``[start, end)``: normally one per partition, more only around skips."""
+        self._taken.get(tp, set()).discard(offset)
         ranges = self._done.setdefault(tp, [])
         i = bisect.bisect_right(ranges, (offset, offset + 1))
         if i > 0 and ranges[i - 1][0] <= offset < ranges[i - 1][1]:

@@ -11,10 +11,15 @@ On-disk shape, one directory per version::
             artifact.json          backend, the version's manifest sha256, label agreement with fp32,
                                    what stayed fp32, the file's sha256, passed
             model.onnx             adapter merged into the base, graph-optimized (and quantized)
+        artifacts/.lock            advisory lock (flock) of the artifact publishers; never removed
+        artifacts/.<backend>.*/    an export being staged (hidden names are never artifacts)
 
 A version's own files never change. Derived artifacts (ONNX Runtime graphs) are exported after
 publishing, each under its backend's name and immutable once it passed its agreement gate; a
 refused export leaves only its record (``passed: false``), which a later export may replace.
+Several processes may export the same artifact at once (scorers starting on a fresh registry,
+the trainer): the immutability check and the move into place run under the version's
+``artifacts/.lock``, so a passed artifact is never replaced and a record never goes missing.
 
 Publishing writes into a hidden temporary directory and renames it into place, so a reader
 never sees half a version; an existing version is never overwritten. Storage sits behind
@@ -23,12 +28,16 @@ never sees half a version; an existing version is never overwritten. Storage sit
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -41,6 +50,8 @@ from streamtune.events import TaskName
 MANIFEST = "manifest.json"
 ARTIFACTS = "artifacts"
 ARTIFACT_MANIFEST = "artifact.json"
+ARTIFACTS_LOCK = ".lock"  # in a version's artifacts/ directory; never removed
+STALE_AFTER_S = 3600.0  # a staging directory untouched this long belongs to a killed publisher
 ModelKind = Literal["text-lora", "click-mlp-lora"]
 
 
@@ -120,6 +131,35 @@ def _stage(tmp: Path, build_dir: Path, files: dict[str, str], record: str, final
     for p in tmp.iterdir():
         with p.open("rb") as f:
             os.fsync(f.fileno())
+
+
+def _swap_in(staged: Path, target: Path, files: dict[str, str]) -> None:
+    """Replace the record in the existing directory ``target`` by the one staged in ``staged``.
+
+    The model files move in first (a reader still sees the old record, which lists none of
+    them, being refused), then the record itself by one ``os.replace``: a reader sees the old
+    record or the new one, never none, whether it takes the lock or not. Whatever the new
+    record does not list (left by an earlier, killed swap) goes last."""
+    for name in files:
+        os.replace(staged / name, target / name)
+    os.replace(staged / ARTIFACT_MANIFEST, target / ARTIFACT_MANIFEST)
+    for p in target.iterdir():
+        if p.name != ARTIFACT_MANIFEST and p.name not in files:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _last_change(path: Path) -> float:
+    """The newest mtime of a directory and its entries (a publisher still staging touches them)."""
+    times = [path.stat().st_mtime]
+    for p in path.iterdir():
+        try:
+            times.append(p.lstat().st_mtime)
+        except FileNotFoundError:
+            continue
+    return max(times)
 
 
 class AdapterStore(Protocol):
@@ -280,13 +320,58 @@ class LocalRegistry:
                 raise AdapterError(f"{where}: checksum mismatch for {backend} artifact file {name}")
         return art, d / next(iter(art.files))
 
+    @contextmanager
+    def artifact_lock(self, task: str, version: int, shared: bool = False) -> Iterator[None]:
+        """Hold the advisory lock (``flock``) of a version's artifacts, across processes and
+        threads: exclusive for publishers, ``shared`` for a reader that wants a record and its
+        files as one publisher left them. Publishing holds it only to re-check and move into
+        place (the copy is staged before), so waiting for it is short.
+
+        Readers need not take it: the record is replaced by one rename (see
+        :meth:`publish_artifact`), so an unlocking reader sees the old record or the new one.
+        A shared lock is skipped where it cannot be had (no artifacts yet, a read-only mount
+        without a lock file): there is then no publisher to wait for."""
+        d = self._dir(task, version) / ARTIFACTS
+        path = d / ARTIFACTS_LOCK
+        if shared:
+            fd = -1
+            for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+                try:
+                    fd = os.open(path, flags, 0o644)
+                    break
+                except OSError:
+                    continue
+            if fd < 0:
+                yield
+                return
+        else:
+            d.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def publish_artifact(self, build_dir: Path, art: Artifact) -> Artifact:
         """Publish an artifact (its files in ``build_dir``; none for a refused one) atomically.
-        A passed artifact is immutable; a refused record may be replaced by a new export."""
+
+        A passed artifact is immutable (:class:`AdapterError`, also when another process
+        published one while this export ran); a refused record may be replaced by a new export.
+        The files are staged in a hidden directory first; then, under :meth:`artifact_lock`, the
+        record is read again and the staged directory renamed into place, or, when a record is
+        there (refused), its files moved into that directory and the record replaced by one
+        ``os.replace``. No reader, locking or not, ever sees a missing or half record: it sees
+        none (never exported), the old refused one, or the new one."""
+        where = f"{art.task} v{art.version}"
         target = self.artifact_dir(art.task, art.version, art.backend)
-        existing = self.artifact(art.task, art.version, art.backend)
-        if existing is not None and existing.passed:
-            raise AdapterError(f"{art.task} v{art.version}: {art.backend} artifact exists; it is immutable")
+
+        def refuse_passed() -> None:
+            existing = self.artifact(art.task, art.version, art.backend)
+            if existing is not None and existing.passed:
+                raise AdapterError(f"{where}: {art.backend} artifact exists; it is immutable")
+
+        refuse_passed()  # early, before copying; checked again under the lock
         files = (
             {p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file()} if art.passed else {}
         )
@@ -298,31 +383,43 @@ class LocalRegistry:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{art.backend}.", dir=target.parent))
             _stage(tmp, build_dir, files, ARTIFACT_MANIFEST, final)
-            if existing is not None:  # a refused record: move it aside, then take its place
-                old = target.parent / f".{art.backend}.refused"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(target, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, target)
+            with self.artifact_lock(art.task, art.version):
+                refuse_passed()  # another exporter may have published while this one staged
+                if target.is_dir():  # a refused record (or a directory without one): take its place
+                    _swap_in(tmp, target, files)
+                else:
+                    os.rename(tmp, target)
+                    tmp = None
         except OSError as e:
-            if tmp is not None:
+            raise AdapterError(f"publishing the {art.backend} artifact of {where} failed: {e}") from e
+        finally:
+            if tmp is not None:  # refused, failed, or the emptied staging directory of a swap
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise AdapterError(
-                f"publishing the {art.backend} artifact of {art.task} v{art.version} failed: {e}"
-            ) from e
         return final
 
-    def clean_stale(self) -> list[Path]:
-        """Remove temporary directories a killed publisher left behind (never a version)."""
+    def clean_stale(self, max_age_s: float = STALE_AFTER_S, now: float | None = None) -> list[Path]:
+        """Remove temporary directories a killed publisher left behind (never a version, an
+        artifact or the artifacts' lock file). Only those untouched for ``max_age_s`` (newest
+        mtime of the directory and its entries) go: a younger one may be another process's
+        publish in progress (a scorer exporting while the trainer starts)."""
+        cutoff = (time.time() if now is None else now) - max_age_s
         removed = []
         if self.root.is_dir():
             for task_dir in self.root.iterdir():
                 if task_dir.is_dir():
                     stale = [*task_dir.glob(".*.*"), *task_dir.glob(f"*/{ARTIFACTS}/.*")]
                     for p in stale:
-                        if p.is_dir() and not p.name[1:].isdigit():
-                            shutil.rmtree(p, ignore_errors=True)
-                            removed.append(p)
+                        if p.name == ARTIFACTS_LOCK or p.is_symlink() or not p.is_dir():
+                            continue
+                        if p.name[1:].isdigit():
+                            continue
+                        try:
+                            if _last_change(p) > cutoff:
+                                continue
+                        except FileNotFoundError:  # published (renamed) or removed meanwhile
+                            continue
+                        shutil.rmtree(p, ignore_errors=True)
+                        removed.append(p)
         return removed
 
     def sign_existing(self, task: str, version: int) -> bool:
@@ -342,12 +439,22 @@ class LocalRegistry:
         os.replace(tmp, path)
         return True
 
-    def default_version(self, task: str) -> int | None:
-        """What serves a task when no release was announced: the newest releasable version."""
+    def default_version(self, task: str, backend: str | None = None) -> int | None:
+        """What serves a task when no release was announced: the newest releasable version.
+
+        With ``backend`` (the one the task runs under), a version whose artifact for it was
+        refused by its gate (or whose record is invalid) is skipped too: it could not be
+        loaded. A version without that artifact still qualifies, as scorers export missing
+        artifacts at start (torch backends have none)."""
         for version in reversed(self.versions(task)):
             try:
-                if self.manifest(task, version).releasable:
-                    return version
+                if not self.manifest(task, version).releasable:
+                    continue
+                if backend is not None:
+                    art = self.artifact(task, version, backend)
+                    if art is not None and not art.passed:
+                        continue
+                return version
             except AdapterError:
                 continue
         return None

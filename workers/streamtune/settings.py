@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(REPO_ROOT / "data" / "samples", description="Shipped sample data sets")
     max_seq_len: int = Field(128, ge=8, le=512, description="Tokens per text (longer texts are truncated)")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: one per core)")
+    onnx_spinning: bool = Field(
+        True, description="ONNX Runtime threads busy-wait between runs (faster hand-off, burns CPU)"
+    )
     backend: str = Field(
         "onnx-fp32",
         description="Inference backend of the text tasks: onnx-fp32 (default, chosen by `streamtune bench "
@@ -86,6 +89,13 @@ class Settings(BaseSettings):
         32, ge=1, description="Rows per forward pass; larger batches run length-sorted in chunks of this size"
     )
     batch_max_ms: int = Field(50, ge=1, description="Longest wait to fill a batch, in ms (T)")
+    pipeline_depth: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Batches in progress per task: 2 lets the model score one while the previous is"
+        " written and the next decoded; 1 runs them one at a time",
+    )
     task_batch_max_events: dict[str, int] = Field(
         default_factory=dict, description='Per-task batch_max_events, JSON: {"query_class": 256}'
     )

@@ -23,13 +23,19 @@ class OnnxOptions:
     batch_size: int = 16
 
 
-def session(path: Path, threads: int) -> Any:
+def session(path: Path, threads: int, spinning: bool = True) -> Any:
     """An ONNX Runtime CPU session with deliberate thread counts (intra-op ``threads``, one
-    inter-op thread: batches run one at a time on the scorer's model thread)."""
+    inter-op thread: batches run one at a time on the scorer's model thread).
+
+    ``spinning``: ORT's intra-op workers busy-wait for work between runs (its default). That
+    saves a wake-up per run but burns the core the event loop needs between batches; off, they
+    sleep."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -91,8 +91,10 @@ class ModelRuntime:
         backend: str = "torch",
         task_backends: Mapping[str, str] | None = None,
         task_batch_sizes: Mapping[str, int] | None = None,
+        onnx_spinning: bool = True,
     ) -> None:
         self.registry = registry
+        self.onnx_spinning = onnx_spinning
         self.max_len = max_len
         self.threads = threads
         self.batch_size = batch_size
@@ -181,7 +183,9 @@ class ModelRuntime:
     def _load_onnx(self, manifest: Manifest) -> LoadedAdapter:
         backend = self.backend_for(manifest.task)
         model_file = self._artifact_files[(manifest.task, manifest.version)]  # checked by verify()
-        return LoadedAdapter(manifest=manifest, session=session(model_file, self.threads), backend=backend)
+        return LoadedAdapter(
+            manifest=manifest, session=session(model_file, self.threads, self.onnx_spinning), backend=backend
+        )
 
     def _load_text(self, manifest: Manifest, path: Path) -> LoadedAdapter:
         from peft import PeftModel

@@ -35,7 +35,8 @@ from streamtune.faust_app import (
 from streamtune.features import SessionState, apply_click, is_expired
 from streamtune.model.runtime import ModelRuntime
 from streamtune.releases import ReleaseFollower
-from streamtune.scorer.pipeline import BatchProcessor
+from streamtune.scorer.overlap import BatchSteps, Overlap
+from streamtune.scorer.pipeline import BatchProcessor, Started
 from streamtune.security import async_redis_client
 from streamtune.settings import Settings
 from streamtune.sink import RedisSink
@@ -102,11 +103,40 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             settings.topic(TASKS[task].input_topic), key_serializer="raw", value_serializer="raw"
         )
 
-    skip_guard = SkipGuard(app, on_skip=res.metrics.offset_skips.inc)
+    skip_guard = SkipGuard(app, on_skip=res.metrics.offset_skips.inc, settings=settings, overlapping=True)
     hand_over_cleanly(app, res.gate, timeout_s=settings.kafka_session_timeout_s / 2)
 
+    def overlap(task: str, events_by_pos: dict[tuple[int, int], Any] | None) -> Overlap[Started]:
+        def failed(events: list[Any]) -> None:
+            log.exception("batch_failed", task=task, first_offset=events[0].message.offset)
+            res.metrics.batch_failures.labels(task).inc()
+
+        def done(events: list[Any]) -> None:
+            skip_guard.done(events)
+            for ev in events:
+                ev.message.decref()
+
+        def abandon(started: Started) -> None:
+            if started.scoring is not None:
+                started.scoring.cancel()
+
+        steps = BatchSteps(
+            start=lambda events: start_batch(task, events, events_by_pos),
+            finish=processor.finish,
+            abandon=abandon,
+            done=done,
+            rewind=skip_guard.rewind,
+            failed=failed,
+        )
+        # Clicks one batch at a time: a batch's session-table updates must not run ahead of a
+        # batch before it that may still fail (its retry would see the later clicks applied).
+        depth = 1 if task == "purchase_intent" else settings.pipeline_depth
+        return Overlap(depth, steps, res.gate, backoff_s=settings.redis_retry_max_s)
+
     async def run(task: str, stream: faust.StreamT, events_by_pos: dict[tuple[int, int], Any] | None) -> None:
+        """Take batches and keep up to ``pipeline_depth`` of them in progress (overlap.py)."""
         take = settings.batch_max_events_for(task)
+        batches = overlap(task, events_by_pos)
         async for batch in stream.take_events(take, within=within):  # type: ignore[attr-defined]
             if res.gate.closed:  # handing over or stopping: leave these to the partition's next owner
                 for ev in batch:
@@ -119,22 +149,13 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
                 for ev in events:
                     skip_guard.retry_later(ev.message)
                 continue
-            try:
-                async with res.gate.batch():
-                    await score_batch(task, events, events_by_pos)
-            except Exception:
-                # Not acknowledged, so never committed: take the batch again from its first
-                # offset (seek back), after a pause, instead of crashing the agent or moving on.
-                log.exception("batch_failed", task=task, first_offset=events[0].message.offset)
-                res.metrics.batch_failures.labels(task).inc()
-                await skip_guard.rewind(events)
-                await asyncio.sleep(settings.redis_retry_max_s)  # back-off before the retry
+            for ev in events:
+                ev.message.incref()  # pin until the batch is flushed (see module docstring)
+            await batches.submit(events)
 
-    async def score_batch(
+    async def start_batch(
         task: str, events: list[Any], events_by_pos: dict[tuple[int, int], Any] | None
-    ) -> None:
-        for ev in events:
-            ev.message.incref()  # pin until the batch is flushed (see module docstring)
+    ) -> Started:
         records = [
             (
                 ev.message.value,
@@ -150,10 +171,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             for _, src in records:
                 spans.setdefault(src.partition, []).append(src.offset)
             log.debug("batch", task=task, offsets={p: [min(o), max(o)] for p, o in spans.items()})
-        await processor.process(task, records, update_sessions if task == "purchase_intent" else None)
-        skip_guard.done(events)
-        for ev in events:
-            ev.message.decref()
+        return await processor.start(task, records, update_sessions if task == "purchase_intent" else None)
 
     click_events: dict[tuple[int, int], Any] = {}
 

@@ -56,7 +56,7 @@ def initial_routes(
     for task in TASK_NAMES:
         state = states.get(task)
         if state is None:
-            version = registry.default_version(task)
+            version = registry.default_version(task, runtime.backend_for(task))
             if version is None:
                 raise StartupError(
                     f"no adapter for task {task} in STREAMTUNE_ADAPTER_DIR={registry.root}; "
@@ -91,7 +91,7 @@ def prepare(settings: Settings) -> ScorerResources:
     runtime = ModelRuntime(
         settings.base_model, registry, settings.max_seq_len, settings.torch_threads,
         batch_size=settings.model_batch_size, backend=settings.backend, task_backends=settings.task_backends,
-        task_batch_sizes=settings.task_model_batch_size,
+        task_batch_sizes=settings.task_model_batch_size, onnx_spinning=settings.onnx_spinning,
     )  # fmt: skip
 
     def export_missing(task: str, version: int) -> None:

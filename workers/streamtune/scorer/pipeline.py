@@ -42,6 +42,18 @@ SessionUpdater = Callable[[list[Decoded[ClickEvent]]], Awaitable[list[SessionSta
 
 
 @dataclass(frozen=True, slots=True)
+class Started:
+    """A batch between :meth:`BatchProcessor.start` and :meth:`BatchProcessor.finish`."""
+
+    task: str
+    bad: list[DeadLetter]
+    now: datetime
+    scoring: asyncio.Future[Scored] | None  # None: no valid event in the batch
+    events: Sequence[ReviewEvent | SearchEvent | ClickEvent]
+    page_views: list[int]  # clicks: each session's page views after its click
+
+
+@dataclass(frozen=True, slots=True)
 class BatchOutcome:
     scored: int
     dead: int
@@ -64,52 +76,69 @@ class BatchProcessor:
         self.publisher = publisher
         self.metrics = metrics
 
-    async def _score(self, task: str, inputs: Sequence[Any], keys: list[str]) -> Scored:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        scored = await loop.run_in_executor(
-            self.executor, self.runtime.score, task, list(inputs), keys, self.settings.shadow
-        )
-        self.metrics.model_seconds.labels(task).observe(time.perf_counter() - started)
-        if scored.shadow is not None:
-            self.metrics.shadow_agreement.labels(task).set(scored.shadow.agreement)
-            self.metrics.shadow_confidence.labels(task).set(scored.shadow.confidence)
-            self.metrics.shadow_rows.labels(task).inc(scored.shadow.rows)
-        return scored
+    def _start_scoring(self, task: str, inputs: Sequence[Any], keys: list[str]) -> asyncio.Future[Scored]:
+        """Queue the batch on the model thread and return at once; the model threads run while
+        the event loop decodes the next batch and writes the previous one."""
 
-    async def process(
+        def timed() -> Scored:
+            started = time.perf_counter()
+            scored = self.runtime.score(task, list(inputs), keys, self.settings.shadow)
+            self.metrics.model_seconds.labels(task).observe(time.perf_counter() - started)
+            return scored
+
+        return asyncio.get_running_loop().run_in_executor(self.executor, timed)
+
+    async def start(
         self,
         task: str,
         records: list[tuple[bytes | None, Source]],
         sessions: SessionUpdater | None = None,
-    ) -> BatchOutcome:
+    ) -> Started:
+        """First half of a batch: decode, validate, (clicks) update the session table in stream
+        order, and queue the model run. Nothing leaves the process yet."""
         spec = TASKS[task]
         good, bad = split(spec.event_model, records)
-        for dl in bad:
-            await self._dead_letter(task, dl)
+        now = datetime.now(UTC)
+        if not good:
+            return Started(task, bad, now, None, [], [])
+        if task == "review_sentiment":
+            reviews: list[ReviewEvent] = [d.event for d in good]  # type: ignore[misc]
+            scoring = self._start_scoring(
+                task, [r.model_text() for r in reviews], [r.product_id for r in reviews]
+            )
+            return Started(task, bad, now, scoring, reviews, [])
+        if task == "query_class":
+            searches: list[SearchEvent] = [d.event for d in good]  # type: ignore[misc]
+            scoring = self._start_scoring(task, [s.query for s in searches], [s.session_id for s in searches])
+            return Started(task, bad, now, scoring, searches, [])
+        assert sessions is not None, "purchase_intent needs the session table"
+        states = await sessions(good)  # type: ignore[arg-type]
+        clicks: list[ClickEvent] = [d.event for d in good]  # type: ignore[misc]
+        scoring = self._start_scoring(
+            task, [vectorize(session_row(st)) for st in states], [c.session_id for c in clicks]
+        )
+        return Started(task, bad, now, scoring, clicks, [st.page_views for st in states])
+
+    async def finish(self, started: Started) -> BatchOutcome:
+        """Second half: wait for the model, then dead letters, Redis, output events, and flush
+        (everything the batch's offsets may be committed for)."""
+        task, spec = started.task, TASKS[started.task]
         results: list[Result] = []
-        if good:
-            now = datetime.now(UTC)
+        scored = await started.scoring if started.scoring is not None else None
+        for dl in started.bad:
+            await self._dead_letter(task, dl)
+        if scored is not None:
+            if scored.shadow is not None:
+                self.metrics.shadow_agreement.labels(task).set(scored.shadow.agreement)
+                self.metrics.shadow_confidence.labels(task).set(scored.shadow.confidence)
+                self.metrics.shadow_rows.labels(task).inc(scored.shadow.rows)
+            now = started.now
             if task == "review_sentiment":
-                reviews: list[ReviewEvent] = [d.event for d in good]  # type: ignore[misc]
-                scored = await self._score(
-                    task, [r.model_text() for r in reviews], [r.product_id for r in reviews]
-                )
-                results = review_results(reviews, scored, now)
+                results = review_results(started.events, scored, now)  # type: ignore[arg-type]
             elif task == "query_class":
-                searches: list[SearchEvent] = [d.event for d in good]  # type: ignore[misc]
-                scored = await self._score(
-                    task, [s.query for s in searches], [s.session_id for s in searches]
-                )
-                results = search_results(searches, scored, now)
+                results = search_results(started.events, scored, now)  # type: ignore[arg-type]
             else:
-                assert sessions is not None, "purchase_intent needs the session table"
-                states = await sessions(good)  # type: ignore[arg-type]
-                clicks: list[ClickEvent] = [d.event for d in good]  # type: ignore[misc]
-                scored = await self._score(
-                    task, [vectorize(session_row(s)) for s in states], [c.session_id for c in clicks]
-                )
-                results = click_results(clicks, [s.page_views for s in states], scored, now)
+                results = click_results(started.events, started.page_views, scored, now)  # type: ignore[arg-type]
             for v, n in zip(*np.unique(scored.versions, return_counts=True), strict=True):
                 self.metrics.results_by_version.labels(task, str(v)).inc(int(n))
             await self.sink.write(results, now.isoformat())
@@ -119,9 +148,18 @@ class BatchProcessor:
                 await self.publisher.send(out_topic, r.key.encode("utf-8"), r.payload())
                 self.metrics.latency.labels(task).observe(max(0.0, done - r.event_ts.timestamp()))
             self.metrics.scored.labels(task).inc(len(results))
-            self.metrics.batch_size.labels(task).observe(len(good))
+            self.metrics.batch_size.labels(task).observe(len(results))
         await self.publisher.flush()
-        return BatchOutcome(scored=len(results), dead=len(bad))
+        return BatchOutcome(scored=len(results), dead=len(started.bad))
+
+    async def process(
+        self,
+        task: str,
+        records: list[tuple[bytes | None, Source]],
+        sessions: SessionUpdater | None = None,
+    ) -> BatchOutcome:
+        """One batch, start to finish (no overlap with other batches)."""
+        return await self.finish(await self.start(task, records, sessions))
 
     async def _dead_letter(self, task: str, dl: DeadLetter) -> None:
         self.metrics.dead_letters.labels(task).inc()

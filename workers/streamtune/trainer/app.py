@@ -127,7 +127,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             if key not in joined:
                 join(key, waiting["label"], x, partition)
 
-    skip_guard = SkipGuard(app)
+    skip_guard = SkipGuard(app, settings=settings)
 
     async def store_inputs(task: str, stream: faust.StreamT) -> None:
         model = TASKS[task].event_model

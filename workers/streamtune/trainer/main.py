@@ -45,9 +45,12 @@ def recovered_watermarks(registry: LocalRegistry) -> dict[str, Watermark]:
     return out
 
 
-def live_version(registry: LocalRegistry, states: dict[str, Release], task: str) -> int:
+def live_version(
+    registry: LocalRegistry, states: dict[str, Release], task: str, backend: str | None = None
+) -> int:
+    """The released live version, else the one a scorer on ``backend`` starts with."""
     state = states.get(task)
-    version = state.live_version if state is not None else registry.default_version(task)
+    version = state.live_version if state is not None else registry.default_version(task, backend)
     if version is None:
         raise StartupError(
             f"no adapter for task {task} in {registry.root}; run `streamtune train --task {task}`"
@@ -74,7 +77,7 @@ def announce_unreleased(settings: Settings, registry: LocalRegistry, releases: R
         seen = 0 if state is None else max(state.version, state.live_version, state.canary_version or 0)
         if seen >= m.version:
             continue
-        live = live_version(registry, states, task)
+        live = live_version(registry, states, task, settings.backend_for(task))
         release = release_for(settings, m, live, registry.manifest_sha256(task, m.version))
         if release is not None:
             log.warning("announcing_unreleased_candidate", task=task, version=m.version)
@@ -105,7 +108,7 @@ class TrainJobRunner:
         )  # fmt: skip
 
     def __call__(self, task: str, ts: TrainingSet) -> str:
-        live = live_version(self.registry, self.releases.states(), task)
+        live = live_version(self.registry, self.releases.states(), task, self.settings.backend_for(task))
         outcome = train_candidate(
             task, live, ts, self.references[task], self.registry, self.settings.base_model, self.config(),
             reference_live=self._reference_live.get((task, live)),
@@ -160,7 +163,7 @@ def run_trainer(settings: Settings) -> None:
     releases = ReleaseLog(settings)
     states = releases.states()
     for task in TASK_NAMES:
-        live_version(registry, states, task)  # fails early, naming the task
+        live_version(registry, states, task, settings.backend_for(task))  # fails early, naming the task
     announce_unreleased(settings, registry, releases)
     references = {t: reference_set(t, settings.data_dir, settings.trainer_reference_rows) for t in TASK_NAMES}
     exclude: frozenset[str | tuple[float, ...]] = frozenset().union(*(r.keys for r in references.values()))

@@ -1,0 +1,67 @@
+"""Where a consumer group resumes, asked of the real broker (the offset guard's baseline)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.structs import OffsetAndMetadata
+
+from streamtune.group_offsets import GroupOffsetsError, GroupStartOffsets
+from streamtune.settings import Settings
+
+
+def test_resume_offset_is_the_commit_else_the_log_start(settings: Settings) -> None:
+    topic = settings.topic("group-offsets")
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(topic, 3, 1)])
+        for p in range(3):
+            for i in range(4):
+                producer.send(topic, value=b"x%d" % i, partition=p)
+        producer.flush()
+        t0, t1, t2 = (TopicPartition(topic, p) for p in range(3))
+        admin.delete_records({t2: 2})  # retention moved partition 2's log start to 2
+        group = "g-offsets"
+        committer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
+        try:
+            # partition 1: a commit; partition 2: a commit below the log start (retention)
+            committer.commit({t1: OffsetAndMetadata(3, "", -1), t2: OffsetAndMetadata(1, "", -1)})
+        finally:
+            committer.close()
+        starts = GroupStartOffsets(settings, group)
+        try:
+            found = asyncio.run(starts.starts({(topic, 0), (topic, 1), (topic, 2)}))
+            # a committed 0 is a commit too (Faust's cache maps it to "none")
+            committer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
+            try:
+                committer.commit({t0: OffsetAndMetadata(0, "", -1)})
+            finally:
+                committer.close()
+            again = starts.starts_sync({(topic, 0)})
+        finally:
+            starts.close()
+        fresh = GroupStartOffsets(settings, "a-group-never-seen")
+        try:
+            new_group = fresh.starts_sync({(topic, 1), (topic, 2)})
+        finally:
+            fresh.close()
+    finally:
+        producer.close()
+        admin.close()
+    assert found == {(topic, 0): 0, (topic, 1): 3, (topic, 2): 2}
+    assert again == {(topic, 0): 0}
+    assert new_group == {(topic, 1): 0, (topic, 2): 2}
+
+
+def test_an_unreachable_broker_is_a_clear_error(settings: Settings) -> None:
+    bad = settings.model_copy(update={"bootstrap_servers": "127.0.0.1:9"})
+    starts = GroupStartOffsets(bad, "g", timeout_s=2)
+    try:
+        with pytest.raises(GroupOffsetsError, match="group g"):
+            starts.starts_sync({("t", 0)})
+    finally:
+        starts.close()
