@@ -363,10 +363,20 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
         def cpu() -> float:
             return sum(_proc_stats(w.proc.pid)[0] for w in scorers)
 
+        def machine_cpu() -> dict[str, float]:
+            """CPU seconds so far of everything on this machine the run involves."""
+            out = {"scorers": cpu(), "replay (this process)": time.process_time()}
+            if kafka.pid is not None:
+                out["kafka broker"] = _proc_stats(kafka.pid)[0]
+            if redis_srv is not None and redis_srv.pid is not None:
+                out["redis"] = _proc_stats(redis_srv.pid)[0]
+            return out
+
         cpu0 = cpu()
         for task in TEXT_TASKS:
             before = scored(task)
             t_cpu0 = cpu()
+            m_cpu0 = machine_cpu()
             started = time.monotonic()
             # The data set may hold fewer events than asked for (queries: 480): replay it again
             # until there are enough, so a short run's start-up does not dominate the rate.
@@ -376,13 +386,20 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
             scorers[0].wait_for(lambda t=task, b=before, n=sent: scored(t) - b >= n, 900, f"{task} results")
             seconds = time.monotonic() - started
             t_cpu1 = cpu()
+            m_cpu1 = machine_cpu()
             rate = sent / seconds
+            # Where the cores went: the broker, Redis and the load generator share them with the
+            # scorer here (the ceiling had them to itself).
+            cores = os.cpu_count() or 1
+            shares = {k: (m_cpu1[k] - m_cpu0[k]) / (seconds * cores) for k in m_cpu1}
+            shares["idle or other"] = max(0.0, 1.0 - sum(shares.values()))
             res: dict[str, Any] = {
                 "backend": dep.backends[task],
                 "events": sent,
                 "seconds": seconds,
                 "events_per_s": rate,
                 "scorer_cpu_s_per_1000": (t_cpu1 - t_cpu0) / sent * 1000,
+                "cpu_share": shares,
             }
             # Fresh events when the data set has them; otherwise the same ones again (rescored and
             # republished; latency is read from the results published after `since`).
@@ -739,6 +756,13 @@ def markdown(r: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
     lines.append("")
     for task, n in r["naive"].items():
         lines.append(f"Naive {task}: {n['events_per_s']:.1f} ev/s ({n['events']} events).  ")
+    lines += ["", "Share of the machine's CPU during each full-rate run (all on the same cores):", ""]
+    for name, e in r["end_to_end"].items():
+        for task in TEXT_TASKS:
+            shares = e[task].get("cpu_share", {})
+            txt = ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+            lines.append(f"- {name} / {task}: {txt}")
+    lines.append("")
     for name, e in r["end_to_end"].items():
         dep = e["deployment"]
         lines.append(
