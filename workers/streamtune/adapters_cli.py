@@ -120,6 +120,11 @@ def export(
 
     s, reg, log = _ctx()
     v = version if version is not None else _live(s, reg, log.states().get(_task(task)), task)
+    existing = reg.artifact(task, v, backend)
+    if existing is not None and existing.passed:  # immutable: exporting again is a no-op
+        reg.verify_artifact(task, v, backend)
+        out.print(f"{task} v{v} {backend}: exported already (agreement {existing.agreement:.4f}), verified")
+        return
     art = export_for(s, reg, task, v, backend)
     verdict = "[green]passed[/]" if art.passed else "[red]refused[/]"
     out.print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,6 +81,9 @@ def initial_routes(
 
 def prepare(settings: Settings) -> ScorerResources:
     """Everything that can fail at start, in the order a person would check it."""
+    # Thread counts are deliberate: the model's threads (STREAMTUNE_TORCH_THREADS) own the cores;
+    # the Rust tokenizer runs on the model thread instead of starting a pool of its own.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not settings.adapter_dir.is_dir():
         raise StartupError(f"adapter directory not found: STREAMTUNE_ADAPTER_DIR={settings.adapter_dir}")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
