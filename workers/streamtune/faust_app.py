@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,14 +245,6 @@ class BatchGate:
         self._in_flight -= 1
         if self._in_flight == 0:
             self._event().set()
-
-    @asynccontextmanager
-    async def batch(self) -> AsyncIterator[None]:
-        self.begin()
-        try:
-            yield
-        finally:
-            self.end()
 
     async def close(self, timeout_s: float) -> bool:
         """Close and wait for the batches in progress; False when they outlasted ``timeout_s``."""

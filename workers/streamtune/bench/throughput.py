@@ -375,7 +375,6 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
         cpu0 = cpu()
         for task in TEXT_TASKS:
             before = scored(task)
-            t_cpu0 = cpu()
             m_cpu0 = machine_cpu()
             started = time.monotonic()
             # The data set may hold fewer events than asked for (queries: 480): replay it again
@@ -385,7 +384,6 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
                 sent += replay(s, [task], min(unique, cfg.events - sent), 0.0, seed=11).sent[task]
             scorers[0].wait_for(lambda t=task, b=before, n=sent: scored(t) - b >= n, 900, f"{task} results")
             seconds = time.monotonic() - started
-            t_cpu1 = cpu()
             m_cpu1 = machine_cpu()
             rate = sent / seconds
             # Where the cores went: the broker, Redis and the load generator share them with the
@@ -398,7 +396,7 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
                 "events": sent,
                 "seconds": seconds,
                 "events_per_s": rate,
-                "scorer_cpu_s_per_1000": (t_cpu1 - t_cpu0) / sent * 1000,
+                "scorer_cpu_s_per_1000": (m_cpu1["scorers"] - m_cpu0["scorers"]) / sent * 1000,
                 "cpu_share": shares,
             }
             # Fresh events when the data set has them; otherwise the same ones again (rescored and

@@ -1,4 +1,5 @@
-"""One micro-batch, end to end: decode, score (once), encode, write, publish, flush.
+"""One micro-batch, end to end, in two halves: ``start`` (decode, queue the model run) and
+``finish`` (score, encode, write, publish, flush); overlap.py runs them for overlapping batches.
 
 Kafka specifics stay in :mod:`streamtune.scorer.app`; this class sees records and two
 outputs (a Redis sink and a publisher), so the wiring can be exercised directly in tests.
@@ -151,15 +152,6 @@ class BatchProcessor:
             self.metrics.batch_size.labels(task).observe(len(results))
         await self.publisher.flush()
         return BatchOutcome(scored=len(results), dead=len(started.bad))
-
-    async def process(
-        self,
-        task: str,
-        records: list[tuple[bytes | None, Source]],
-        sessions: SessionUpdater | None = None,
-    ) -> BatchOutcome:
-        """One batch, start to finish (no overlap with other batches)."""
-        return await self.finish(await self.start(task, records, sessions))
 
     async def _dead_letter(self, task: str, dl: DeadLetter) -> None:
         self.metrics.dead_letters.labels(task).inc()
