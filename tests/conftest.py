@@ -169,6 +169,34 @@ class ScorerProcess:
     def log_tail(self, chars: int = 8000) -> str:
         return f"--- {self.log_path.name} (last {chars} chars) ---\n{self.log()[-chars:]}"
 
+    def stacks(self) -> str:
+        """What a stalled worker is doing, for a timeout's message: every thread's Python stack
+        from outside (py-spy: works while the event loop is blocked) and, from inside, every
+        asyncio task's (mode's SIGUSR1 handler; needs the loop to run), bounded by 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return ""
+        spy = Path(sys.executable).with_name("py-spy")
+        try:
+            dump = subprocess.run(
+                [str(spy), "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True, timeout=30
+            )
+            threads = dump.stdout + dump.stderr
+        except (OSError, subprocess.TimeoutExpired) as e:
+            threads = f"(py-spy failed: {e})"
+        size = self.log_path.stat().st_size
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        deadline, last = time.monotonic() + 10, -1
+        while time.monotonic() < deadline:
+            now = self.log_path.stat().st_size
+            if now > size and now == last:  # the dump started and stopped growing
+                break
+            last = now
+            time.sleep(0.5)
+        with self.log_path.open("rb") as f:
+            f.seek(size)
+            tasks = f.read().decode(errors="replace")
+        return f"--- {self.log_path.name}: threads ---\n{threads}\n--- asyncio tasks ---\n{tasks[-20000:]}"
+
     def kill(self) -> None:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)

@@ -156,9 +156,11 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
         "every event scored after the restart",
         0.5,
         second.assert_alive,
-        context=lambda: first.log_tail(3000) + "\n" + second.log_tail(),
+        context=lambda: first.log_tail(3000) + "\n" + second.log_tail() + "\n" + second.stacks(),
     )
     check_aggregates(redis_client, outs)
+    # The restarted scorer learned where the group resumes from the broker, in the assignment.
+    assert "resume_offsets_learned" in second.log() and "resume_offsets_unknown" not in second.log()
     # Replays happened (at-least-once) but the aggregates above counted nothing twice.
     assert second.stop() == 0
 

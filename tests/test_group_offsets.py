@@ -65,3 +65,38 @@ def test_an_unreachable_broker_is_a_clear_error(settings: Settings) -> None:
             starts.starts_sync({("t", 0)})
     finally:
         starts.close()
+
+
+def test_a_lookup_without_answer_is_abandoned_and_the_next_one_starts_afresh(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wedged client (a call that never returns: a unit-level stand-in for the blocking
+    kafka-python call) costs one bounded wait, and does not hold up the next lookup."""
+    import threading
+
+    release = threading.Event()
+    starts = GroupStartOffsets(settings, "g-wedged", timeout_s=0.5)
+    real = starts.starts_sync
+    calls = []
+
+    def first_call_wedges(tps: set[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        calls.append(threading.get_ident())  # the first thread is still blocked: idents differ
+        if len(calls) == 1:
+            release.wait(30)
+            return {}
+        return real(tps)
+
+    monkeypatch.setattr(starts, "starts_sync", first_call_wedges)
+    topic = settings.topic("group-offsets-wedged")
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1)])
+        with pytest.raises(GroupOffsetsError, match=r"no answer in 0\.5 s"):
+            asyncio.run(starts.starts({(topic, 0)}))
+        starts.timeout_s = 10
+        assert asyncio.run(starts.starts({(topic, 0)})) == {(topic, 0): 0}
+        assert len(calls) == 2 and calls[0] != calls[1], "the second lookup ran on a new thread"
+    finally:
+        release.set()
+        starts.close()
+        admin.close()

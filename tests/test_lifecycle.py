@@ -68,7 +68,7 @@ def test_rolling_restart_of_two_scorers_loses_nothing_and_redoes_nothing(
             f"{at_least} events scored",
             0.2,
             guard.assert_alive,
-            context=lambda: a.log_tail(3000) + "\n" + b.log_tail(3000),
+            context=lambda: "\n".join(w.log_tail(3000) + "\n" + w.stacks() for w in (a, b, guard)),
         )
 
     progressed(15, b)
@@ -90,7 +90,9 @@ def test_rolling_restart_of_two_scorers_loses_nothing_and_redoes_nothing(
             for m in read_topic(settings, t)
             if json.loads(m.value)["event_id"] in gone
         )
-        return f"not scored: {where}"
+        # Who owns what, and what each live scorer is doing (its threads and asyncio tasks).
+        workers = "\n".join(w.log_tail(6000) + "\n" + w.stacks() for w in (a2, b2))
+        return f"not scored: {where}\n{workers}"
 
     wait_until(
         all_scored(redis_client, outs),

@@ -36,3 +36,7 @@ class AdapterError(StreamtuneError):
 
 class SinkError(StreamtuneError):
     """Writing results to Redis or the output topics failed."""
+
+
+class BatchStalledError(StreamtuneError):
+    """One step of a batch did not finish within ``batch_step_timeout_s`` (the batch is read again)."""

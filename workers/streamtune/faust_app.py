@@ -107,11 +107,11 @@ class SkipGuard:
         self.app = app
         self.on_skip = on_skip
         # Without settings (unit tests) the guard relies on Faust's cached commits only.
-        self.starts = None
-        self.lookup_timeout_s = 5.0
+        self.starts: GroupStartOffsets | None = None
         if settings is not None:
-            self.lookup_timeout_s = max(1.0, settings.kafka_session_timeout_s / 4)
-            self.starts = GroupStartOffsets(settings, app.conf.id, timeout_s=self.lookup_timeout_s)
+            # Bounded well inside a rebalance (it runs in one: see _install_start_lookup).
+            timeout_s = max(1.0, settings.kafka_session_timeout_s / 4)
+            self.starts = GroupStartOffsets(settings, app.conf.id, timeout_s=timeout_s)
         self.guard = OffsetGuard(
             committed=lambda tp: app.consumer._committed_offset.get(tp),  # type: ignore[attr-defined]
             track_in_progress=overlapping,
@@ -122,6 +122,7 @@ class SkipGuard:
         async def _forget(app: faust.App, revoked: Any, **_: Any) -> None:
             self.guard.reset()
             self._sought.clear()
+            self._install_start_lookup()
 
         @app.on_before_shutdown.connect  # type: ignore[arg-type]
         async def _close(app: faust.App, **_: Any) -> None:
@@ -131,10 +132,50 @@ class SkipGuard:
                 except Exception:  # the other shutdown handlers must still run
                     log.warning("group_offsets_close_failed", exc_info=True)
 
+    def _install_start_lookup(self) -> None:
+        """Learn where the group resumes each newly assigned input partition before Faust's own
+        assignment handler runs, i.e. before any record of the assignment is handed out, so
+        the agents never wait on the broker. Installed once, at the first (empty) revocation
+        of the first join, like :func:`hand_over_cleanly`."""
+        consumer: Any = self.app.consumer
+        if self.starts is None or getattr(consumer, "_streamtune_starts", False):
+            return
+        original = consumer.on_partitions_assigned
+
+        async def on_partitions_assigned(assigned: Any, generation_id: int = 0) -> None:
+            await self._learn_starts(assigned)
+            await original(assigned, generation_id)
+
+        consumer.on_partitions_assigned = on_partitions_assigned
+        consumer._streamtune_starts = True
+
+    def _input_topics(self) -> set[str]:
+        return {
+            name for agent in self.app.agents.values() for name in getattr(agent.channel, "topics", ()) or ()
+        }
+
+    async def _learn_starts(self, assigned: Any) -> None:
+        """Where the group resumes each assigned input partition, from the broker (see
+        group_offsets.py). Without an answer the guard falls back to Faust's cached commit, else
+        the first record delivered (a skip before that one then goes unseen: logged)."""
+        if self.starts is None:
+            return
+        inputs = self._input_topics()
+        tps = {(tp.topic, tp.partition) for tp in assigned if tp.topic in inputs}
+        if not tps:
+            return
+        try:
+            found = await self.starts.starts(tps)
+        except Exception as e:  # GroupOffsetsError (no answer, timed out): fall back, keep going
+            log.warning("resume_offsets_unknown", error=str(e) or type(e).__name__)
+            return
+        for tp, offset in found.items():
+            self.guard.start(tp, offset)
+        log.info("resume_offsets_learned", offsets={f"{t}:{p}": o for (t, p), o in sorted(found.items())})
+
     async def admit(self, events: Sequence[Any]) -> list[Any]:
         """The events to process, in order; the others stay pending and come again, or were
         processed already (the stream acknowledges those as usual)."""
-        await self._learn_starts(events)
         kept, skipping = [], set()
         for ev in events:
             m = ev.message
@@ -152,28 +193,6 @@ class SkipGuard:
                 skipping.add(tp)
                 await self._seek(m.topic, m.partition, int(verdict), m.offset)
         return kept
-
-    async def _learn_starts(self, events: Sequence[Any]) -> None:
-        """First records after an assignment: where the group resumes, from the broker (see
-        group_offsets.py). Without an answer the guard falls back to Faust's cached commit, else
-        the first record delivered (a skip before that one then goes unseen: logged)."""
-        if self.starts is None:
-            return
-        unknown = {
-            (ev.message.topic, ev.message.partition)
-            for ev in events
-            if self.guard.expected((ev.message.topic, ev.message.partition)) is None
-        }
-        if not unknown:
-            return
-        try:
-            # Bounded well inside a rebalance: Faust's revocation waits for these records.
-            found = await asyncio.wait_for(self.starts.starts(unknown), self.lookup_timeout_s)
-        except Exception as e:  # GroupOffsetsError, a timeout, a closed pool: fall back, keep going
-            log.warning("resume_offsets_unknown", error=str(e) or type(e).__name__)
-            return
-        for tp, offset in found.items():
-            self.guard.start(tp, offset)
 
     def retry_later(self, message: Any) -> None:
         """Leave a record admitted but not started: unacknowledged, expected again."""

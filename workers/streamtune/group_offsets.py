@@ -9,11 +9,14 @@ position stays after them, so the first record delivered afterwards is not the f
 
 The lookup uses its own kafka-python clients on one dedicated thread, never Faust's consumer
 thread: a call queued there behind a rebalance can wait on the agent that is waiting for it.
+It runs once per assignment, inside the rebalance and before Faust hands out any record of it
+(:class:`streamtune.faust_app.SkipGuard`), never on an agent's path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
@@ -40,7 +43,7 @@ class GroupStartOffsets:
         self.settings = settings
         self.group_id = group_id
         self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="group-offsets")
+        self._pool: ThreadPoolExecutor | None = None
         self._admin: KafkaAdminClient | None = None
 
     def _client(self) -> KafkaAdminClient:
@@ -75,21 +78,45 @@ class GroupStartOffsets:
             raise GroupOffsetsError(f"group {self.group_id}: resume offsets of {sorted(tps)}: {e}") from e
 
     async def starts(self, tps: set[TP]) -> dict[TP, int]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.starts_sync, tps)
+        """The lookup on this object's own thread, bounded by ``timeout_s``. A lookup that
+        outlasts it is abandoned with its thread and client (a wedged client must not hold up
+        the next lookup); the next call starts afresh."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="group-offsets")
+        pool = self._pool
+        call = asyncio.get_running_loop().run_in_executor(pool, self.starts_sync, tps)
+        try:
+            return await asyncio.wait_for(call, self.timeout_s)
+        except TimeoutError as e:
+            if self._pool is pool:
+                self._pool, admin, self._admin = None, self._admin, None
+                pool.shutdown(wait=False, cancel_futures=True)
+                if admin is not None:  # closed off the loop: close() joins the client's IO thread
+                    threading.Thread(target=_close_quietly, args=(admin,), daemon=True).start()
+            raise GroupOffsetsError(
+                f"group {self.group_id}: resume offsets of {sorted(tps)}: no answer in {self.timeout_s:g} s"
+            ) from e
 
     def _close_client(self) -> None:
-        if self._admin is not None:
-            try:
-                self._admin.close()
-            except Exception:  # closing a broken client must not mask the error being handled
-                log.debug("group_offsets_close_failed", exc_info=True)
-        self._admin = None
+        admin, self._admin = self._admin, None
+        if admin is not None:
+            _close_quietly(admin)
 
     def close(self) -> None:
         """Close the client on its thread; a lookup still running is abandoned, not waited for."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            self._close_client()
+            return
         try:
-            self._pool.submit(self._close_client).result(timeout=self.timeout_s)
+            pool.submit(self._close_client).result(timeout=self.timeout_s)
         except Exception:  # stopping must go on whatever happened here
             log.warning("group_offsets_close_failed", exc_info=True)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_quietly(admin: KafkaAdminClient) -> None:
+    try:
+        admin.close()
+    except Exception:  # closing a broken client must not mask the error being handled
+        log.debug("group_offsets_close_failed", exc_info=True)

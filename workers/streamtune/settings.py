@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         description="Batches in progress per task: 2 lets the model score one while the previous is"
         " written and the next decoded; 1 runs them one at a time",
     )
+    batch_step_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest one step of a batch (model run, Redis write, publish, flush) may take;"
+        " past it the batch fails, is logged with the step, and is read again",
+    )
     task_batch_max_events: dict[str, int] = Field(
         default_factory=dict, description='Per-task batch_max_events, JSON: {"query_class": 256}'
     )

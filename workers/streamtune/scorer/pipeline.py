@@ -13,13 +13,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import structlog
 
 from streamtune.decode import Decoded, Source, split
 from streamtune.encode import Result, click_results, review_results, search_results
+from streamtune.errors import BatchStalledError
 from streamtune.events import ClickEvent, DeadLetter, ReviewEvent, SearchEvent
 from streamtune.features import SessionState, session_row, vectorize
 from streamtune.model.runtime import ModelRuntime, Scored
@@ -29,6 +30,8 @@ from streamtune.tasks import DLQ_TOPIC, TASKS
 from streamtune.telemetry import ScorerMetrics
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class Publisher(Protocol):
@@ -122,12 +125,14 @@ class BatchProcessor:
 
     async def finish(self, started: Started) -> BatchOutcome:
         """Second half: wait for the model, then dead letters, Redis, output events, and flush
-        (everything the batch's offsets may be committed for)."""
+        (everything the batch's offsets may be committed for). Each step is bounded
+        (``batch_step_timeout_s``): a stalled client fails the batch with the step's name, and the
+        batch is read again, instead of holding the partition silently."""
         task, spec = started.task, TASKS[started.task]
         results: list[Result] = []
-        scored = await started.scoring if started.scoring is not None else None
-        for dl in started.bad:
-            await self._dead_letter(task, dl)
+        scored = await self._step(task, "model", started.scoring) if started.scoring is not None else None
+        if started.bad:
+            await self._step(task, "dead letters", self._dead_letters(task, started.bad))
         if scored is not None:
             if scored.shadow is not None:
                 self.metrics.shadow_agreement.labels(task).set(scored.shadow.agreement)
@@ -142,16 +147,32 @@ class BatchProcessor:
                 results = click_results(started.events, started.page_views, scored, now)  # type: ignore[arg-type]
             for v, n in zip(*np.unique(scored.versions, return_counts=True), strict=True):
                 self.metrics.results_by_version.labels(task, str(v)).inc(int(n))
-            await self.sink.write(results, now.isoformat())
-            done = time.time()
-            out_topic = self.settings.topic(spec.output_topic)
-            for r in results:
-                await self.publisher.send(out_topic, r.key.encode("utf-8"), r.payload())
-                self.metrics.latency.labels(task).observe(max(0.0, done - r.event_ts.timestamp()))
+            await self._step(task, "redis", self.sink.write(results, now.isoformat()))
+            await self._step(
+                task, "publish", self._publish(task, self.settings.topic(spec.output_topic), results)
+            )
             self.metrics.scored.labels(task).inc(len(results))
             self.metrics.batch_size.labels(task).observe(len(results))
-        await self.publisher.flush()
+        await self._step(task, "flush", self.publisher.flush())
         return BatchOutcome(scored=len(results), dead=len(started.bad))
+
+    async def _step(self, task: str, step: str, aw: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(aw, self.settings.batch_step_timeout_s)
+        except TimeoutError as e:
+            raise BatchStalledError(
+                f"{task}: the {step} step took more than {self.settings.batch_step_timeout_s:g} s"
+            ) from e
+
+    async def _publish(self, task: str, topic: str, results: list[Result]) -> None:
+        done = time.time()
+        for r in results:
+            await self.publisher.send(topic, r.key.encode("utf-8"), r.payload())
+            self.metrics.latency.labels(task).observe(max(0.0, done - r.event_ts.timestamp()))
+
+    async def _dead_letters(self, task: str, bad: list[DeadLetter]) -> None:
+        for dl in bad:
+            await self._dead_letter(task, dl)
 
     async def _dead_letter(self, task: str, dl: DeadLetter) -> None:
         self.metrics.dead_letters.labels(task).inc()

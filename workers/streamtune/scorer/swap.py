@@ -87,13 +87,24 @@ class Swapper:
                 self.runtime.verify(task, version)
 
     def refuse(self, release: Release, reason: str) -> None:
-        self.metrics.refusals.labels(release.task).inc()
+        """Log and publish the refusal; the metric counts it only once the record is durable.
+
+        Operators (and tests) that see the counter move can then read the refusal's reason from
+        the release log without racing its publication.
+        """
         live = self.runtime.routes.get(release.task)
         log.error("adapter_refused", task=release.task, version=release.version, stage=release.stage,
                   reason=reason, serving=live.live.manifest.version if live else None)  # fmt: skip
-        if self.releases is not None and live is not None:
-            self.releases.publish(
-                release.model_copy(
-                    update={"stage": "refused", "reason": reason, "live_version": live.live.manifest.version}
+        try:
+            if self.releases is not None and live is not None:
+                self.releases.publish(
+                    release.model_copy(
+                        update={
+                            "stage": "refused",
+                            "reason": reason,
+                            "live_version": live.live.manifest.version,
+                        }
+                    )
                 )
-            )
+        finally:
+            self.metrics.refusals.labels(release.task).inc()
