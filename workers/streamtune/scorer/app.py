@@ -237,11 +237,17 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         except Exception:  # any failure means "not reachable now"; the sink retries on its own
             res.readiness.redis_reachable = False
         lag: dict[str, int] = dict.fromkeys(TASKS, 0)
-        for tp in assignment:
-            high = app.consumer.highwater(tp)
-            pos = await app.consumer.position(tp)
-            if high is not None and pos is not None:
-                lag[task_of_topic[tp.topic]] += max(0, high - pos)
+        try:
+            for tp in assignment:
+                high = app.consumer.highwater(tp)
+                pos = await app.consumer.position(tp)
+                if high is not None and pos is not None:
+                    lag[task_of_topic[tp.topic]] += max(0, high - pos)
+        except Exception as e:  # a rebalance revoked a partition meanwhile
+            # (aiokafka: IllegalStateError "not assigned"); an exception in a Faust timer
+            # crashes the worker, so this round's lag is skipped instead.
+            log.debug("lag_skipped", error=str(e) or type(e).__name__)
+            return
         for task, n in lag.items():
             res.metrics.consumer_lag.labels(task).set(n)
 
