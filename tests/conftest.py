@@ -184,7 +184,10 @@ class ScorerProcess:
         except (OSError, subprocess.TimeoutExpired) as e:
             threads = f"(py-spy failed: {e})"
         size = self.log_path.stat().st_size
-        os.kill(self.proc.pid, signal.SIGUSR1)
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return f"--- {self.log_path.name}: threads ---\n{threads}\n(the process ended meanwhile)"
         deadline, last = time.monotonic() + 10, -1
         while time.monotonic() < deadline:
             now = self.log_path.stat().st_size

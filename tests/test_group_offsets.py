@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -33,22 +34,15 @@ def test_resume_offset_is_the_commit_else_the_log_start(settings: Settings) -> N
         finally:
             committer.close()
         starts = GroupStartOffsets(settings, group)
+        found = asyncio.run(starts.starts({(topic, 0), (topic, 1), (topic, 2)}))
+        # a committed 0 is a commit too (Faust's cache maps it to "none")
+        committer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
         try:
-            found = asyncio.run(starts.starts({(topic, 0), (topic, 1), (topic, 2)}))
-            # a committed 0 is a commit too (Faust's cache maps it to "none")
-            committer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
-            try:
-                committer.commit({t0: OffsetAndMetadata(0, "", -1)})
-            finally:
-                committer.close()
-            again = starts.starts_sync({(topic, 0)})
+            committer.commit({t0: OffsetAndMetadata(0, "", -1)})
         finally:
-            starts.close()
-        fresh = GroupStartOffsets(settings, "a-group-never-seen")
-        try:
-            new_group = fresh.starts_sync({(topic, 1), (topic, 2)})
-        finally:
-            fresh.close()
+            committer.close()
+        again = starts.starts_sync({(topic, 0)})
+        new_group = GroupStartOffsets(settings, "a-group-never-seen").starts_sync({(topic, 1), (topic, 2)})
     finally:
         producer.close()
         admin.close()
@@ -60,11 +54,10 @@ def test_resume_offset_is_the_commit_else_the_log_start(settings: Settings) -> N
 def test_an_unreachable_broker_is_a_clear_error(settings: Settings) -> None:
     bad = settings.model_copy(update={"bootstrap_servers": "127.0.0.1:9"})
     starts = GroupStartOffsets(bad, "g", timeout_s=2)
-    try:
-        with pytest.raises(GroupOffsetsError, match="group g"):
-            starts.starts_sync({("t", 0)})
-    finally:
-        starts.close()
+    with pytest.raises(GroupOffsetsError, match="group g"):
+        starts.starts_sync({("t", 0)})
+    with pytest.raises(GroupOffsetsError, match="group g"):  # the async form says the same
+        asyncio.run(starts.starts({("t", 0)}))
 
 
 def test_a_lookup_without_answer_is_abandoned_and_the_next_one_starts_afresh(
@@ -98,5 +91,52 @@ def test_a_lookup_without_answer_is_abandoned_and_the_next_one_starts_afresh(
         assert len(calls) == 2 and calls[0] != calls[1], "the second lookup ran on a new thread"
     finally:
         release.set()
-        starts.close()
         admin.close()
+
+
+def test_the_assignment_handler_runs_once_whatever_the_lookup_does(settings: Settings) -> None:
+    """SkipGuard wraps Faust's assignment handler: the lookup runs first, and Faust's handler
+    runs exactly once after it, also when the lookup fails or raises something unexpected
+    (without it the assignment would never be fetched). Faust's consumer handler is the
+    unit-level stand-in here; the wrapper runs for real in test_e2e and test_lifecycle."""
+    import faust
+    from faust.types import TP
+
+    from streamtune.faust_app import SkipGuard
+
+    app = faust.App("wrap-test", broker=f"kafka://{settings.bootstrap_servers}")
+    topic = app.topic("in")
+
+    @app.agent(topic, name="a")
+    async def agent(stream: Any) -> None:
+        async for _ in stream:
+            pass
+
+    guard = SkipGuard(app, settings=settings)
+    handled: list[tuple[set[TP], int]] = []
+
+    async def faust_handler(assigned: set[TP], generation_id: int = 0) -> None:
+        handled.append((assigned, generation_id))
+
+    app.consumer.on_partitions_assigned = faust_handler  # type: ignore[method-assign]
+    guard._install_start_lookup()
+    guard._install_start_lookup()  # installed once, however often revocations come
+
+    class Failing:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        async def starts(self, tps: Any) -> dict[tuple[str, int], int]:
+            raise self.error
+
+    class Answering:
+        async def starts(self, tps: Any) -> dict[tuple[str, int], int]:
+            return dict.fromkeys(tps, 7)
+
+    assigned = {TP("in", 0), TP("wrap-test-sessions-changelog", 0)}
+    for starts in (Failing(GroupOffsetsError("no answer")), Failing(KeyError("bug")), Answering()):
+        guard.starts = starts  # type: ignore[assignment]
+        asyncio.run(app.consumer.on_partitions_assigned(assigned, 3))
+    assert handled == [(assigned, 3)] * 3
+    assert guard.guard.expected(("in", 0)) == 7, "the answer became the guard's baseline"
+    assert guard.guard.expected(("wrap-test-sessions-changelog", 0)) is None, "input topics only"

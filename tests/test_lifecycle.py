@@ -68,7 +68,9 @@ def test_rolling_restart_of_two_scorers_loses_nothing_and_redoes_nothing(
             f"{at_least} events scored",
             0.2,
             guard.assert_alive,
-            context=lambda: "\n".join(w.log_tail(3000) + "\n" + w.stacks() for w in (a, b, guard)),
+            context=lambda: "\n".join(
+                w.log_tail(3000) + "\n" + w.stacks() for w in dict.fromkeys((a, b, guard))
+            ),
         )
 
     progressed(15, b)

@@ -22,15 +22,18 @@ class StalledPublisher:
     def __init__(self) -> None:
         self.sent = 0
 
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> None:
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[Any]:
         self.sent += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
 
-    async def flush(self) -> None:
+    async def flush(self, deliveries: Any) -> None:
         await asyncio.Event().wait()
 
 
 class Publisher(StalledPublisher):
-    async def flush(self) -> None:
+    async def flush(self, deliveries: Any) -> None:
         return None
 
 
@@ -65,5 +68,34 @@ def test_a_batch_within_the_bound_finishes() -> None:
         started = Started("query_class", [], datetime.now(UTC), None, [], [])
         outcome = await processor(Publisher()).finish(started)
         assert (outcome.scored, outcome.dead) == (0, 0)
+
+    asyncio.run(go())
+
+
+def test_a_batch_waits_for_its_own_deliveries_only_and_a_timeout_leaves_them_alone() -> None:
+    """The producer is shared by every agent: a batch whose flush times out must not cancel
+    another batch's deliveries, and a failed delivery fails the batch that sent it."""
+    from streamtune.scorer.app import FaustPublisher
+
+    class Producer:
+        async def flush(self) -> None:
+            return None
+
+    class App:
+        producer = Producer()
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        publisher = FaustPublisher(App())  # type: ignore[arg-type]
+        theirs: asyncio.Future[Any] = loop.create_future()  # another batch's, still in flight
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(publisher.flush([theirs]), 0.1)
+        assert not theirs.cancelled(), "a timed-out flush cancelled a delivery"
+        failed: asyncio.Future[Any] = loop.create_future()
+        failed.set_exception(OSError("broker gone"))
+        with pytest.raises(OSError, match="broker gone"):
+            await publisher.flush([failed])
+        theirs.set_result(None)
+        await publisher.flush([theirs])
 
     asyncio.run(go())

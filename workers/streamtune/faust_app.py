@@ -124,26 +124,24 @@ class SkipGuard:
             self._sought.clear()
             self._install_start_lookup()
 
-        @app.on_before_shutdown.connect  # type: ignore[arg-type]
-        async def _close(app: faust.App, **_: Any) -> None:
-            if self.starts is not None:
-                try:
-                    await asyncio.get_running_loop().run_in_executor(None, self.starts.close)
-                except Exception:  # the other shutdown handlers must still run
-                    log.warning("group_offsets_close_failed", exc_info=True)
-
     def _install_start_lookup(self) -> None:
-        """Learn where the group resumes each newly assigned input partition before Faust's own
-        assignment handler runs, i.e. before any record of the assignment is handed out, so
-        the agents never wait on the broker. Installed once, at the first (empty) revocation
-        of the first join, like :func:`hand_over_cleanly`."""
+        """Learn where the group resumes each assigned input partition (all of them: eager
+        rebalancing revokes everything first) before Faust's own assignment handler runs, i.e.
+        before any record of the assignment is handed out, so the agents never wait on the
+        broker (the rebalance does, bounded). Installed once, at the first (empty) revocation of
+        the first join, like :func:`hand_over_cleanly`."""
         consumer: Any = self.app.consumer
         if self.starts is None or getattr(consumer, "_streamtune_starts", False):
             return
         original = consumer.on_partitions_assigned
 
         async def on_partitions_assigned(assigned: Any, generation_id: int = 0) -> None:
-            await self._learn_starts(assigned)
+            try:
+                if not self.app.should_stop:
+                    await self._learn_starts(assigned)
+            except Exception:  # Faust's own handler must run whatever happened here: without
+                # it the assignment is never recovered nor fetched, silently (aiokafka only logs)
+                log.exception("resume_offsets_failed")
             await original(assigned, generation_id)
 
         consumer.on_partitions_assigned = on_partitions_assigned

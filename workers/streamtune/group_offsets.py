@@ -7,17 +7,18 @@ of 0 to "none", and a partition it has no commit for may have been read past alr
 fetched before a rebalance are thrown away with the stream's buffer while the consumer's
 position stays after them, so the first record delivered afterwards is not the first one).
 
-The lookup uses its own kafka-python clients on one dedicated thread, never Faust's consumer
-thread: a call queued there behind a rebalance can wait on the agent that is waiting for it.
+The lookup uses its own kafka-python client on a thread of its own, never Faust's consumer
+thread (a call queued there behind a rebalance can wait on the agent that is waiting for it).
 It runs once per assignment, inside the rebalance and before Faust hands out any record of it
-(:class:`streamtune.faust_app.SkipGuard`), never on an agent's path.
+(:class:`streamtune.faust_app.SkipGuard`), never on an agent's path; the rebalance waits for
+it, bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 from kafka import KafkaAdminClient, TopicPartition
@@ -37,29 +38,27 @@ class GroupOffsetsError(StreamtuneError):
 
 
 class GroupStartOffsets:
-    """``starts(tps)``: for each partition, the group's committed offset, else the log start."""
+    """``starts(tps)``: for each partition, the group's committed offset, else the log start.
+
+    Every lookup is self-contained: its own client, on its own daemon thread, closed when it
+    ends. A lookup that outlasts ``timeout_s`` is abandoned whole; nothing it holds is shared
+    with the next one, and a thread stuck in the client never delays the process's exit."""
 
     def __init__(self, settings: Settings, group_id: str, timeout_s: float = 10.0) -> None:
         self.settings = settings
         self.group_id = group_id
         self.timeout_s = timeout_s
-        self._pool: ThreadPoolExecutor | None = None
-        self._admin: KafkaAdminClient | None = None
 
-    def _client(self) -> KafkaAdminClient:
-        if self._admin is None:
+    def starts_sync(self, tps: set[TP]) -> dict[TP, int]:
+        admin: KafkaAdminClient | None = None
+        try:
             ms = int(self.timeout_s * 1000)
-            self._admin = KafkaAdminClient(
+            admin = KafkaAdminClient(
                 **kafka_client_kwargs(self.settings),
                 client_id="streamtune-group-offsets",
                 request_timeout_ms=ms,
                 bootstrap_timeout_ms=ms,
             )
-        return self._admin
-
-    def starts_sync(self, tps: set[TP]) -> dict[TP, int]:
-        try:
-            admin = self._client()
             parts = [TopicPartition(t, p) for t, p in sorted(tps)]
             committed = admin.list_group_offsets({self.group_id: parts}).get(self.group_id, {})
             # The log start too: retention may have deleted records past an old commit, and the
@@ -74,45 +73,39 @@ class GroupStartOffsets:
                 out[(tp.topic, tp.partition)] = start
             return out
         except Exception as e:  # kafka-python raises more than KafkaError (RuntimeError, OSError...)
-            self._close_client()  # a fresh connection next time
             raise GroupOffsetsError(f"group {self.group_id}: resume offsets of {sorted(tps)}: {e}") from e
+        finally:
+            if admin is not None:
+                _close_quietly(admin)
 
     async def starts(self, tps: set[TP]) -> dict[TP, int]:
-        """The lookup on this object's own thread, bounded by ``timeout_s``. A lookup that
-        outlasts it is abandoned with its thread and client (a wedged client must not hold up
-        the next lookup); the next call starts afresh."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="group-offsets")
-        pool = self._pool
-        call = asyncio.get_running_loop().run_in_executor(pool, self.starts_sync, tps)
+        """The lookup on a thread of its own, bounded by ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[dict[TP, int]] = loop.create_future()
+
+        def settle(result: dict[TP, int] | None, error: BaseException | None) -> None:
+            if answer.done():  # the caller gave up (timed out, cancelled)
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(result or {})
+
+        def run() -> None:
+            try:
+                result, error = self.starts_sync(tps), None
+            except BaseException as e:  # handed to the awaiting side, whatever it is
+                result, error = None, e
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=run, name="group-offsets", daemon=True).start()
         try:
-            return await asyncio.wait_for(call, self.timeout_s)
+            return await asyncio.wait_for(answer, self.timeout_s)
         except TimeoutError as e:
-            if self._pool is pool:
-                self._pool, admin, self._admin = None, self._admin, None
-                pool.shutdown(wait=False, cancel_futures=True)
-                if admin is not None:  # closed off the loop: close() joins the client's IO thread
-                    threading.Thread(target=_close_quietly, args=(admin,), daemon=True).start()
             raise GroupOffsetsError(
                 f"group {self.group_id}: resume offsets of {sorted(tps)}: no answer in {self.timeout_s:g} s"
             ) from e
-
-    def _close_client(self) -> None:
-        admin, self._admin = self._admin, None
-        if admin is not None:
-            _close_quietly(admin)
-
-    def close(self) -> None:
-        """Close the client on its thread; a lookup still running is abandoned, not waited for."""
-        pool, self._pool = self._pool, None
-        if pool is None:
-            self._close_client()
-            return
-        try:
-            pool.submit(self._close_client).result(timeout=self.timeout_s)
-        except Exception:  # stopping must go on whatever happened here
-            log.warning("group_offsets_close_failed", exc_info=True)
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _close_quietly(admin: KafkaAdminClient) -> None:

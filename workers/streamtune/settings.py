@@ -99,8 +99,8 @@ class Settings(BaseSettings):
     batch_step_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="Longest one step of a batch (model run, Redis write, publish, flush) may take;"
-        " past it the batch fails, is logged with the step, and is read again",
+        description="Longest one step of a batch (model run, publish, flush) may take; past it the"
+        " batch fails, is logged with the step, and is read again (Redis writes retry on their own)",
     )
     task_batch_max_events: dict[str, int] = Field(
         default_factory=dict, description='Per-task batch_max_events, JSON: {"query_class": 256}'

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,21 +59,22 @@ class ScorerResources:
 
 
 class FaustPublisher:
-    """Output events through the app's producer; ``flush`` waits until every send is acknowledged."""
+    """Output events through the app's producer. Each batch waits for its own deliveries: the
+    producer is shared by every agent, and one batch's failure or timeout must neither cancel
+    nor consume another batch's acknowledgements."""
 
     def __init__(self, app: faust.App) -> None:
         self.app = app
-        self._pending: list[Awaitable[Any]] = []
 
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        fut = await self.app.producer.send(topic, key, value, None, None, None)
-        self._pending.append(fut)
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(await self.app.producer.send(topic, key, value, None, None, None))
 
-    async def flush(self) -> None:
+    async def flush(self, deliveries: Sequence[asyncio.Future[Any]]) -> None:
         await self.app.producer.flush()
-        pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        if deliveries:
+            done, _ = await asyncio.wait(deliveries)  # a cancelled wait leaves them running
+            for fut in done:
+                fut.result()  # the first failed send fails the batch
 
 
 def build_app(settings: Settings, res: ScorerResources) -> faust.App:
@@ -240,13 +241,15 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         try:
             for tp in assignment:
                 high = app.consumer.highwater(tp)
-                pos = await app.consumer.position(tp)
+                # bounded: position() waits while a partition is being reset, and this timer
+                # also beats the readiness heartbeat
+                pos = await asyncio.wait_for(app.consumer.position(tp), 5.0)
                 if high is not None and pos is not None:
                     lag[task_of_topic[tp.topic]] += max(0, high - pos)
-        except Exception as e:  # a rebalance revoked a partition meanwhile
-            # (aiokafka: IllegalStateError "not assigned"); an exception in a Faust timer
+        except Exception as e:  # a rebalance revoked a partition meanwhile (aiokafka:
+            # IllegalStateError "not assigned"), or no answer: an exception in a Faust timer
             # crashes the worker, so this round's lag is skipped instead.
-            log.debug("lag_skipped", error=str(e) or type(e).__name__)
+            log.info("lag_skipped", error=str(e) or type(e).__name__)
             return
         for task, n in lag.items():
             res.metrics.consumer_lag.labels(task).set(n)

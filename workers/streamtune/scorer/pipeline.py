@@ -35,9 +35,14 @@ T = TypeVar("T")
 
 
 class Publisher(Protocol):
-    async def send(self, topic: str, key: bytes | None, value: bytes) -> None: ...
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[Any]:
+        """Queue one record; the future resolves once the broker acknowledged it."""
+        ...
 
-    async def flush(self) -> None: ...
+    async def flush(self, deliveries: Sequence[asyncio.Future[Any]]) -> None:
+        """Send what is queued and wait for ``deliveries`` (one batch's own records); raise if
+        one failed. Cancelling this wait must leave the deliveries themselves alone."""
+        ...
 
 
 # Applies decoded clicks to the session table (in stream order) and returns each click's
@@ -125,14 +130,16 @@ class BatchProcessor:
 
     async def finish(self, started: Started) -> BatchOutcome:
         """Second half: wait for the model, then dead letters, Redis, output events, and flush
-        (everything the batch's offsets may be committed for). Each step is bounded
-        (``batch_step_timeout_s``): a stalled client fails the batch with the step's name, and the
-        batch is read again, instead of holding the partition silently."""
+        (everything the batch's offsets may be committed for). The model run, the sends and the
+        flush are bounded (``batch_step_timeout_s``): a stalled model thread or producer fails
+        the batch with the step's name, and the batch is read again, instead of holding its
+        partitions silently."""
         task, spec = started.task, TASKS[started.task]
         results: list[Result] = []
+        deliveries: list[asyncio.Future[Any]] = []  # this batch's own records, not another's
         scored = await self._step(task, "model", started.scoring) if started.scoring is not None else None
         if started.bad:
-            await self._step(task, "dead letters", self._dead_letters(task, started.bad))
+            await self._step(task, "dead letters", self._dead_letters(task, started.bad, deliveries))
         if scored is not None:
             if scored.shadow is not None:
                 self.metrics.shadow_agreement.labels(task).set(scored.shadow.agreement)
@@ -147,13 +154,14 @@ class BatchProcessor:
                 results = click_results(started.events, started.page_views, scored, now)  # type: ignore[arg-type]
             for v, n in zip(*np.unique(scored.versions, return_counts=True), strict=True):
                 self.metrics.results_by_version.labels(task, str(v)).inc(int(n))
-            await self._step(task, "redis", self.sink.write(results, now.isoformat()))
-            await self._step(
-                task, "publish", self._publish(task, self.settings.topic(spec.output_topic), results)
-            )
+            # Not bounded here: the sink retries with capped back-off while Redis is down (each
+            # attempt bounded by the client's socket timeouts), so an outage pauses the scorer.
+            await self.sink.write(results, now.isoformat())
+            out_topic = self.settings.topic(spec.output_topic)
+            await self._step(task, "publish", self._publish(task, out_topic, results, deliveries))
             self.metrics.scored.labels(task).inc(len(results))
             self.metrics.batch_size.labels(task).observe(len(results))
-        await self._step(task, "flush", self.publisher.flush())
+        await self._step(task, "flush", self.publisher.flush(deliveries))
         return BatchOutcome(scored=len(results), dead=len(started.bad))
 
     async def _step(self, task: str, step: str, aw: Awaitable[T]) -> T:
@@ -164,20 +172,26 @@ class BatchProcessor:
                 f"{task}: the {step} step took more than {self.settings.batch_step_timeout_s:g} s"
             ) from e
 
-    async def _publish(self, task: str, topic: str, results: list[Result]) -> None:
+    async def _publish(
+        self, task: str, topic: str, results: list[Result], deliveries: list[asyncio.Future[Any]]
+    ) -> None:
         done = time.time()
         for r in results:
-            await self.publisher.send(topic, r.key.encode("utf-8"), r.payload())
+            deliveries.append(await self.publisher.send(topic, r.key.encode("utf-8"), r.payload()))
             self.metrics.latency.labels(task).observe(max(0.0, done - r.event_ts.timestamp()))
 
-    async def _dead_letters(self, task: str, bad: list[DeadLetter]) -> None:
+    async def _dead_letters(
+        self, task: str, bad: list[DeadLetter], deliveries: list[asyncio.Future[Any]]
+    ) -> None:
         for dl in bad:
-            await self._dead_letter(task, dl)
+            deliveries.append(await self._dead_letter(task, dl))
 
-    async def _dead_letter(self, task: str, dl: DeadLetter) -> None:
+    async def _dead_letter(self, task: str, dl: DeadLetter) -> asyncio.Future[Any]:
         self.metrics.dead_letters.labels(task).inc()
         log.warning(
             "dead_letter", topic=dl.source_topic, partition=dl.partition, offset=dl.offset, error=dl.error
         )
         key = dl.key.encode("utf-8") if dl.key is not None else None
-        await self.publisher.send(self.settings.topic(DLQ_TOPIC), key, dl.model_dump_json().encode("utf-8"))
+        return await self.publisher.send(
+            self.settings.topic(DLQ_TOPIC), key, dl.model_dump_json().encode("utf-8")
+        )

@@ -87,10 +87,9 @@ class Swapper:
                 self.runtime.verify(task, version)
 
     def refuse(self, release: Release, reason: str) -> None:
-        """Log and publish the refusal; the metric counts it only once the record is durable.
-
-        Operators (and tests) that see the counter move can then read the refusal's reason from
-        the release log without racing its publication.
+        """Log and publish the refusal, then count it: once the counter moves, the refusal's
+        record is in the release log (operators and tests read its reason there without racing
+        its publication). A refusal whose record could not be published is counted all the same.
         """
         live = self.runtime.routes.get(release.task)
         log.error("adapter_refused", task=release.task, version=release.version, stage=release.stage,
