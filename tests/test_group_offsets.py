@@ -140,3 +140,23 @@ def test_the_assignment_handler_runs_once_whatever_the_lookup_does(settings: Set
     assert handled == [(assigned, 3)] * 3
     assert guard.guard.expected(("in", 0)) == 7, "the answer became the guard's baseline"
     assert guard.guard.expected(("wrap-test-sessions-changelog", 0)) is None, "input topics only"
+
+    # A bug in the guard's own handling (not just in the lookup) still lets Faust's handler run.
+    async def broken(assigned: Any) -> None:
+        raise RuntimeError("a bug in the guard")
+
+    learn = guard._learn_starts
+    guard._learn_starts = broken  # type: ignore[method-assign]
+    asyncio.run(app.consumer.on_partitions_assigned(assigned, 4))
+    assert handled[-1] == (assigned, 4)
+    # While the worker stops, no lookup starts (its result would serve nobody).
+    looked: list[Any] = []
+
+    async def record(assigned: Any) -> None:
+        looked.append(assigned)
+
+    guard._learn_starts = record  # type: ignore[method-assign]
+    app._stopped.set()
+    asyncio.run(app.consumer.on_partitions_assigned(assigned, 5))
+    assert looked == [] and handled[-1] == (assigned, 5)
+    guard._learn_starts = learn  # type: ignore[method-assign]

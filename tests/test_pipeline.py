@@ -72,6 +72,47 @@ def test_a_batch_within_the_bound_finishes() -> None:
     asyncio.run(go())
 
 
+def test_finish_hands_the_flush_exactly_the_deliveries_it_sent() -> None:
+    """Dead letters' and results' delivery futures are what the batch waits for (a batch of
+    malformed records: no model run, no Redis write)."""
+    from streamtune.events import DeadLetter
+
+    class Recording(Publisher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.returned: list[Any] = []
+            self.flushed: list[Any] = []
+
+        async def send(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[Any]:
+            fut = await super().send(topic, key, value)
+            self.returned.append(fut)
+            return fut
+
+        async def flush(self, deliveries: Any) -> None:
+            self.flushed.append(list(deliveries))
+
+    async def go() -> None:
+        bad = [
+            DeadLetter(
+                source_topic="t",
+                partition=0,
+                offset=i,
+                error="invalid JSON",
+                raw="x",
+                received_at=datetime.now(UTC),
+            )
+            for i in range(3)
+        ]
+        publisher = Recording()
+        outcome = await processor(publisher).finish(
+            Started("query_class", bad, datetime.now(UTC), None, [], [])
+        )
+        assert outcome.dead == 3 and len(publisher.returned) == 3
+        assert publisher.flushed == [publisher.returned]
+
+    asyncio.run(go())
+
+
 def test_a_batch_waits_for_its_own_deliveries_only_and_a_timeout_leaves_them_alone() -> None:
     """The producer is shared by every agent: a batch whose flush times out must not cancel
     another batch's deliveries, and a failed delivery fails the batch that sent it."""

@@ -67,14 +67,22 @@ class FaustPublisher:
         self.app = app
 
     async def send(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[Any]:
-        return asyncio.ensure_future(await self.app.producer.send(topic, key, value, None, None, None))
+        fut = asyncio.ensure_future(await self.app.producer.send(topic, key, value, None, None, None))
+        fut.add_done_callback(_retrieve)  # a batch raises its first failure; the rest are read here
+        return fut
 
     async def flush(self, deliveries: Sequence[asyncio.Future[Any]]) -> None:
         await self.app.producer.flush()
         if deliveries:
-            done, _ = await asyncio.wait(deliveries)  # a cancelled wait leaves them running
-            for fut in done:
-                fut.result()  # the first failed send fails the batch
+            await asyncio.wait(deliveries)  # a cancelled wait leaves them running
+            for fut in deliveries:
+                fut.result()  # the first failed send, in send order, fails the batch
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a delivery's error as seen (asyncio logs every unread one when it is collected)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def build_app(settings: Settings, res: ScorerResources) -> faust.App:
