@@ -72,8 +72,8 @@ fi
 "$VENV/bin/python" - <<'PY'
 import sys
 
-from streamtune.errors import StackError
-from streamtune.stack import EmbeddedKafka
+from streamtune.core.errors import StackError
+from streamtune.devtools.stack import EmbeddedKafka
 
 try:
     EmbeddedKafka.ensure_jars_default()

@@ -11,9 +11,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from streamtune.errors import StreamtuneError
-from streamtune.settings import Settings
-from streamtune.tasks import TASK_NAMES
+from streamtune.core.errors import StreamtuneError
+from streamtune.core.settings import Settings
+from streamtune.core.tasks import TASK_NAMES
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -64,7 +64,7 @@ def trainer() -> None:
 @app.command()
 def topics() -> None:
     """Create the missing topics (partitions and replication from settings)."""
-    from streamtune.topics import ensure_topics, topic_specs
+    from streamtune.kafka.topics import ensure_topics, topic_specs
 
     s = _settings()
     created = ensure_topics(s)
@@ -83,8 +83,8 @@ def train(
     if_missing: Annotated[bool, typer.Option(help="Only train tasks that have no version yet")] = False,
 ) -> None:
     """Fine-tune a task's adapter on the shipped data, evaluate on held-out rows, publish a version."""
-    from streamtune.logs import configure_logging
-    from streamtune.registry import registry_for
+    from streamtune.ops.logs import configure_logging
+    from streamtune.rollout.registry import registry_for
     from streamtune.training.bootstrap import TrainConfig, train_task
 
     s = _settings()
@@ -120,7 +120,7 @@ def replay(
     label_delay: Annotated[float, typer.Option(help="Seconds between an event and its label")] = 0.0,
 ) -> None:
     """Produce events from the shipped data sets."""
-    from streamtune.replay import replay as run_replay
+    from streamtune.devtools.demo.replay import replay as run_replay
 
     if reviews not in ("natural", "critical"):
         console.print(f"[red]error:[/] --reviews {reviews!r}: natural or critical")
@@ -150,7 +150,7 @@ def tail(
     raw: Annotated[bool, typer.Option(help="Print the JSON as received")] = False,
 ) -> None:
     """Subscribe to an output topic and print results readably."""
-    from streamtune.tail import run_tail
+    from streamtune.devtools.demo.tail import run_tail
 
     run_tail(_settings(), topic, from_beginning, max_messages, raw)
 
@@ -160,7 +160,7 @@ def schemas(
     write: Annotated[bool, typer.Option(help="Regenerate schemas/ from the typed models")] = False,
 ) -> None:
     """List (or regenerate) the JSON Schemas of every payload."""
-    from streamtune import schemas as sch
+    from streamtune.core import schemas as sch
 
     if write:
         for p in sch.write_all():
@@ -175,7 +175,7 @@ def docs(
     write: Annotated[bool, typer.Option(help="Rewrite the generated blocks of README.md")] = False,
 ) -> None:
     """Print (or write into README.md) the settings and quality tables generated from the code."""
-    from streamtune import docs as d
+    from streamtune.devtools import docs as d
 
     generated = d.blocks(_settings().adapter_dir)
     if write:
@@ -200,7 +200,7 @@ def demo(
     ] = True,
 ) -> None:
     """Start the embedded stack, a scorer, a trainer and a drifting replay; show it live."""
-    from streamtune.demo import DemoOptions, run_demo
+    from streamtune.devtools.demo.main import DemoOptions, run_demo
 
     opts = DemoOptions(
         duration=duration, rate=rate, malformed=malformed, drift_after=drift_after, label_delay=label_delay,
@@ -224,9 +224,9 @@ def bench_update(
     """Fine-tune time on N labels, accuracy before/after on drifted data, hot-swap latency and gap."""
     from pathlib import Path
 
-    from streamtune.bench.update import UpdateBenchConfig, markdown, run
-    from streamtune.logs import configure_logging
-    from streamtune.settings import REPO_ROOT
+    from streamtune.core.settings import REPO_ROOT
+    from streamtune.devtools.bench.update import UpdateBenchConfig, markdown, run
+    from streamtune.ops.logs import configure_logging
 
     s = _settings()
     configure_logging("WARNING", json=False)
@@ -248,9 +248,9 @@ def bench_throughput(
     """Ceiling vs streamtune end to end vs a naive consumer, per backend; ratios, latency, cost."""
     from pathlib import Path
 
-    from streamtune.bench.throughput import ThroughputConfig, markdown, run
-    from streamtune.logs import configure_logging
-    from streamtune.settings import REPO_ROOT
+    from streamtune.core.settings import REPO_ROOT
+    from streamtune.devtools.bench.throughput import ThroughputConfig, markdown, run
+    from streamtune.ops.logs import configure_logging
 
     s = _settings()
     configure_logging("WARNING", json=False)
@@ -276,9 +276,9 @@ def chaos(
     from dataclasses import asdict
     from pathlib import Path
 
-    from streamtune.chaos import ChaosConfig, markdown, run_scenarios
-    from streamtune.logs import configure_logging
-    from streamtune.settings import REPO_ROOT
+    from streamtune.core.settings import REPO_ROOT
+    from streamtune.devtools.chaos import ChaosConfig, markdown, run_scenarios
+    from streamtune.ops.logs import configure_logging
 
     s = _settings()
     configure_logging("WARNING", json=False)
@@ -297,7 +297,7 @@ def chaos(
 
 
 def _register_subcommands() -> None:
-    from streamtune.adapters_cli import adapters
+    from streamtune.rollout.cli import adapters
 
     app.add_typer(adapters, name="adapters")
     app.add_typer(bench, name="bench")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from streamtune.features import FEATURE_DIM
+from streamtune.core.features import FEATURE_DIM
 
 CLICK_LORA_TARGETS = ["fc1", "fc2", "out"]
 CLICK_BASE_WEIGHTS = "base_model.safetensors"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from streamtune.errors import StartupError
+from streamtune.core.errors import StartupError
 from streamtune.model.tokens import base_model_sha256  # noqa: F401 (re-exported for training code)
 
 LORA_TARGETS = ["query", "key", "value", "dense"]

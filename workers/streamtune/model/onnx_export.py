@@ -29,7 +29,8 @@ import structlog
 import torch
 from torch import nn
 
-from streamtune.errors import AdapterError
+from streamtune.core.errors import AdapterError
+from streamtune.core.settings import Settings
 from streamtune.model.encoder import Head, base_model_sha256, load_base, mean_pool
 from streamtune.model.onnx_session import (
     CLICK_BACKEND,
@@ -41,8 +42,7 @@ from streamtune.model.onnx_session import (
     session,
 )
 from streamtune.model.tokens import TextBatcher
-from streamtune.registry import Artifact, LocalRegistry, Manifest
-from streamtune.settings import Settings
+from streamtune.rollout.registry import Artifact, LocalRegistry, Manifest
 
 log = structlog.get_logger(__name__)
 

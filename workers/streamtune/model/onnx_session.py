@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from streamtune.errors import AdapterError
+from streamtune.core.errors import AdapterError
 from streamtune.model.tokens import TextBatcher
 
 ONNX_BACKENDS = ("onnx-fp32", "onnx-int8")

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import structlog
 
-from streamtune.errors import AdapterError, StartupError
+from streamtune.core.errors import AdapterError, StartupError
+from streamtune.core.settings import resolve_backend
 from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
 from streamtune.model.tokens import TextBatcher, base_model_sha256
-from streamtune.registry import LocalRegistry, Manifest
-from streamtune.rollout import in_canary
-from streamtune.settings import resolve_backend
+from streamtune.rollout.registry import LocalRegistry, Manifest
+from streamtune.rollout.state import in_canary
 
 log = structlog.get_logger(__name__)
 
@@ -222,7 +222,7 @@ class ModelRuntime:
         task = loaded.manifest.task
         probe: list[str] | list[list[float]]
         if loaded.manifest.kind != "text-lora":
-            from streamtune.features import FEATURE_DIM
+            from streamtune.core.features import FEATURE_DIM
 
             probe = [[0.0] * FEATURE_DIM]
         else:

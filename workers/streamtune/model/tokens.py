@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamtune.errors import StartupError
+from streamtune.core.errors import StartupError
 
 BASE_WEIGHTS = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,28 +19,24 @@ from typing import Any
 
 import faust
 import structlog
-from faust.streams import _current_event
 
-from streamtune.decode import Decoded, Source
-from streamtune.events import ClickEvent
-from streamtune.faust_app import (
-    JSON_TABLE,
-    BatchGate,
-    SkipGuard,
-    hand_over_cleanly,
-    leave_pending,
-    worker_app,
-)
-from streamtune.features import SessionState, apply_click, is_expired
+from streamtune.core.decode import Decoded, Source
+from streamtune.core.events import ClickEvent
+from streamtune.core.features import SessionState, apply_click, is_expired
+from streamtune.core.settings import Settings
+from streamtune.core.tasks import TASKS
+from streamtune.kafka.app import JSON_TABLE, worker_app
+from streamtune.kafka.compat import attributed_to, leave_pending
+from streamtune.kafka.guard import SkipGuard
+from streamtune.kafka.handover import hand_over_cleanly
+from streamtune.kafka.security import async_redis_client
 from streamtune.model.runtime import ModelRuntime
-from streamtune.releases import ReleaseFollower
+from streamtune.ops.telemetry import Readiness, ScorerMetrics
+from streamtune.rollout.releases import ReleaseFollower
+from streamtune.scorer.gate import BatchGate
 from streamtune.scorer.overlap import BatchSteps, Overlap
 from streamtune.scorer.pipeline import BatchProcessor, Started
-from streamtune.security import async_redis_client
-from streamtune.settings import Settings
-from streamtune.sink import RedisSink
-from streamtune.tasks import TASKS
-from streamtune.telemetry import Readiness, ScorerMetrics
+from streamtune.scorer.sink import RedisSink
 
 log = structlog.get_logger(__name__)
 
@@ -194,11 +189,8 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             prev = SessionState.model_validate(raw) if raw else None
             new, applied = apply_click(prev, d.event, d.source.partition, d.source.offset)
             if applied:
-                token = _current_event.set(weakref.ref(click_events[(d.source.partition, d.source.offset)]))
-                try:
+                with attributed_to(click_events[(d.source.partition, d.source.offset)]):
                     sessions[sid] = new.model_dump(mode="json")
-                finally:
-                    _current_event.reset(token)
             states.append(new)
         res.metrics.sessions_active.set(len(sessions.data))
         return states

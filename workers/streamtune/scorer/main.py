@@ -9,21 +9,22 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 import structlog
 
-from streamtune.errors import AdapterError, StartupError
-from streamtune.faust_app import DrainingWorker, drain_app
-from streamtune.logs import configure_logging
+from streamtune.core.errors import AdapterError, StartupError
+from streamtune.core.settings import Settings
+from streamtune.core.tasks import TASK_NAMES
+from streamtune.kafka.compat import DrainingWorker
+from streamtune.kafka.handover import drain_app
+from streamtune.kafka.security import redact_url, redis_client
+from streamtune.kafka.topics import ensure_topics
 from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.model.runtime import ModelRuntime, Route
-from streamtune.registry import LocalRegistry, registry_for
-from streamtune.releases import ReleaseFollower, ReleaseLog
-from streamtune.rollout import Release, current_states, promote
+from streamtune.ops.logs import configure_logging
+from streamtune.ops.telemetry import Readiness, ScorerMetrics
+from streamtune.rollout.registry import LocalRegistry, registry_for
+from streamtune.rollout.releases import ReleaseFollower, ReleaseLog
+from streamtune.rollout.state import Release, current_states, promote
 from streamtune.scorer.app import ScorerResources, build_app
 from streamtune.scorer.swap import Swapper, build_route
-from streamtune.security import redact_url, redis_client
-from streamtune.settings import Settings
-from streamtune.tasks import TASK_NAMES
-from streamtune.telemetry import Readiness, ScorerMetrics
-from streamtune.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
-from streamtune.faust_app import BatchGate
+from streamtune.scorer.gate import BatchGate
 
 log = structlog.get_logger(__name__)
 

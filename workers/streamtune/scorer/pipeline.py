@@ -18,16 +18,16 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import structlog
 
-from streamtune.decode import Decoded, Source, split
-from streamtune.encode import Result, click_results, review_results, search_results
-from streamtune.errors import BatchStalledError
-from streamtune.events import ClickEvent, DeadLetter, ReviewEvent, SearchEvent
-from streamtune.features import SessionState, session_row, vectorize
+from streamtune.core.decode import Decoded, Source, split
+from streamtune.core.errors import BatchStalledError
+from streamtune.core.events import ClickEvent, DeadLetter, ReviewEvent, SearchEvent
+from streamtune.core.features import SessionState, session_row, vectorize
+from streamtune.core.settings import Settings
+from streamtune.core.tasks import DLQ_TOPIC, TASKS
 from streamtune.model.runtime import ModelRuntime, Scored
-from streamtune.settings import Settings
-from streamtune.sink import RedisSink
-from streamtune.tasks import DLQ_TOPIC, TASKS
-from streamtune.telemetry import ScorerMetrics
+from streamtune.ops.telemetry import ScorerMetrics
+from streamtune.scorer.encode import Result, click_results, review_results, search_results
+from streamtune.scorer.sink import RedisSink
 
 log = structlog.get_logger(__name__)
 

@@ -14,11 +14,11 @@ from concurrent.futures import Executor
 
 import structlog
 
-from streamtune.errors import AdapterError
+from streamtune.core.errors import AdapterError
 from streamtune.model.runtime import ModelRuntime, Route
-from streamtune.releases import ReleaseLog
-from streamtune.rollout import Release
-from streamtune.telemetry import ScorerMetrics
+from streamtune.ops.telemetry import ScorerMetrics
+from streamtune.rollout.releases import ReleaseLog
+from streamtune.rollout.state import Release
 
 log = structlog.get_logger(__name__)
 

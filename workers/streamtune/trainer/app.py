@@ -25,13 +25,14 @@ from typing import Any
 import faust
 import structlog
 
-from streamtune.decode import Decoded, Source, decode
-from streamtune.events import ClickEvent, DeadLetter, LabelEvent, ReviewEvent, SearchEvent
-from streamtune.faust_app import JSON_TABLE, SkipGuard, worker_app
-from streamtune.features import SessionState, apply_click, session_row, vectorize
-from streamtune.settings import Settings
-from streamtune.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS
-from streamtune.telemetry import Readiness, TrainerMetrics
+from streamtune.core.decode import Decoded, Source, decode
+from streamtune.core.events import ClickEvent, DeadLetter, LabelEvent, ReviewEvent, SearchEvent
+from streamtune.core.features import SessionState, apply_click, session_row, vectorize
+from streamtune.core.settings import Settings
+from streamtune.core.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS
+from streamtune.kafka.app import JSON_TABLE, worker_app
+from streamtune.kafka.guard import SkipGuard
+from streamtune.ops.telemetry import Readiness, TrainerMetrics
 from streamtune.training.candidate import NothingToTrain
 from streamtune.training.online import (
     Example,

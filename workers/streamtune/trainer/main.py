@@ -9,16 +9,16 @@ import faust
 import structlog
 import torch
 
-from streamtune.errors import StartupError
-from streamtune.logs import configure_logging
+from streamtune.core.errors import StartupError
+from streamtune.core.settings import Settings
+from streamtune.core.tasks import TASK_NAMES
+from streamtune.kafka.topics import ensure_topics
 from streamtune.model.onnx_export import ensure_artifact
-from streamtune.registry import LocalRegistry, Manifest, registry_for
-from streamtune.releases import ReleaseLog
-from streamtune.rollout import Release, canary, promote
-from streamtune.settings import Settings
-from streamtune.tasks import TASK_NAMES
-from streamtune.telemetry import Readiness, TrainerMetrics
-from streamtune.topics import ensure_topics
+from streamtune.ops.logs import configure_logging
+from streamtune.ops.telemetry import Readiness, TrainerMetrics
+from streamtune.rollout.registry import LocalRegistry, Manifest, registry_for
+from streamtune.rollout.releases import ReleaseLog
+from streamtune.rollout.state import Release, canary, promote
 from streamtune.trainer.app import TrainerResources, TrainerState, build_app
 from streamtune.training.candidate import OnlineConfig, Reference, reference_set, train_candidate
 from streamtune.training.online import TrainingSet, Watermark

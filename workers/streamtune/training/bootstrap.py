@@ -22,7 +22,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 
-from streamtune.features import vectorize
+from streamtune.core.features import vectorize
+from streamtune.datasets import loaders as data
 from streamtune.model.click import CLICK_BASE_NAME, CLICK_BASE_WEIGHTS, CLICK_LORA_TARGETS, ClickNet
 from streamtune.model.encoder import (
     LORA_TARGETS,
@@ -33,8 +34,7 @@ from streamtune.model.encoder import (
     mean_pool,
     tokenize,
 )
-from streamtune.registry import BaseModelRef, LocalRegistry, Manifest, sha256_file
-from streamtune.training import data
+from streamtune.rollout.registry import BaseModelRef, LocalRegistry, Manifest, sha256_file
 from streamtune.training import metrics as M
 
 log = structlog.get_logger(__name__)

@@ -25,12 +25,12 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from streamtune.errors import AdapterError, StreamtuneError
-from streamtune.features import vectorize
+from streamtune.core.errors import AdapterError, StreamtuneError
+from streamtune.core.features import vectorize
+from streamtune.datasets import loaders as data
 from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
 from streamtune.model.encoder import Head, base_model_sha256, load_base
-from streamtune.registry import LocalRegistry, Manifest
-from streamtune.training import data
+from streamtune.rollout.registry import LocalRegistry, Manifest
 from streamtune.training import metrics as M
 from streamtune.training.bootstrap import (
     TrainConfig,

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamtune.events import LabelEvent
-from streamtune.training.data import SENTIMENTS, sentiment_of_rating
+from streamtune.core.events import LabelEvent
+from streamtune.datasets.loaders import SENTIMENTS, sentiment_of_rating
 
 # The metric each task's gate compares (higher is better for all three).
 GATE_METRIC = {"review_sentiment": "macro_f1", "query_class": "top1", "purchase_intent": "roc_auc"}

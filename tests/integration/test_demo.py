@@ -1,0 +1,32 @@
+"""`streamtune demo` end to end: embedded stack, scorer, trainer, drift, canary, operator."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamtune.core.settings import Settings
+from streamtune.devtools.demo.main import DemoOptions, DemoState, run_demo
+
+pytestmark = pytest.mark.integration
+
+
+def operator_acted(st: DemoState) -> bool:
+    return any("operator:" in line and "review_sentiment" in line for line in st.timeline.all)
+
+
+def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision() -> None:
+    # A permissive gate: this test is about the loop, not about whether 100 labels help.
+    base = Settings(trainer_margin=-1.0, trainer_reference_tolerance=1.0)
+    opts = DemoOptions(
+        duration=900, rate=20, drift_after=8, label_delay=2, train_after=100, train_budget=30, judge_min=15,
+        live_view=False, until=operator_acted,
+    )  # fmt: skip
+    st = run_demo(base, opts)
+    lines = "\n".join(st.timeline.all)
+    assert "the review stream drifts" in lines
+    trained = [line for line in st.timeline.all if "trainer: review_sentiment v2 from v1" in line]
+    assert trained and "gate PASSED" in trained[0], lines
+    assert "scorer: review_sentiment v2 in canary for 50%" in lines, lines
+    assert operator_acted(st), lines
+    judged = st.book.by_version(drifted_only=False)
+    assert judged[1][1] >= 15 and judged[2][1] >= 15  # both versions served labelled traffic

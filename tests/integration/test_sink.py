@@ -1,0 +1,86 @@
+"""Redis sink against the real Redis: pipelined, idempotent aggregates."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import redis
+import redis.asyncio as aioredis
+
+from streamtune.core.events import AdapterRef, ClickScore, ReviewScore
+from streamtune.scorer.encode import ProductUpdate, Result, SessionUpdate
+from streamtune.scorer.sink import RedisSink, product_key, score_key, session_key
+
+NOW = datetime(2026, 11, 28, tzinfo=UTC)
+
+
+def review(event_id: str, product: str, label: str, p_pos: float, version: int = 1) -> Result:
+    probs = {"negative": 0.0, "neutral": round(1 - p_pos, 6), "positive": p_pos}
+    score = ReviewScore(
+        event_id=event_id,
+        task="review_sentiment",
+        adapter=AdapterRef(task="review_sentiment", version=version),
+        label=label,
+        event_ts=NOW,
+        scored_at=NOW,
+        product_id=product,
+        probabilities=probs,  # type: ignore[arg-type]
+    )
+    return Result(
+        "review_sentiment", event_id, product, score, NOW, ProductUpdate(product, event_id, label, p_pos)
+    )
+
+
+def click(event_id: str, session: str, views: int, p: float) -> Result:
+    score = ClickScore(
+        event_id=event_id,
+        task="purchase_intent",
+        adapter=AdapterRef(task="purchase_intent", version=1),
+        label="no_purchase",
+        event_ts=NOW,
+        scored_at=NOW,
+        session_id=session,
+        purchase_probability=p,
+        page_views=views,
+    )
+    return Result(
+        "purchase_intent", event_id, session, score, NOW, SessionUpdate(session, views, p, event_id, 1)
+    )
+
+
+def _write(url: str, results: list[Result]) -> None:
+    async def go() -> None:
+        client = aioredis.from_url(url)
+        try:
+            await RedisSink(client, score_ttl_s=100, session_ttl_s=100).write(results, NOW.isoformat())
+        finally:
+            await client.aclose()
+
+    asyncio.run(go())
+
+
+def test_product_view_counts_each_event_once(redis_client: redis.Redis, stack) -> None:  # type: ignore[no-untyped-def]
+    batch = [review("e1", "p1", "positive", 0.9), review("e2", "p1", "negative", 0.1)]
+    _write(stack.redis_url, batch)
+    _write(stack.redis_url, batch)  # a replay of the same batch
+    view = redis_client.hgetall(product_key("p1"))
+    assert view["reviews"] == "2" and view["reviews_positive"] == "1" and view["reviews_negative"] == "1"
+    assert float(view["mean_positive_probability"]) == 0.5
+    assert redis_client.ttl(score_key("review_sentiment", "e1")) > 0
+
+
+def test_rescoring_replaces_a_contribution(redis_client: redis.Redis, stack) -> None:  # type: ignore[no-untyped-def]
+    _write(stack.redis_url, [review("e1", "p2", "positive", 0.8)])
+    _write(stack.redis_url, [review("e1", "p2", "neutral", 0.4, version=2)])
+    view = redis_client.hgetall(product_key("p2"))
+    assert (view["reviews"], view["reviews_positive"], view["reviews_neutral"]) == ("1", "0", "1")
+    assert float(view["mean_positive_probability"]) == 0.4
+
+
+def test_session_view_holds_latest_values(redis_client: redis.Redis, stack) -> None:  # type: ignore[no-untyped-def]
+    _write(stack.redis_url, [click("c1", "s1", 1, 0.1), click("c2", "s1", 2, 0.3)])
+    _write(stack.redis_url, [click("c2", "s1", 2, 0.3)])
+    view = redis_client.hgetall(session_key("s1"))
+    assert view["page_views"] == "2" and float(view["purchase_probability"]) == 0.3
+    assert 0 < redis_client.ttl(session_key("s1")) <= 100

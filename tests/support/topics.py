@@ -1,0 +1,62 @@
+"""Reading topics to their end from a test."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from streamtune.core.settings import Settings
+
+
+def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float = 120) -> list[Any]:
+    """Read a topic from the beginning until ``expected`` records arrived (bounded)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        settings.topic(topic),
+        bootstrap_servers=settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=1000,
+    )
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            for msg in consumer:
+                records.append(msg)
+                if len(records) >= expected:
+                    break
+    finally:
+        consumer.close()
+    return records
+
+
+def read_topic(settings: Settings, topic: str, timeout_s: float = 60) -> list[Any]:
+    """Every record a topic holds now: each partition read from its start to its end offset."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
+    try:
+        name = settings.topic(topic)
+        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, f"could not read {name} to its end within {timeout_s} s"
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def load_json(raw: bytes) -> Any:
+    return json.loads(raw)

@@ -1,0 +1,139 @@
+"""Pure session aggregation for ``purchase_intent``.
+
+A session's page views (click events) are folded into the columns of the UCI "Online Shoppers
+Purchasing Intention" data set, so the model trained on those rows reads the same features live.
+Rates and page values are averaged over the session's page views, counts and durations summed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from streamtune.core.events import ClickEvent
+
+PAGE_COLUMNS = {
+    "administrative": ("Administrative", "Administrative_Duration"),
+    "informational": ("Informational", "Informational_Duration"),
+    "product": ("ProductRelated", "ProductRelated_Duration"),
+}
+COUNT_COLUMNS = [c for c, _ in PAGE_COLUMNS.values()]
+DURATION_COLUMNS = [d for _, d in PAGE_COLUMNS.values()]
+RATE_COLUMNS = ["BounceRates", "ExitRates", "PageValues", "SpecialDay"]
+# Categorical columns and how many one-hot slots each gets (values above fold into the last slot).
+CATEGORICAL = {"Month": 12, "OperatingSystems": 8, "Browser": 13, "Region": 9, "TrafficType": 20}
+BINARY_COLUMNS = ["ReturningVisitor", "Weekend"]
+NUMERIC_COLUMNS = COUNT_COLUMNS + DURATION_COLUMNS + RATE_COLUMNS
+FEATURE_DIM = len(NUMERIC_COLUMNS) + sum(CATEGORICAL.values()) + len(BINARY_COLUMNS)
+
+
+class SessionState(BaseModel):
+    """What the Faust table keeps per session. ``last_offset`` makes re-delivered clicks no-ops."""
+
+    model_config = ConfigDict(frozen=True)
+
+    page_views: int = 0
+    counts: dict[str, int] = {k: 0 for k in PAGE_COLUMNS}
+    durations: dict[str, float] = {k: 0.0 for k in PAGE_COLUMNS}
+    bounce_sum: float = 0.0
+    exit_sum: float = 0.0
+    page_value_sum: float = 0.0
+    special_day: float = 0.0
+    month: int = 1
+    returning: bool = False
+    weekend: bool = False
+    traffic_type: int = 1
+    region: int = 1
+    browser: int = 1
+    operating_system: int = 1
+    partition: int = -1  # source (and changelog) partition of the session
+    last_offset: int = -1
+    last_seen: float = 0.0  # epoch seconds of the latest click (event time)
+    last_event_id: str = ""
+
+
+def apply_click(
+    state: SessionState | None, click: ClickEvent, partition: int, offset: int
+) -> tuple[SessionState, bool]:
+    """Fold one click into the session. Returns the new state and whether it was applied.
+
+    A click at or below the session's last applied offset is a re-delivery (at-least-once
+    replay after a crash): the state is returned unchanged so no page view counts twice.
+    A session's clicks share one partition (the topic is keyed by session id), so offsets order them.
+    """
+    s = state or SessionState()
+    if offset <= s.last_offset:
+        return s, False
+    counts = dict(s.counts)
+    durations = dict(s.durations)
+    counts[click.page_type] += 1
+    durations[click.page_type] += click.duration_s
+    new = SessionState(
+        page_views=s.page_views + 1,
+        counts=counts,
+        durations=durations,
+        bounce_sum=s.bounce_sum + click.bounce_rate,
+        exit_sum=s.exit_sum + click.exit_rate,
+        page_value_sum=s.page_value_sum + click.page_value,
+        special_day=click.special_day,
+        month=click.month,
+        returning=click.visitor_type == "returning",
+        weekend=click.weekend,
+        traffic_type=click.traffic_type,
+        region=click.region,
+        browser=click.browser,
+        operating_system=click.operating_system,
+        partition=partition,
+        last_offset=offset,
+        last_seen=click.ts.timestamp(),
+        last_event_id=click.event_id,
+    )
+    return new, True
+
+
+def session_row(state: SessionState) -> dict[str, float]:
+    """The session as one row of the shopping-sessions data set (same column names)."""
+    n = max(state.page_views, 1)
+    row: dict[str, float] = {}
+    for page, (count_col, dur_col) in PAGE_COLUMNS.items():
+        row[count_col] = float(state.counts[page])
+        row[dur_col] = float(state.durations[page])
+    row["BounceRates"] = state.bounce_sum / n
+    row["ExitRates"] = state.exit_sum / n
+    row["PageValues"] = state.page_value_sum / n
+    row["SpecialDay"] = state.special_day
+    row["Month"] = float(state.month)
+    row["OperatingSystems"] = float(state.operating_system)
+    row["Browser"] = float(state.browser)
+    row["Region"] = float(state.region)
+    row["TrafficType"] = float(state.traffic_type)
+    row["ReturningVisitor"] = 1.0 if state.returning else 0.0
+    row["Weekend"] = 1.0 if state.weekend else 0.0
+    return row
+
+
+def vectorize(row: Mapping[str, Any]) -> list[float]:
+    """Model input of one data-set row: log-scaled numerics, one-hot categoricals, binaries.
+
+    Standardisation (mean/std) is part of the model so it travels with each adapter version.
+    """
+    out = [math.log1p(max(float(row[c]), 0.0)) for c in COUNT_COLUMNS + DURATION_COLUMNS]
+    out += [float(row[c]) for c in RATE_COLUMNS]
+    for col, slots in CATEGORICAL.items():
+        onehot = [0.0] * slots
+        idx = min(max(int(row[col]), 1), slots) - 1
+        onehot[idx] = 1.0
+        out += onehot
+    out += [float(row[c]) for c in BINARY_COLUMNS]
+    return out
+
+
+def is_expired(state: SessionState, now: float, inactivity_s: float) -> bool:
+    return now - state.last_seen > inactivity_s
+
+
+def vectorize_many(rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    return [vectorize(r) for r in rows]

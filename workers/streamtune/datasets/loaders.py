@@ -1,0 +1,94 @@
+"""Loaders for the shipped sample data sets and their fixed train / held-out splits.
+
+Splits are decided by a hash of each row's id, so they never depend on row order or sampling:
+a row in the held-out split is never trained on, by any command, with any seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamtune.core.errors import StreamtuneError
+
+REVIEWS = "womens_clothing_reviews.csv"
+QUERIES = "wands_queries.tsv"
+SESSIONS = "online_shoppers_intention.csv"
+
+SENTIMENTS = ["negative", "neutral", "positive"]
+
+
+def sentiment_of_rating(rating: int) -> str:
+    return "negative" if rating <= 2 else "neutral" if rating == 3 else "positive"
+
+
+def is_held_out(row_id: str, percent: int) -> bool:
+    digest = hashlib.sha256(row_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < percent
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    review_id: str
+    product_id: str
+    title: str
+    text: str
+    rating: int
+    department: str
+
+    @property
+    def label(self) -> str:
+        return sentiment_of_rating(self.rating)
+
+    def model_text(self) -> str:
+        return f"{self.title}. {self.text}" if self.title else self.text
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    query_id: str
+    query: str
+    label: str
+
+
+def _open(path: Path) -> Iterator[dict[str, str]]:
+    if not path.is_file():
+        raise StreamtuneError(f"sample data missing: {path} (STREAMTUNE_DATA_DIR)")
+    with path.open(newline="", encoding="utf-8") as f:
+        yield from csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+
+
+def load_reviews(data_dir: Path) -> list[Review]:
+    """Reviews with a non-empty text (title optional)."""
+    out = []
+    for r in _open(data_dir / REVIEWS):
+        text = (r["review_text"] or "").strip()
+        if not text:
+            continue
+        out.append(
+            Review(
+                review_id=r["review_id"],
+                product_id=r["clothing_id"],
+                title=(r["title"] or "").strip(),
+                text=text,
+                rating=int(r["rating"]),
+                department=r["department"],
+            )
+        )
+    return out
+
+
+def load_queries(data_dir: Path) -> list[Query]:
+    return [
+        Query(r["query_id"], r["query"].strip(), r["query_class"].strip()) for r in _open(data_dir / QUERIES)
+    ]
+
+
+def load_sessions(data_dir: Path) -> list[dict[str, str]]:
+    return list(_open(data_dir / SESSIONS))
+
+
+HELD_OUT_PERCENT = {"review_sentiment": 10, "query_class": 20, "purchase_intent": 20}

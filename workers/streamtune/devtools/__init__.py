@@ -1,0 +1,2 @@
+"""Development tooling: the embedded stack, demo, replay, chaos suite, benchmarks and
+generated docs. The runtime (scorer, trainer) never imports this package."""

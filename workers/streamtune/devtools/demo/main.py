@@ -1,0 +1,399 @@
+"""``streamtune demo``: the whole system on the embedded stack, with a live terminal view.
+
+Starts Kafka (KRaft, from the Maven jars) and Redis, copies the adapter registry into
+``var/demo`` (the committed versions stay untouched), starts a scorer and a trainer, and
+replays the three data sets with a share of malformed events and labels that arrive late.
+
+Online phase: after ``drift_after`` seconds the review stream drifts to a "critical wave"
+(:mod:`streamtune.devtools.demo.drift`). The view shows labels joining, the trainer's runs and gate
+verdicts, the new version going canary and then live (a small operator promotes the canary
+when its accuracy on labelled traffic holds up, or rolls it back), and the accuracy of each
+version on the drifted traffic. Stops on Ctrl-C or after ``duration`` seconds and prints the
+timeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import shutil
+import threading
+import time
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from streamtune.core.settings import REPO_ROOT, Settings
+from streamtune.core.tasks import TASK_NAMES, TASKS
+from streamtune.datasets.loaders import sentiment_of_rating
+from streamtune.devtools.demo.tail import describe
+from streamtune.devtools.demo.view import AccuracyBook, Timeline, TrainerView, judge_canary, scrape_trainer
+from streamtune.devtools.stack import EmbeddedKafka, ensure_redis, find_free_port
+from streamtune.devtools.workers import Worker
+from streamtune.kafka.security import redact_url
+from streamtune.rollout.registry import LocalRegistry
+from streamtune.rollout.releases import ReleaseLog
+from streamtune.rollout.state import promote, rollback
+
+
+@dataclass
+class Snapshot:
+    """Counters scraped from the scorer's /metrics at one instant."""
+
+    at: float
+    scored: dict[str, float] = field(default_factory=dict)
+    dead: dict[str, float] = field(default_factory=dict)
+    buckets: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # task -> (le, count)
+    versions: dict[str, float] = field(default_factory=dict)
+    canary: dict[str, float] = field(default_factory=dict)
+    canary_fraction: dict[str, float] = field(default_factory=dict)
+
+
+def scrape(port: int) -> Snapshot:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    snap = Snapshot(at=time.monotonic())
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            task = s.labels.get("task", "")
+            if s.name == "streamtune_events_scored_total":
+                snap.scored[task] = s.value
+            elif s.name == "streamtune_dead_letters_total":
+                snap.dead[task] = s.value
+            elif s.name == "streamtune_event_to_redis_seconds_bucket":
+                snap.buckets.setdefault(task, []).append((float(s.labels["le"]), s.value))
+            elif s.name == "streamtune_adapter_version":
+                snap.versions[task] = s.value
+            elif s.name == "streamtune_canary_version":
+                snap.canary[task] = s.value
+            elif s.name == "streamtune_canary_fraction":
+                snap.canary_fraction[task] = s.value
+    return snap
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Upper bound of the histogram bucket holding quantile ``q`` (Prometheus-style, coarse)."""
+    buckets = sorted(buckets)
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return None
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return None
+
+
+def _delta(now: list[tuple[float, float]], before: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    prev = dict(before)
+    return [(le, c - prev.get(le, 0.0)) for le, c in now]
+
+
+@dataclass
+class DemoOptions:
+    duration: float = 0.0  # 0: until Ctrl-C
+    rate: float = 20.0
+    malformed: float = 0.02
+    drift_after: float = 15.0
+    label_delay: float = 5.0
+    train_after: int = 300  # new joined labels that start a training run
+    train_budget: float = 90.0
+    canary_fraction: float = 0.5
+    judge_min: int = 100  # labelled results per version (since the canary began) before deciding
+    live_view: bool = True
+    until: Callable[[DemoState], bool] | None = None  # stop early once this holds (tests)
+
+
+@dataclass
+class DemoState:
+    phase: str = "natural"
+    book: AccuracyBook = field(default_factory=AccuracyBook)
+    timeline: Timeline = field(default_factory=Timeline)
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=6))
+    runs_seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    canary_seen: dict[str, float] = field(default_factory=dict)
+    canary_since: dict[str, float] = field(default_factory=dict)
+    trainer: TrainerView = field(default_factory=TrainerView)
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "–" if v is None else ("> 30000" if v == float("inf") else f"≤ {v * 1000:,.0f}")
+
+
+def accuracy_line(book: AccuracyBook) -> str:
+    acc = book.by_version()
+    return "   ".join(f"v{v}: {ok / n:.3f} ({n} judged)" for v, (ok, n) in sorted(acc.items()))
+
+
+def render(first: Snapshot, prev: Snapshot, cur: Snapshot, st: DemoState, elapsed: float) -> Group:
+    table = Table(title=f"streamtune demo — {elapsed:,.0f} s — review stream: {st.phase}", expand=True)
+    for col in (
+        "task",
+        "adapter",
+        "scored",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "dead letters",
+        "labels joined",
+        "training",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("task", "adapter", "training") else "right", no_wrap=True
+        )
+    dt = max(cur.at - prev.at, 1e-6)
+    for task in TASK_NAMES:
+        rate = (cur.scored.get(task, 0) - prev.scored.get(task, 0)) / dt
+        window = _delta(cur.buckets.get(task, []), first.buckets.get(task, []))
+        ver, can = cur.versions.get(task), cur.canary.get(task)
+        adapter = f"v{ver:.0f}" if ver else "–"
+        if can:
+            adapter += f" + canary v{can:.0f} ({cur.canary_fraction.get(task, 0):.0%})"
+        training = (
+            "training…" if st.trainer.training.get(task) else f"{st.trainer.fresh.get(task, 0):,.0f} fresh"
+        )
+        table.add_row(
+            task,
+            adapter,
+            f"{cur.scored.get(task, 0):,.0f}",
+            f"{rate:,.1f}",
+            _fmt_ms(quantile(window, 0.5)),
+            _fmt_ms(quantile(window, 0.99)),
+            f"{cur.dead.get(task, 0):,.0f}",
+            f"{st.trainer.joined.get(task, 0):,.0f}",
+            training,
+        )
+    acc = st.book.by_version()
+    acc_line = (
+        "   ".join(f"v{v}: {ok / n:.3f} ({n} judged)" for v, (ok, n) in sorted(acc.items()))
+        or "waiting for labels…"
+    )
+    online = Panel(
+        f"review accuracy on drifted traffic, per version — {acc_line}\n"
+        f"labels: {st.trainer.duplicates:,.0f} duplicates dropped, {st.trainer.orphans:,.0f} orphans\n\n"
+        + ("\n".join(st.timeline.lines) or "no training run yet"),
+        title="online learning",
+        expand=True,
+    )
+    results = Panel("\n".join(st.recent) or "waiting for results…", title="recent results", expand=True)
+    return Group(table, online, results)
+
+
+def _follow(settings: Settings, st: DemoState, stop: threading.Event) -> None:
+    topics = [settings.topic(t.output_topic) for t in TASKS.values()] + [settings.topic("events.dlq")]
+    consumer = KafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.bootstrap_servers.split(","),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=500,
+    )
+    review_topic = settings.topic("scores.review")
+    try:
+        while not stop.is_set():
+            for msg in consumer:
+                value = json.loads(msg.value)
+                st.recent.append(describe(msg.topic, value)[:160])
+                if msg.topic == review_topic:
+                    st.book.result(value["event_id"], int(value["adapter"]["version"]), value["label"])
+                if stop.is_set():
+                    break
+    finally:
+        consumer.close()
+
+
+def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: threading.Event) -> None:
+    from streamtune.core.events import LabelEvent
+    from streamtune.devtools.demo.replay import replay
+
+    began = time.monotonic()
+
+    def on_label(lab: LabelEvent) -> None:
+        if lab.task == "review_sentiment" and lab.event_id is not None:
+            name = sentiment_of_rating(lab.label) if isinstance(lab.label, int) else str(lab.label)
+            st.book.label(lab.event_id, name, drifted=st.phase == "drifted")
+
+    # Both phases: all tasks, paced, labels following their events after the delay.
+    phase = functools.partial(
+        replay, settings, list(TASK_NAMES), 1_000_000, opts.rate, opts.malformed,
+        labels=True, label_delay_s=opts.label_delay, on_label=on_label,
+    )  # fmt: skip
+    first = phase(should_stop=lambda: stop.is_set() or time.monotonic() - began > opts.drift_after)
+    if stop.is_set():
+        return
+    st.phase = "drifted"
+    st.timeline.add("the review stream drifts: a critical wave (a third negative, a third neutral)")
+    phase(skip=max(first.sent.values()), should_stop=stop.is_set, reviews="critical")
+
+
+def _observe(
+    settings: Settings,
+    registry: LocalRegistry,
+    releases: ReleaseLog,
+    cur: Snapshot,
+    st: DemoState,
+    opts: DemoOptions,
+) -> None:
+    """Turn metric changes into timeline lines, and act as the canary's operator."""
+    for (task, outcome), n in st.trainer.runs.items():
+        if n > st.runs_seen.get((task, outcome), 0):
+            st.runs_seen[(task, outcome)] = n
+            if outcome == "failed":
+                st.timeline.add(f"trainer: {task} run failed (see var/demo/trainer.log)")
+                continue
+            version = registry.latest(task)
+            if version is None:
+                continue
+            m = registry.manifest(task, version)
+            tr = m.training
+            st.timeline.add(
+                f"trainer: {task} v{m.version} from v{m.parent_version}, {tr.get('fresh_labels')} fresh "
+                f"+ {tr.get('replay_labels')} replayed labels, {tr.get('fit_seconds')} s; gate "
+                f"{'PASSED' if m.gate.get('passed') else 'REJECTED'}: {m.gate.get('reason')}"
+            )
+    now = time.monotonic()
+    for task in TASK_NAMES:
+        can = cur.canary.get(task, 0.0)
+        if can != st.canary_seen.get(task, 0.0):
+            st.canary_seen[task] = can
+            if can:
+                st.canary_since[task] = now
+                share = cur.canary_fraction.get(task, 0)
+                st.timeline.add(
+                    f"scorer: {task} v{can:.0f} in canary for {share:.0%} of entities (stable hash)"
+                )
+        if not can:
+            continue
+        live = int(cur.versions.get(task, 0))
+        acc = st.book.by_version(drifted_only=False, since=st.canary_since.get(task))
+        if task == "review_sentiment":
+            verdict, why = judge_canary(
+                acc.get(live, (0, 0)), acc.get(int(can), (0, 0)), opts.judge_min, 0.02
+            )
+        else:  # no per-result labels in the view for these: promote after a clean minute
+            clean = now - st.canary_since.get(task, now) > 60
+            verdict, why = (
+                ("promote", "a minute of canary (no per-result labels here)") if clean else ("wait", "")
+            )
+        if verdict == "wait":
+            continue
+        sha = registry.manifest_sha256(task, int(can))
+        if verdict == "promote":
+            releases.publish(promote(task, int(can), sha, by="demo-operator"))  # type: ignore[arg-type]
+            st.timeline.add(f"operator: promoted {task} v{can:.0f} to live — {why}")
+        else:
+            live_sha = registry.manifest_sha256(task, live)
+            releases.publish(rollback(task, int(can), live, live_sha, reason=why, by="demo-operator"))  # type: ignore[arg-type]
+            st.timeline.add(f"operator: rolled {task} back to v{live} — {why}")
+        st.canary_seen[task] = 0.0
+
+
+def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
+    from rich.console import Console
+
+    from streamtune.ops.logs import configure_logging
+    from streamtune.training.bootstrap import TrainConfig, train_task
+
+    console = Console()
+    work = REPO_ROOT / "var" / "demo"
+    shutil.rmtree(work, ignore_errors=True)  # every demo starts from a clean broker and registry
+    work.mkdir(parents=True)
+    configure_logging("ERROR", json=False)
+    console.print("[bold]streamtune demo[/] — starting the embedded stack (Kafka 3.9 KRaft, Redis)…")
+    committed = LocalRegistry(base.adapter_dir)
+    for task in TASK_NAMES:
+        if committed.latest(task) is None:
+            console.print(f"  training version 1 of {task} (first run only)…")
+            train_task(task, base.base_model, base.data_dir, committed, TrainConfig())
+    shutil.copytree(base.adapter_dir, work / "adapters", ignore=shutil.ignore_patterns(".*"))
+    kafka = EmbeddedKafka(work_dir=work / "kafka")
+    workers: list[Worker] = []
+    redis_srv = None
+    stop = threading.Event()
+    st = DemoState()
+    try:
+        kafka.start()
+        redis_url, redis_srv = ensure_redis(base.redis_url, work / "redis")
+        settings = base.model_copy(
+            update={
+                "bootstrap_servers": kafka.bootstrap_servers,
+                "redis_url": redis_url,
+                "metrics_port": find_free_port(),
+                "adapter_dir": work / "adapters",
+                "state_dir": work / "state",
+                "trainer_min_labels": opts.train_after,
+                "trainer_interval_s": 3600.0,
+                "trainer_budget_s": opts.train_budget,
+                "trainer_epochs": 1,
+                "trainer_reference_rows": 150,
+                "trainer_release_stage": "canary",
+                "trainer_canary_fraction": opts.canary_fraction,
+                "trainer_check_s": 1.0,
+                "trainer_label_wait_s": 30.0,
+                "trainer_holdout_max": 100,
+                # Two workers share two cores: one torch thread each, or they thrash.
+                "torch_threads": 1,
+            }
+        )
+        trainer_settings = settings.model_copy(update={"metrics_port": find_free_port()})
+        console.print(
+            f"  Kafka {settings.bootstrap_servers}  Redis {redact_url(redis_url)}  "
+            f"registry {settings.adapter_dir}"
+        )
+        console.print("  starting a scorer and a trainer (loading the model)…")
+        scorer = Worker("scorer", settings, work / "scorer.log")
+        workers.append(scorer)
+        scorer.wait_ready()
+        trainer = Worker("trainer", trainer_settings, work / "trainer.log")
+        workers.append(trainer)
+        trainer.wait_ready()
+        registry = LocalRegistry(settings.adapter_dir)
+        releases = ReleaseLog(settings)
+        threading.Thread(target=_follow, args=(settings, st, stop), daemon=True).start()
+        threading.Thread(target=_replay_phases, args=(settings, opts, st, stop), daemon=True).start()
+        st.timeline.add(
+            f"replaying at {opts.rate:.0f} events/s, labels {opts.label_delay:.0f} s late; drift after "
+            f"{opts.drift_after:.0f} s; training after {opts.train_after} new labels"
+        )
+        started = time.monotonic()
+        first = prev = scrape(settings.metrics_port)
+        view = Live(render(first, prev, prev, st, 0), console=console, refresh_per_second=2)
+        live_ctx = view if opts.live_view else contextlib.nullcontext()
+        with live_ctx as live:
+            while not opts.duration or time.monotonic() - started < opts.duration:
+                if opts.until is not None and opts.until(st):
+                    break
+                scorer.check_alive()
+                trainer.check_alive()
+                stop.wait(1.0)
+                cur = scrape(settings.metrics_port)
+                with contextlib.suppress(OSError):
+                    st.trainer = scrape_trainer(trainer.metrics())
+                _observe(settings, registry, releases, cur, st, opts)
+                if live is not None:
+                    live.update(render(first, prev, cur, st, time.monotonic() - started))
+                prev = cur
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        stop.set()
+        for w in workers:
+            w.stop()
+        if redis_srv is not None:
+            redis_srv.stop()
+        kafka.stop()
+    console.print("\n[bold]timeline[/]")
+    for line in st.timeline.all:
+        console.print("  " + line)
+    console.print(f"[bold]review accuracy on drifted traffic[/]: {accuracy_line(st.book)}")
+    console.print("demo stopped; stack shut down.")
+    return st

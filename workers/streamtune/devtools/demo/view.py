@@ -1,0 +1,123 @@
+"""The demo's online-learning view: fresh-traffic accuracy per adapter version, the trainer's
+progress, and a small operator that promotes or rolls back the trainer's canary.
+
+Pure bookkeeping (:class:`AccuracyBook`, :func:`judge_canary`) plus scraping helpers; the demo
+loop in :mod:`streamtune.devtools.demo.main` does the I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Verdict = Literal["promote", "rollback", "wait"]
+
+
+@dataclass
+class AccuracyBook:
+    """Joins review results (version, predicted label) with the true labels the replay sent."""
+
+    results: dict[str, tuple[int, str, float]] = field(default_factory=dict)  # version, label, seen at
+    truth: dict[str, str] = field(default_factory=dict)
+    drifted: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def result(self, event_id: str, version: int, label: str, at: float | None = None) -> None:
+        with self.lock:
+            self.results[event_id] = (version, label, time.monotonic() if at is None else at)
+
+    def label(self, event_id: str, label: str, drifted: bool) -> None:
+        with self.lock:
+            self.truth[event_id] = label
+            if drifted:
+                self.drifted.add(event_id)
+
+    def by_version(self, drifted_only: bool = True, since: float | None = None) -> dict[int, tuple[int, int]]:
+        """version -> (correct, judged) over events whose label arrived (results seen after
+        ``since``, a monotonic time, when given: compare versions on the same traffic)."""
+        out: dict[int, tuple[int, int]] = {}
+        with self.lock:
+            for eid, (version, pred, at) in self.results.items():
+                true = self.truth.get(eid)
+                if (
+                    true is None
+                    or (drifted_only and eid not in self.drifted)
+                    or (since is not None and at < since)
+                ):
+                    continue
+                ok, n = out.get(version, (0, 0))
+                out[version] = (ok + (pred == true), n + 1)
+        return out
+
+
+def judge_canary(
+    live: tuple[int, int], canary: tuple[int, int], min_judged: int, margin: float, give_up_after: int = 5
+) -> tuple[Verdict, str]:
+    """Compare canary and live accuracy on the same labelled traffic ((correct, judged) each).
+
+    Waits until both arms have ``min_judged`` rows. Rolls back when the canary is worse than
+    live by more than ``margin`` with two standard errors to spare; promotes when it is no worse
+    than ``margin``; otherwise waits, and rolls back (the conservative side) once both arms
+    have ``give_up_after`` times ``min_judged`` rows without a decision.
+    """
+    (lok, ln), (cok, cn) = live, canary
+    if ln < min_judged or cn < min_judged:
+        return "wait", f"judged live {ln}, canary {cn} of {min_judged}"
+    la, ca = lok / ln, cok / cn
+    se = math.sqrt(la * (1 - la) / ln + ca * (1 - ca) / cn)
+    why = f"accuracy on the same labelled traffic: canary {ca:.3f} ({cn}) vs live {la:.3f} ({ln})"
+    if ca - la + 2 * se < -margin:
+        return "rollback", why + ", worse beyond noise"
+    if ca >= la - margin:
+        return "promote", why
+    if min(ln, cn) >= give_up_after * min_judged:
+        return "rollback", why + ", no better after long observation"
+    return "wait", why
+
+
+@dataclass
+class TrainerView:
+    joined: dict[str, float] = field(default_factory=dict)
+    fresh: dict[str, float] = field(default_factory=dict)
+    training: dict[str, float] = field(default_factory=dict)
+    runs: dict[tuple[str, str], float] = field(default_factory=dict)
+    orphans: float = 0.0
+    duplicates: float = 0.0
+
+
+def scrape_trainer(text: str) -> TrainerView:
+    v = TrainerView()
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            task = s.labels.get("task", "")
+            if s.name == "streamtune_trainer_labels_joined_total":
+                v.joined[task] = s.value
+            elif s.name == "streamtune_trainer_fresh_labels":
+                v.fresh[task] = s.value
+            elif s.name == "streamtune_trainer_training":
+                v.training[task] = s.value
+            elif s.name == "streamtune_trainer_runs_total":
+                v.runs[(task, s.labels["outcome"])] = s.value
+            elif s.name == "streamtune_trainer_labels_orphan_total":
+                v.orphans += s.value
+            elif s.name == "streamtune_trainer_labels_duplicate_total":
+                v.duplicates += s.value
+    return v
+
+
+@dataclass
+class Timeline:
+    lines: deque[str] = field(default_factory=lambda: deque(maxlen=10))
+    all: list[str] = field(default_factory=list)
+
+    def add(self, text: str) -> None:
+        line = f"{datetime.now().strftime('%H:%M:%S')}  {text}"
+        self.lines.append(line)
+        self.all.append(line)

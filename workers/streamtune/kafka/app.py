@@ -1,0 +1,42 @@
+"""The Faust app factory both workers share (scorer and trainer differ only in app id)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faust
+
+from streamtune.core.settings import Settings
+from streamtune.kafka import compat
+from streamtune.kafka.security import faust_credentials
+
+# Table keys and values as JSON (readable changelogs, no pickle).
+JSON_TABLE: faust.Schema = faust.Schema(key_serializer="json", value_serializer="json")
+
+
+def worker_app(settings: Settings, app_id: str) -> faust.App:
+    """A Faust app with raw topics, in-memory tables recovered from changelogs, acks=all, the
+    configured security, a session timeout that bounds how long a crashed worker holds its
+    partitions, and the workarounds of :mod:`streamtune.kafka.compat` installed."""
+    app = faust.App(
+        app_id,
+        broker=[f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(",")],
+        store="memory://",
+        datadir=str(Path(settings.state_dir) / app_id),
+        web_enabled=False,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        topic_disable_leader=True,
+        table_standby_replicas=0,
+        broker_commit_interval=settings.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+        producer_acks=-1,
+        broker_credentials=faust_credentials(settings),
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_rebalance_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 10),
+    )
+    compat.install(app)
+    return app

@@ -1,0 +1,2 @@
+"""Versions and releases: the adapter registry, the releases topic, rollout state, and the
+``streamtune adapters`` CLI."""
