@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import redis
 import redis.asyncio as aioredis
 
+from streamtune.core.encode import ProductUpdate, Result, SessionUpdate
 from streamtune.core.events import AdapterRef, ClickScore, ReviewScore
-from streamtune.scorer.encode import ProductUpdate, Result, SessionUpdate
 from streamtune.scorer.sink import RedisSink, product_key, score_key, session_key
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)

@@ -102,15 +102,14 @@ class LabelEvent(BaseModel):
     def _check(self) -> LabelEvent:
         if (self.event_id is None) == (self.session_id is None):
             raise ValueError("exactly one of event_id or session_id is required")
-        if self.task == "purchase_intent":
-            if self.session_id is None or self.label not in (0, 1):
-                raise ValueError("purchase_intent labels a session_id with 0 or 1")
-        elif self.task == "review_sentiment":
-            ok = self.label in (1, 2, 3, 4, 5) or self.label in ("negative", "neutral", "positive")
-            if not ok:
-                raise ValueError("review_sentiment label is a 1-5 rating or negative/neutral/positive")
-        elif not isinstance(self.label, str) or not self.label:
-            raise ValueError("query_class label is a class name")
+        from streamtune.core.tasks import TASKS  # the specs import these models
+
+        spec = TASKS[self.task]
+        if spec.labels_session and self.session_id is None:
+            raise ValueError(f"{self.task} labels a session_id")
+        error = spec.check_label(self.label)
+        if error is not None:
+            raise ValueError(error)
         return self
 
 

@@ -1,31 +1,166 @@
-"""The three scoring tasks: which topic feeds each, which model validates it, where results go."""
+"""Each scoring task described once: the rest of the code dispatches on its :class:`TaskSpec`.
+
+A spec says what kind of model the task runs, which topic feeds it and how it is keyed, how the
+model input is read from an event, which labels it predicts and how a label event names one,
+the metric the release gate compares, the share of the shipped data held out, and how a batch's
+model output becomes result events. Adding a text task is one more entry here (plus its data
+loader and result model): see ``docs/architecture.md``.
+"""
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel
 
+from streamtune.core import encode
 from streamtune.core.events import ClickEvent, ReviewEvent, SearchEvent, TaskName
+from streamtune.core.scored import Scored
+
+DLQ_TOPIC = "events.dlq"
+LABELS_TOPIC = "labels"
+RELEASES_TOPIC = "adapters.releases"
+
+SENTIMENTS = ("negative", "neutral", "positive")
+CLICK_LABELS = ("no_purchase", "purchase")
+
+
+class TaskKind(enum.Enum):
+    """What the model of a task reads."""
+
+    TEXT = "text"  # one text per event: the shared encoder + the task's LoRA adapter + a head
+    SESSION = "session"  # the session's features after each click: a small MLP + LoRA
+
+
+# (events, scored, now, page views per event: session tasks only, else empty) -> results
+ResultEncoder = Callable[[list[Any], Scored, datetime, Sequence[int]], list[encode.Result]]
+
+
+def sentiment_of_rating(rating: int) -> str:
+    return "negative" if rating <= 2 else "neutral" if rating == 3 else "positive"
+
+
+def _sentiment_label(label: str | int) -> str:
+    return sentiment_of_rating(label) if isinstance(label, int) else str(label)
+
+
+def _check_sentiment(label: str | int) -> str | None:
+    ok = label in (1, 2, 3, 4, 5) or label in SENTIMENTS
+    return None if ok else "review_sentiment label is a 1-5 rating or negative/neutral/positive"
+
+
+def _check_class(label: str | int) -> str | None:
+    return None if isinstance(label, str) and label else "query_class label is a class name"
+
+
+def _check_purchase(label: str | int) -> str | None:
+    return None if label in (0, 1) else "purchase_intent labels a session_id with 0 or 1"
 
 
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
     name: TaskName
+    kind: TaskKind
     input_topic: str
     output_topic: str
     event_model: type[BaseModel]
-    entity: str  # the field output events are keyed by
+    entity: str  # the field input events are keyed by, and output events too
+    scorer_agent: str  # Faust agent names (stable: they name the agents' consumer state)
+    trainer_agent: str
+    gate_metric: str  # what the release gate compares (higher is better)
+    held_out_percent: int  # share of the shipped data never trained on (by row id hash)
+    labels: tuple[str, ...] | None  # fixed class names; None: learnt from the data
+    label_of: Callable[[str | int], str]  # a label event's value as a class name
+    check_label: Callable[[str | int], str | None]  # why a label value is invalid, or None
+    results: ResultEncoder
+    text_of: Callable[[Any], str] | None = None  # TEXT tasks: what the model reads of an event
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind is TaskKind.TEXT
+
+    @property
+    def labels_session(self) -> bool:
+        """Labels name a session (the whole session so far is the input), not an event."""
+        return self.kind is TaskKind.SESSION
+
+    def key_of(self, event: Any) -> str:
+        """The entity key of an input event (product or session): routes canaries, keys outputs."""
+        return str(getattr(event, self.entity))
+
+    def model_text(self, event: Any) -> str:
+        if self.text_of is None:
+            raise TypeError(f"{self.name} is not a text task")
+        return self.text_of(event)
 
 
-TASKS: dict[str, TaskSpec] = {
-    "review_sentiment": TaskSpec(
-        "review_sentiment", "events.review", "scores.review", ReviewEvent, "product_id"
-    ),
-    "query_class": TaskSpec("query_class", "events.search", "scores.search", SearchEvent, "session_id"),
-    "purchase_intent": TaskSpec("purchase_intent", "events.click", "scores.click", ClickEvent, "session_id"),
-}
+def _review_results(events: list[Any], scored: Scored, now: datetime, _: Sequence[int]) -> list[Any]:
+    return encode.review_results(events, scored, now)
+
+
+def _search_results(events: list[Any], scored: Scored, now: datetime, _: Sequence[int]) -> list[Any]:
+    return encode.search_results(events, scored, now)
+
+
+def _click_results(events: list[Any], scored: Scored, now: datetime, views: Sequence[int]) -> list[Any]:
+    return encode.click_results(events, list(views), scored, now)
+
+
+REVIEW = TaskSpec(
+    name="review_sentiment",
+    kind=TaskKind.TEXT,
+    input_topic="events.review",
+    output_topic="scores.review",
+    event_model=ReviewEvent,
+    entity="product_id",
+    scorer_agent="score-reviews",
+    trainer_agent="trainer-reviews",
+    gate_metric="macro_f1",
+    held_out_percent=10,
+    labels=SENTIMENTS,
+    label_of=_sentiment_label,
+    check_label=_check_sentiment,
+    results=_review_results,
+    text_of=ReviewEvent.model_text,
+)
+QUERY = TaskSpec(
+    name="query_class",
+    kind=TaskKind.TEXT,
+    input_topic="events.search",
+    output_topic="scores.search",
+    event_model=SearchEvent,
+    entity="session_id",
+    scorer_agent="score-searches",
+    trainer_agent="trainer-searches",
+    gate_metric="top1",
+    held_out_percent=20,
+    labels=None,
+    label_of=str,
+    check_label=_check_class,
+    results=_search_results,
+    text_of=lambda ev: ev.query,
+)
+CLICK = TaskSpec(
+    name="purchase_intent",
+    kind=TaskKind.SESSION,
+    input_topic="events.click",
+    output_topic="scores.click",
+    event_model=ClickEvent,
+    entity="session_id",
+    scorer_agent="score-clicks",
+    trainer_agent="trainer-clicks",
+    gate_metric="roc_auc",
+    held_out_percent=20,
+    labels=CLICK_LABELS,
+    label_of=lambda label: CLICK_LABELS[int(label)],
+    check_label=_check_purchase,
+    results=_click_results,
+)
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (REVIEW, QUERY, CLICK)}
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
-DLQ_TOPIC = "events.dlq"
-LABELS_TOPIC = "labels"
-RELEASES_TOPIC = "adapters.releases"
+TEXT_TASKS: tuple[str, ...] = tuple(name for name, spec in TASKS.items() if spec.is_text)

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from streamtune.core.errors import StreamtuneError
+from streamtune.core.tasks import TASKS, sentiment_of_rating
 
 REVIEWS = "womens_clothing_reviews.csv"
 QUERIES = "wands_queries.tsv"
 SESSIONS = "online_shoppers_intention.csv"
 
-SENTIMENTS = ["negative", "neutral", "positive"]
-
-
-def sentiment_of_rating(rating: int) -> str:
-    return "negative" if rating <= 2 else "neutral" if rating == 3 else "positive"
+SENTIMENTS = list(TASKS["review_sentiment"].labels or ())
 
 
 def is_held_out(row_id: str, percent: int) -> bool:
@@ -91,4 +89,37 @@ def load_sessions(data_dir: Path) -> list[dict[str, str]]:
     return list(_open(data_dir / SESSIONS))
 
 
-HELD_OUT_PERCENT = {"review_sentiment": 10, "query_class": 20, "purchase_intent": 20}
+HELD_OUT_PERCENT = {name: spec.held_out_percent for name, spec in TASKS.items()}
+
+__all__ = ["sentiment_of_rating"]  # re-exported for the loaders' callers
+
+
+def _review_rows(data_dir: Path) -> list[tuple[str, Any, str]]:
+    return [(r.review_id, r.model_text(), r.label) for r in load_reviews(data_dir)]
+
+
+def _query_rows(data_dir: Path) -> list[tuple[str, Any, str]]:
+    return [(q.query_id, q.query, q.label) for q in load_queries(data_dir) if q.label]
+
+
+def _session_rows(data_dir: Path) -> list[tuple[str, Any, str]]:
+    from streamtune.core.features import vectorize
+
+    labels = TASKS["purchase_intent"].labels or ()
+    return [
+        (r["session_id"], vectorize(r), labels[int(r["Revenue"] == "1")]) for r in load_sessions(data_dir)
+    ]
+
+
+# Every task's labelled rows as (row id, model input, class name), by task.
+LABELLED_ROWS: dict[str, Callable[[Path], list[tuple[str, Any, str]]]] = {
+    "review_sentiment": _review_rows,
+    "query_class": _query_rows,
+    "purchase_intent": _session_rows,
+}
+
+
+def held_out_rows(task: str, data_dir: Path) -> list[tuple[Any, str]]:
+    """(model input, class name) of every row in the task's held-out split."""
+    pct = HELD_OUT_PERCENT[task]
+    return [(x, y) for row_id, x, y in LABELLED_ROWS[task](data_dir) if is_held_out(row_id, pct)]

@@ -31,6 +31,7 @@ from torch import nn
 
 from streamtune.core.errors import AdapterError
 from streamtune.core.settings import Settings
+from streamtune.datasets.reference import reference_set
 from streamtune.model.encoder import Head, base_model_sha256, load_base, mean_pool
 from streamtune.model.onnx_session import (
     CLICK_BACKEND,
@@ -297,7 +298,6 @@ def export_for(
 ) -> Artifact:
     """:func:`export_artifact` with the deployment's settings; the evaluation slice is the task's
     fixed reference set (held-out split of the shipped data, never trained on)."""
-    from streamtune.training.candidate import reference_set
 
     inputs = reference_set(task, settings.data_dir, settings.export_eval_rows).x
     opts = OnnxOptions(settings.torch_threads, settings.model_batch_size_for(task))

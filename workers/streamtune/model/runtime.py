@@ -18,6 +18,7 @@ import numpy as np
 import structlog
 
 from streamtune.core.errors import AdapterError, StartupError
+from streamtune.core.scored import Scored, Shadow
 from streamtune.core.settings import resolve_backend
 from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
 from streamtune.model.tokens import TextBatcher, base_model_sha256
@@ -27,35 +28,6 @@ from streamtune.rollout.state import in_canary
 log = structlog.get_logger(__name__)
 
 TEXT_TASKS = ("review_sentiment", "query_class")
-
-
-@dataclass(frozen=True, slots=True)
-class Shadow:
-    """How a candidate scored the rows the live version answered (not published)."""
-
-    version: int
-    rows: int
-    agreement: float  # share of rows where both pick the same label
-    confidence: float  # the candidate's mean top probability
-
-
-@dataclass(frozen=True, slots=True)
-class Scored:
-    """Class probabilities of one batch and, per row, the adapter version that produced them."""
-
-    task: str
-    labels: list[str]
-    probs: np.ndarray  # [batch, classes]; purchase_intent: [batch, 1] probability of buying
-    versions: np.ndarray  # [batch] int
-    shadow: Shadow | None = None
-
-    @property
-    def version(self) -> int:
-        """The one version of the batch (raises when a canary split it)."""
-        unique = set(self.versions.tolist())
-        if len(unique) != 1:
-            raise ValueError(f"batch scored by several versions: {sorted(unique)}")
-        return int(self.versions[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 
 from streamtune.core.decode import Decoded, Source, split
+from streamtune.core.encode import Result, click_results, review_results, search_results
 from streamtune.core.errors import BatchStalledError
 from streamtune.core.events import ClickEvent, DeadLetter, ReviewEvent, SearchEvent
 from streamtune.core.features import SessionState, session_row, vectorize
@@ -26,7 +27,6 @@ from streamtune.core.settings import Settings
 from streamtune.core.tasks import DLQ_TOPIC, TASKS
 from streamtune.model.runtime import ModelRuntime, Scored
 from streamtune.ops.telemetry import ScorerMetrics
-from streamtune.scorer.encode import Result, click_results, review_results, search_results
 from streamtune.scorer.sink import RedisSink
 
 log = structlog.get_logger(__name__)

@@ -35,8 +35,8 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streamtune.core.encode import ProductUpdate, Result, SessionUpdate
 from streamtune.core.errors import SinkError
-from streamtune.scorer.encode import ProductUpdate, Result, SessionUpdate
 
 # Transient: the server or cluster is away, loading, failing over or resharding.
 RETRIABLE = (

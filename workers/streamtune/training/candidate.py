@@ -8,7 +8,6 @@ process killed anywhere in here leaves no partial version behind.
 
 from __future__ import annotations
 
-import random
 import shutil
 import tempfile
 import time
@@ -26,8 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from streamtune.core.errors import AdapterError, StreamtuneError
-from streamtune.core.features import vectorize
-from streamtune.datasets import loaders as data
+from streamtune.datasets.reference import Reference, reference_set
 from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
 from streamtune.model.encoder import Head, base_model_sha256, load_base
 from streamtune.rollout.registry import LocalRegistry, Manifest
@@ -40,7 +38,9 @@ from streamtune.training.bootstrap import (
     predict_text,
     seed_everything,
 )
-from streamtune.training.online import GateVerdict, TrainingSet, gate, input_key
+from streamtune.training.online import GateVerdict, TrainingSet, gate
+
+__all__ = ["Reference", "reference_set"]  # also imported from here by the trainer and bench
 
 log = structlog.get_logger(__name__)
 
@@ -55,37 +55,6 @@ class OnlineConfig:
     max_len: int = 128
     batch_size: int = 16
     seed: int = 13
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The fixed reference set of a task: rows of the shipped data's held-out split."""
-
-    x: list[Any]
-    y: list[str]
-
-    @property
-    def keys(self) -> frozenset[str | tuple[float, ...]]:
-        """Input identities the trainer must never train on."""
-        return frozenset(input_key(v) for v in self.x)
-
-
-def reference_set(task: str, data_dir: Path, rows: int, seed: int = 13) -> Reference:
-    """A seeded sample of the held-out split (never used for training by any command)."""
-    pct = data.HELD_OUT_PERCENT[task]
-    xs: list[Any]
-    if task == "review_sentiment":
-        reviews = [r for r in data.load_reviews(data_dir) if data.is_held_out(r.review_id, pct)]
-        xs, ys = [r.model_text() for r in reviews], [r.label for r in reviews]
-    elif task == "query_class":
-        qs = [q for q in data.load_queries(data_dir) if q.label and data.is_held_out(q.query_id, pct)]
-        xs, ys = [q.query for q in qs], [q.label for q in qs]
-    else:
-        sessions = [r for r in data.load_sessions(data_dir) if data.is_held_out(r["session_id"], pct)]
-        xs = [vectorize(r) for r in sessions]
-        ys = ["purchase" if r["Revenue"] == "1" else "no_purchase" for r in sessions]
-    idx = sorted(random.Random(seed).sample(range(len(xs)), min(rows, len(xs))))
-    return Reference([xs[i] for i in idx], [ys[i] for i in idx])
 
 
 def evaluate(task: str, labels: list[str], y: list[str], probs: np.ndarray) -> dict[str, float]:

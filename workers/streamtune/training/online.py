@@ -12,6 +12,7 @@ from typing import Any
 
 from streamtune.core.events import LabelEvent
 from streamtune.datasets.loaders import SENTIMENTS, sentiment_of_rating
+from streamtune.datasets.reference import input_key
 
 # The metric each task's gate compares (higher is better for all three).
 GATE_METRIC = {"review_sentiment": "macro_f1", "query_class": "top1", "purchase_intent": "roc_auc"}
@@ -68,12 +69,6 @@ def is_fresh(ex: Example, watermark: Watermark) -> bool:
 
 def advance(watermark: Watermark, examples: Iterable[Example]) -> Watermark:
     return max([watermark, *(e.seq for e in examples)])
-
-
-def input_key(x: str | list[float]) -> str | tuple[float, ...]:
-    """Identity of a model input, to keep reference-set inputs out of training (texts as they
-    are; session feature vectors rounded, since a replayed session re-adds its page views)."""
-    return x if isinstance(x, str) else tuple(round(v, 3) for v in x)
 
 
 @dataclass(frozen=True, slots=True)

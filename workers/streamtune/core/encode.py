@@ -18,7 +18,7 @@ from streamtune.core.events import (
     SearchEvent,
     SearchScore,
 )
-from streamtune.model.runtime import Scored
+from streamtune.core.scored import Scored
 
 TOP_K = 3
 

@@ -1,0 +1,36 @@
+"""What the model returns for one batch: plain data the encoders read (no torch, no ONNX)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Shadow:
+    """How a candidate scored the rows the live version answered (not published)."""
+
+    version: int
+    rows: int
+    agreement: float  # share of rows where both pick the same label
+    confidence: float  # the candidate's mean top probability
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """Class probabilities of one batch and, per row, the adapter version that produced them."""
+
+    task: str
+    labels: list[str]
+    probs: np.ndarray  # [batch, classes]; purchase_intent: [batch, 1] probability of buying
+    versions: np.ndarray  # [batch] int
+    shadow: Shadow | None = None
+
+    @property
+    def version(self) -> int:
+        """The one version of the batch (raises when a canary split it)."""
+        unique = set(self.versions.tolist())
+        if len(unique) != 1:
+            raise ValueError(f"batch scored by several versions: {sorted(unique)}")
+        return int(self.versions[0])
