@@ -8,9 +8,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streamtune.core.tasks import TASK_NAMES, TEXT_TASKS
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")
-TEXT_TASK_NAMES = ("review_sentiment", "query_class")
+TEXT_TASK_NAMES = TEXT_TASKS
 
 
 def resolve_backend(task: str, backend: str, task_backends: dict[str, str]) -> str:
@@ -223,7 +225,7 @@ class Settings(BaseSettings):
     @classmethod
     def _known_batch_tasks(cls, v: dict[str, int]) -> dict[str, int]:
         for task, n in v.items():
-            if task not in (*TEXT_TASK_NAMES, "purchase_intent") or n < 1:
+            if task not in TASK_NAMES or n < 1:
                 raise ValueError(
                     f"{task!r}: {n} (tasks: review_sentiment, query_class, purchase_intent; n >= 1)"
                 )

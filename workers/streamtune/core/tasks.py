@@ -29,6 +29,14 @@ SENTIMENTS = ("negative", "neutral", "positive")
 CLICK_LABELS = ("no_purchase", "purchase")
 
 
+class MetricFamily(enum.Enum):
+    """Which quality metrics a task reports (``streamtune.training.metrics``)."""
+
+    CLASSIFICATION = "classification"  # accuracy, macro-F1, log loss
+    TOP_K = "top_k"  # top-1 / top-3 accuracy over many classes
+    BINARY = "binary"  # ROC-AUC, PR-AUC, log loss of one probability
+
+
 class TaskKind(enum.Enum):
     """What the model of a task reads."""
 
@@ -77,6 +85,9 @@ class TaskSpec:
     label_of: Callable[[str | int], str]  # a label event's value as a class name
     check_label: Callable[[str | int], str | None]  # why a label value is invalid, or None
     results: ResultEncoder
+    metric_family: MetricFamily
+    data_file: str  # the shipped data set (under ``STREAMTUNE_DATA_DIR``) it is trained on
+    prototype_head: bool = False  # head rows start at the embeddings of the class names
     text_of: Callable[[Any], str] | None = None  # TEXT tasks: what the model reads of an event
 
     @property
@@ -125,6 +136,8 @@ REVIEW = TaskSpec(
     label_of=_sentiment_label,
     check_label=_check_sentiment,
     results=_review_results,
+    metric_family=MetricFamily.CLASSIFICATION,
+    data_file="womens_clothing_reviews.csv",
     text_of=ReviewEvent.model_text,
 )
 QUERY = TaskSpec(
@@ -142,6 +155,9 @@ QUERY = TaskSpec(
     label_of=str,
     check_label=_check_class,
     results=_search_results,
+    metric_family=MetricFamily.TOP_K,
+    data_file="wands_queries.tsv",
+    prototype_head=True,  # 188 classes, some with few or no training queries
     text_of=lambda ev: ev.query,
 )
 CLICK = TaskSpec(
@@ -159,6 +175,8 @@ CLICK = TaskSpec(
     label_of=lambda label: CLICK_LABELS[int(label)],
     check_label=_check_purchase,
     results=_click_results,
+    metric_family=MetricFamily.BINARY,
+    data_file="online_shoppers_intention.csv",
 )
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (REVIEW, QUERY, CLICK)}

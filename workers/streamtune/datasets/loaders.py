@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from streamtune.core.errors import StreamtuneError
-from streamtune.core.tasks import TASKS, sentiment_of_rating
+from streamtune.core.tasks import CLICK, QUERY, REVIEW, TASKS, sentiment_of_rating
 
-REVIEWS = "womens_clothing_reviews.csv"
-QUERIES = "wands_queries.tsv"
-SESSIONS = "online_shoppers_intention.csv"
+REVIEWS = REVIEW.data_file
+QUERIES = QUERY.data_file
+SESSIONS = CLICK.data_file
 
-SENTIMENTS = list(TASKS["review_sentiment"].labels or ())
+SENTIMENTS = list(REVIEW.labels or ())
 
 
 def is_held_out(row_id: str, percent: int) -> bool:
@@ -105,7 +105,7 @@ def _query_rows(data_dir: Path) -> list[tuple[str, Any, str]]:
 def _session_rows(data_dir: Path) -> list[tuple[str, Any, str]]:
     from streamtune.core.features import vectorize
 
-    labels = TASKS["purchase_intent"].labels or ()
+    labels = CLICK.labels or ()
     return [
         (r["session_id"], vectorize(r), labels[int(r["Revenue"] == "1")]) for r in load_sessions(data_dir)
     ]
@@ -113,9 +113,9 @@ def _session_rows(data_dir: Path) -> list[tuple[str, Any, str]]:
 
 # Every task's labelled rows as (row id, model input, class name), by task.
 LABELLED_ROWS: dict[str, Callable[[Path], list[tuple[str, Any, str]]]] = {
-    "review_sentiment": _review_rows,
-    "query_class": _query_rows,
-    "purchase_intent": _session_rows,
+    REVIEW.name: _review_rows,
+    QUERY.name: _query_rows,
+    CLICK.name: _session_rows,
 }
 
 

@@ -20,14 +20,13 @@ import structlog
 from streamtune.core.errors import AdapterError, StartupError
 from streamtune.core.scored import Scored, Shadow
 from streamtune.core.settings import resolve_backend
+from streamtune.core.tasks import TASK_NAMES, TEXT_TASKS
 from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
 from streamtune.model.tokens import TextBatcher, base_model_sha256
 from streamtune.rollout.registry import LocalRegistry, Manifest
 from streamtune.rollout.state import in_canary
 
 log = structlog.get_logger(__name__)
-
-TEXT_TASKS = ("review_sentiment", "query_class")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +74,7 @@ class ModelRuntime:
         self.task_batch_sizes = dict(task_batch_sizes or {})
         self.base_sha256 = base_model_sha256(base_path)
         self.batcher = TextBatcher(base_path, max_len)
-        in_torch = {self.backend_for(t) for t in (*TEXT_TASKS, "purchase_intent")} - set(ONNX_BACKENDS)
+        in_torch = {self.backend_for(t) for t in TASK_NAMES} - set(ONNX_BACKENDS)
         text_torch = {self.backend_for(t) for t in TEXT_TASKS} - set(ONNX_BACKENDS)
         if len(text_torch) > 1:
             raise StartupError(

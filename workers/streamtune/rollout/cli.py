@@ -11,7 +11,7 @@ from rich.table import Table
 
 from streamtune.core.errors import AdapterError, StreamtuneError
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import TASK_NAMES
+from streamtune.core.tasks import TASK_NAMES, TASKS
 from streamtune.rollout.registry import LocalRegistry, Manifest, registry_for
 from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import Release, canary, current_states, promote, rollback
@@ -21,7 +21,7 @@ out = Console()
 if not out.is_terminal:  # pipes and logs get the whole table, not an 80-column cut
     out = Console(width=160)
 
-MAIN_METRIC = {"review_sentiment": "macro_f1", "query_class": "top1", "purchase_intent": "roc_auc"}
+MAIN_METRIC = {name: spec.gate_metric for name, spec in TASKS.items()}
 
 
 def _ctx() -> tuple[Settings, LocalRegistry, ReleaseLog]:

@@ -19,7 +19,7 @@ import numpy as np
 import structlog
 
 from streamtune.core.decode import Decoded, Source, split
-from streamtune.core.encode import Result, click_results, review_results, search_results
+from streamtune.core.encode import Result
 from streamtune.core.errors import BatchStalledError
 from streamtune.core.events import ClickEvent, DeadLetter, ReviewEvent, SearchEvent
 from streamtune.core.features import SessionState, session_row, vectorize
@@ -110,23 +110,15 @@ class BatchProcessor:
         now = datetime.now(UTC)
         if not good:
             return Started(task, bad, now, None, [], [])
-        if task == "review_sentiment":
-            reviews: list[ReviewEvent] = [d.event for d in good]  # type: ignore[misc]
-            scoring = self._start_scoring(
-                task, [r.model_text() for r in reviews], [r.product_id for r in reviews]
-            )
-            return Started(task, bad, now, scoring, reviews, [])
-        if task == "query_class":
-            searches: list[SearchEvent] = [d.event for d in good]  # type: ignore[misc]
-            scoring = self._start_scoring(task, [s.query for s in searches], [s.session_id for s in searches])
-            return Started(task, bad, now, scoring, searches, [])
-        assert sessions is not None, "purchase_intent needs the session table"
+        events: list[Any] = [d.event for d in good]
+        keys = [spec.key_of(ev) for ev in events]
+        if spec.is_text:
+            scoring = self._start_scoring(task, [spec.model_text(ev) for ev in events], keys)
+            return Started(task, bad, now, scoring, events, [])
+        assert sessions is not None, f"{task} needs the session table"
         states = await sessions(good)  # type: ignore[arg-type]
-        clicks: list[ClickEvent] = [d.event for d in good]  # type: ignore[misc]
-        scoring = self._start_scoring(
-            task, [vectorize(session_row(st)) for st in states], [c.session_id for c in clicks]
-        )
-        return Started(task, bad, now, scoring, clicks, [st.page_views for st in states])
+        scoring = self._start_scoring(task, [vectorize(session_row(st)) for st in states], keys)
+        return Started(task, bad, now, scoring, events, [st.page_views for st in states])
 
     async def finish(self, started: Started) -> BatchOutcome:
         """Second half: wait for the model, then dead letters, Redis, output events, and flush
@@ -146,12 +138,7 @@ class BatchProcessor:
                 self.metrics.shadow_confidence.labels(task).set(scored.shadow.confidence)
                 self.metrics.shadow_rows.labels(task).inc(scored.shadow.rows)
             now = started.now
-            if task == "review_sentiment":
-                results = review_results(started.events, scored, now)  # type: ignore[arg-type]
-            elif task == "query_class":
-                results = search_results(started.events, scored, now)  # type: ignore[arg-type]
-            else:
-                results = click_results(started.events, started.page_views, scored, now)  # type: ignore[arg-type]
+            results = spec.results(list(started.events), scored, now, started.page_views)
             for v, n in zip(*np.unique(scored.versions, return_counts=True), strict=True):
                 self.metrics.results_by_version.labels(task, str(v)).inc(int(n))
             # Not bounded here: the sink retries with capped back-off while Redis is down (each

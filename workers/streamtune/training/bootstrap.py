@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from streamtune.core.features import vectorize
+from streamtune.core.tasks import CLICK, TASKS
 from streamtune.datasets import loaders as data
 from streamtune.model.click import CLICK_BASE_NAME, CLICK_BASE_WEIGHTS, CLICK_LORA_TARGETS, ClickNet
 from streamtune.model.encoder import (
@@ -138,21 +139,14 @@ def _text_split(
     task: str, data_dir: Path, cfg: TrainConfig
 ) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
     """(train texts, train labels, test texts, test labels, label names)."""
-    pct = data.HELD_OUT_PERCENT[task]
-    if task == "review_sentiment":
-        rows = data.load_reviews(data_dir)
-        train = [r for r in rows if not data.is_held_out(r.review_id, pct)]
-        test = [r for r in rows if data.is_held_out(r.review_id, pct)]
-        xtr, ytr = [r.model_text() for r in train], [r.label for r in train]
-        xte, yte = [r.model_text() for r in test], [r.label for r in test]
-        names = list(data.SENTIMENTS)
-    else:
-        qs = [q for q in data.load_queries(data_dir) if q.label]  # 6 queries have no class
-        train_q = [q for q in qs if not data.is_held_out(q.query_id, pct)]
-        test_q = [q for q in qs if data.is_held_out(q.query_id, pct)]
-        xtr, ytr = [q.query for q in train_q], [q.label for q in train_q]
-        xte, yte = [q.query for q in test_q], [q.label for q in test_q]
-        names = sorted({q.label for q in qs})  # the class taxonomy is known up front
+    spec = TASKS[task]
+    rows = data.LABELLED_ROWS[task](data_dir)  # (id, text, class); unlabelled queries dropped
+    train = [(x, y) for row_id, x, y in rows if not data.is_held_out(row_id, spec.held_out_percent)]
+    test = [(x, y) for row_id, x, y in rows if data.is_held_out(row_id, spec.held_out_percent)]
+    xtr, ytr = [x for x, _ in train], [y for _, y in train]
+    xte, yte = [x for x, _ in test], [y for _, y in test]
+    # fixed class names, else the taxonomy as the data knows it (known up front)
+    names = list(spec.labels) if spec.labels is not None else sorted({y for _, _, y in rows})
     rng = random.Random(cfg.seed)
     if cfg.train_rows and len(xtr) > cfg.train_rows:
         idx = sorted(rng.sample(range(len(xtr)), cfg.train_rows))
@@ -175,7 +169,7 @@ def train_text_task(
     tok, base = load_base(base_path)
     hidden = int(base.config.hidden_size)
     head = Head(hidden, len(names))
-    if task == "query_class":
+    if TASKS[task].prototype_head:
         # Prototype init: each class starts at the embedding of its own name, so classes
         # with few (or no) training queries are still reachable.
         protos = torch.nn.functional.normalize(_embed(tok, base, names, cfg.max_len), dim=-1)
@@ -186,14 +180,10 @@ def train_text_task(
     model = get_peft_model(base, lora)
     fit_text(model, head, tok, xtr, ytr, len(names), cfg, task)
     probs = predict_text(model, head, tok, xte, cfg.max_len)
-    if task == "review_sentiment":
-        metrics = M.classification_metrics(yte, probs)
-        base_maj = M.classification_metrics(yte, M.majority_probs(ytr, len(yte), len(names)))
-        base_tfidf = M.classification_metrics(yte, M.tfidf_logreg_probs(xtr, ytr, xte, len(names), cfg.seed))
-    else:
-        metrics = M.topk_metrics(yte, probs)
-        base_maj = M.topk_metrics(yte, M.majority_probs(ytr, len(yte), len(names)))
-        base_tfidf = M.topk_metrics(yte, M.tfidf_logreg_probs(xtr, ytr, xte, len(names), cfg.seed))
+    score = M.METRICS[TASKS[task].metric_family]
+    metrics = score(yte, probs)
+    base_maj = score(yte, M.majority_probs(ytr, len(yte), len(names)))
+    base_tfidf = score(yte, M.tfidf_logreg_probs(xtr, ytr, xte, len(names), cfg.seed))
     seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory() as tmp:
         build = Path(tmp)
@@ -217,9 +207,7 @@ def train_text_task(
 
 
 def data_file(task: str) -> str:
-    return {"review_sentiment": data.REVIEWS, "query_class": data.QUERIES, "purchase_intent": data.SESSIONS}[
-        task
-    ]
+    return TASKS[task].data_file
 
 
 def _training_record(
@@ -283,7 +271,8 @@ def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) 
     """Train the click MLP (its "base"), then a LoRA adapter on top of it through peft."""
     seed_everything(cfg.seed)
     started = time.monotonic()
-    pct = data.HELD_OUT_PERCENT["purchase_intent"]
+    spec = CLICK
+    pct = spec.held_out_percent
     rows = data.load_sessions(data_dir)
     train = [r for r in rows if not data.is_held_out(r["session_id"], pct)]
     test = [r for r in rows if data.is_held_out(r["session_id"], pct)]
@@ -320,11 +309,11 @@ def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) 
         (build / "README.md").unlink(missing_ok=True)
         _portable_adapter_config(build / "adapter_config.json", CLICK_BASE_NAME)
         manifest = Manifest(
-            task="purchase_intent",
-            version=registry.next_version("purchase_intent"),
+            task=spec.name,
+            version=registry.next_version(spec.name),
             kind="click-mlp-lora",
             base_model=BaseModelRef(name=CLICK_BASE_NAME, sha256=sha256_file(build / CLICK_BASE_WEIGHTS)),
-            labels=["no_purchase", "purchase"],
+            labels=list(spec.labels or ()),
             created_at=datetime.now(UTC),
             training=_training_record(cfg, len(ytr), len(yte), seconds, data.SESSIONS),
             metrics=metrics,
@@ -336,6 +325,6 @@ def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) 
 def train_task(
     task: str, base_path: str, data_dir: Path, registry: LocalRegistry, cfg: TrainConfig
 ) -> Manifest:
-    if task == "purchase_intent":
+    if not TASKS[task].is_text:
         return train_click_task(data_dir, registry, cfg)
     return train_text_task(task, base_path, data_dir, registry, cfg)

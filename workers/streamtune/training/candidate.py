@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from streamtune.core.errors import AdapterError, StreamtuneError
+from streamtune.core.tasks import TASKS, MetricFamily
 from streamtune.datasets.reference import Reference, reference_set
 from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
 from streamtune.model.encoder import Head, base_model_sha256, load_base
@@ -62,12 +63,10 @@ def evaluate(task: str, labels: list[str], y: list[str], probs: np.ndarray) -> d
     index = {n: i for i, n in enumerate(labels)}
     yi = [index[v] for v in y]
     try:
-        if task == "review_sentiment":
-            return M.classification_metrics(yi, probs)
-        if task == "query_class":
-            return M.topk_metrics(yi, probs)
-        p = probs[:, -1] if probs.ndim == 2 else probs
-        return M.binary_metrics(yi, p)
+        family = TASKS[task].metric_family
+        if family is MetricFamily.BINARY and probs.ndim == 2:
+            probs = probs[:, -1]
+        return M.METRICS[family](yi, probs)
     except ValueError:
         return {"undefined": float("nan")}
 
@@ -175,7 +174,7 @@ def train_candidate(
     started = time.monotonic()
     seed_everything(cfg.seed)
     live = registry.verify(
-        task, live_version, base_sha256=base_model_sha256(base_path) if task != "purchase_intent" else None
+        task, live_version, base_sha256=base_model_sha256(base_path) if TASKS[task].is_text else None
     )
     path = registry.fetch(task, live_version)
     labels = live.labels

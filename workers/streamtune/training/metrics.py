@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -14,6 +15,8 @@ from sklearn.metrics import (
     roc_auc_score,
     top_k_accuracy_score,
 )
+
+from streamtune.core.tasks import MetricFamily
 
 
 def classification_metrics(y_true: list[int], probs: np.ndarray) -> dict[str, float]:
@@ -73,3 +76,11 @@ def logreg_binary(x_train: np.ndarray, y_train: list[int], x_test: np.ndarray, s
     clf.fit(scaler.transform(x_train), y_train)
     p: np.ndarray = clf.predict_proba(scaler.transform(x_test))[:, 1]
     return p
+
+
+# The metrics of each family, by :class:`~streamtune.core.tasks.MetricFamily`.
+METRICS: dict[MetricFamily, Callable[[list[int], np.ndarray], dict[str, float]]] = {
+    MetricFamily.CLASSIFICATION: classification_metrics,
+    MetricFamily.TOP_K: topk_metrics,
+    MetricFamily.BINARY: binary_metrics,
+}

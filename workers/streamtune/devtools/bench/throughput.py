@@ -32,6 +32,7 @@ import structlog
 from kafka import KafkaConsumer, KafkaProducer
 
 from streamtune.core.settings import Settings
+from streamtune.core.tasks import TEXT_TASKS
 from streamtune.datasets import loaders as data
 from streamtune.devtools.demo.replay import plan, replay
 from streamtune.devtools.stack import EmbeddedKafka, ensure_redis, find_free_port
@@ -40,7 +41,6 @@ from streamtune.kafka.topics import ensure_topics
 from streamtune.rollout.registry import LocalRegistry
 
 log = structlog.get_logger(__name__)
-TEXT_TASKS = ("review_sentiment", "query_class")
 INPUT = {"review_sentiment": "events.review", "query_class": "events.search"}
 OUTPUT = {"review_sentiment": "scores.review", "query_class": "scores.search"}
 
