@@ -15,19 +15,11 @@ class StackError(StreamtuneError):
     """The embedded local stack (Kafka, Redis) could not be fetched or started."""
 
 
-class ConfigError(StreamtuneError):
-    """A setting is missing or invalid; the message names the setting."""
-
-
 class StartupError(StreamtuneError):
     """A worker cannot start: a dependency is unreachable or a required file is missing.
 
     The message is one line that names the setting to fix.
     """
-
-
-class DecodeError(StreamtuneError):
-    """An input event could not be decoded or validated (it goes to the dead-letter topic)."""
 
 
 class AdapterError(StreamtuneError):

@@ -43,7 +43,7 @@ from streamtune.model.onnx_session import (
     session,
 )
 from streamtune.model.tokens import TextBatcher
-from streamtune.rollout.registry import Artifact, LocalRegistry, Manifest
+from streamtune.rollout.registry import AdapterStore, Artifact, Manifest
 
 log = structlog.get_logger(__name__)
 
@@ -161,7 +161,7 @@ def _quantize(fused: Path, out: Path, keep_fp32: Callable[[str], bool]) -> list[
 
 
 def export_artifact(
-    registry: LocalRegistry,
+    registry: AdapterStore,
     base_path: str,
     task: str,
     version: int,
@@ -261,7 +261,7 @@ def export_artifact(
     return published
 
 
-def _text_model(registry: LocalRegistry, base_path: str, manifest: Manifest) -> TextClassifier:
+def _text_model(registry: AdapterStore, base_path: str, manifest: Manifest) -> TextClassifier:
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -277,7 +277,7 @@ def _text_model(registry: LocalRegistry, base_path: str, manifest: Manifest) -> 
     return TextClassifier(merged, head).eval()
 
 
-def _click_model(registry: LocalRegistry, manifest: Manifest) -> nn.Module:
+def _click_model(registry: AdapterStore, manifest: Manifest) -> nn.Module:
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -293,9 +293,7 @@ def _click_model(registry: LocalRegistry, manifest: Manifest) -> nn.Module:
     return merged.eval()
 
 
-def export_for(
-    settings: Settings, registry: LocalRegistry, task: str, version: int, backend: str
-) -> Artifact:
+def export_for(settings: Settings, registry: AdapterStore, task: str, version: int, backend: str) -> Artifact:
     """:func:`export_artifact` with the deployment's settings; the evaluation slice is the task's
     fixed reference set (held-out split of the shipped data, never trained on)."""
 
@@ -307,7 +305,7 @@ def export_for(
     )  # fmt: skip
 
 
-def ensure_artifact(settings: Settings, registry: LocalRegistry, task: str, version: int) -> Artifact | None:
+def ensure_artifact(settings: Settings, registry: AdapterStore, task: str, version: int) -> Artifact | None:
     """Export the artifact ``task`` v``version`` needs under the configured backend, if it has
     none yet (None: the task runs in torch). A refused record is returned as is, not retried."""
     backend = settings.backend_for(task)

@@ -23,7 +23,7 @@ from streamtune.core.settings import resolve_backend
 from streamtune.core.tasks import TASK_NAMES, TEXT_TASKS
 from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
 from streamtune.model.tokens import TextBatcher, base_model_sha256
-from streamtune.rollout.registry import LocalRegistry, Manifest
+from streamtune.rollout.registry import AdapterStore, Manifest
 from streamtune.rollout.state import in_canary
 
 log = structlog.get_logger(__name__)
@@ -55,7 +55,7 @@ class ModelRuntime:
     def __init__(
         self,
         base_path: str,
-        registry: LocalRegistry,
+        registry: AdapterStore,
         max_len: int = 128,
         threads: int = 0,
         batch_size: int = 32,

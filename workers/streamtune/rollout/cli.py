@@ -12,7 +12,7 @@ from rich.table import Table
 from streamtune.core.errors import AdapterError, StreamtuneError
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import TASK_NAMES, TASKS
-from streamtune.rollout.registry import LocalRegistry, Manifest, registry_for
+from streamtune.rollout.registry import AdapterStore, Manifest, registry_for
 from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import Release, canary, current_states, promote, rollback
 
@@ -24,7 +24,7 @@ if not out.is_terminal:  # pipes and logs get the whole table, not an 80-column 
 MAIN_METRIC = {name: spec.gate_metric for name, spec in TASKS.items()}
 
 
-def _ctx() -> tuple[Settings, LocalRegistry, ReleaseLog]:
+def _ctx() -> tuple[Settings, AdapterStore, ReleaseLog]:
     s = Settings()
     return s, registry_for(s.adapter_dir, s.manifest_hmac_key), ReleaseLog(s)
 
@@ -35,7 +35,7 @@ def _task(task: str) -> str:
     return task
 
 
-def _verified(reg: LocalRegistry, task: str, version: int, force: bool = False) -> Manifest:
+def _verified(reg: AdapterStore, task: str, version: int, force: bool = False) -> Manifest:
     """Refuse before announcing: a version every scorer would refuse is never released, and a
     version its gate rejected needs ``--force``."""
     from streamtune.model.encoder import base_model_sha256
@@ -55,7 +55,7 @@ def _verified(reg: LocalRegistry, task: str, version: int, force: bool = False) 
     return verified
 
 
-def _live(s: Settings, reg: LocalRegistry, state: Release | None, task: str) -> int:
+def _live(s: Settings, reg: AdapterStore, state: Release | None, task: str) -> int:
     if state is not None:
         return state.live_version
     v = reg.default_version(task, s.backend_for(task))  # what a scorer would start with
@@ -92,7 +92,7 @@ def list_() -> None:
     out.print(table)
 
 
-def _artifacts(reg: LocalRegistry, task: str, version: int) -> str:
+def _artifacts(reg: AdapterStore, task: str, version: int) -> str:
     from streamtune.core.settings import BACKENDS
 
     parts = []

@@ -28,6 +28,7 @@ never sees half a version; an existing version is never overwritten. Storage sit
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -163,17 +164,49 @@ def _last_change(path: Path) -> float:
 
 
 class AdapterStore(Protocol):
-    """What the workers need from a registry; the local directory is the default implementation."""
+    """What the scorer, the trainer, training, export and the adapters CLI need from a registry.
+
+    Every one of them is typed against this protocol; :class:`LocalRegistry` (a local or mounted
+    directory) is the implementation :func:`registry_for` builds. A remote store would implement
+    the same methods, downloading a version before ``fetch`` returns its local directory."""
+
+    root: Path  # where it lives, for error messages and start-up checks
 
     def versions(self, task: str) -> list[int]: ...
 
+    def latest(self, task: str) -> int | None: ...
+
+    def next_version(self, task: str) -> int: ...
+
+    def default_version(self, task: str, backend: str | None = None) -> int | None: ...
+
     def manifest(self, task: str, version: int) -> Manifest: ...
+
+    def manifest_sha256(self, task: str, version: int) -> str: ...
 
     def fetch(self, task: str, version: int) -> Path:
         """A local directory holding the version's files (downloaded first for remote stores)."""
         ...
 
+    def verify(self, task: str, version: int, base_sha256: str | None = None) -> Manifest: ...
+
     def publish(self, build_dir: Path, manifest: Manifest) -> Manifest: ...
+
+    def sign_existing(self, task: str, version: int) -> bool: ...
+
+    def artifact_dir(self, task: str, version: int, backend: str) -> Path: ...
+
+    def artifact(self, task: str, version: int, backend: str) -> Artifact | None: ...
+
+    def verify_artifact(self, task: str, version: int, backend: str) -> tuple[Artifact, Path]: ...
+
+    def artifact_lock(
+        self, task: str, version: int, shared: bool = False
+    ) -> contextlib.AbstractContextManager[None]: ...
+
+    def publish_artifact(self, build_dir: Path, art: Artifact) -> Artifact: ...
+
+    def clean_stale(self, max_age_s: float = ..., now: float | None = None) -> list[Path]: ...
 
 
 class LocalRegistry:
@@ -471,6 +504,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def registry_for(root: Path, key: SecretStr | None) -> LocalRegistry:
+def registry_for(root: Path, key: SecretStr | None) -> AdapterStore:
     """The registry as the workers use it: signing and verifying when a key is configured."""
     return LocalRegistry(root, key.get_secret_value().encode() if key is not None else None)

@@ -20,7 +20,7 @@ from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.ops.logs import configure_logging
 from streamtune.ops.telemetry import Readiness, ScorerMetrics
-from streamtune.rollout.registry import LocalRegistry, registry_for
+from streamtune.rollout.registry import AdapterStore, registry_for
 from streamtune.rollout.releases import ReleaseFollower, ReleaseLog
 from streamtune.rollout.state import Release, current_states, promote
 from streamtune.scorer.app import ScorerResources, build_app
@@ -46,7 +46,7 @@ def check_redis(settings: Settings) -> None:
 
 def initial_routes(
     runtime: ModelRuntime,
-    registry: LocalRegistry,
+    registry: AdapterStore,
     states: dict[str, Release],
     releases: ReleaseLog | None,
     prepare_version: Callable[[str, int], object] | None = None,

@@ -16,7 +16,7 @@ from streamtune.kafka.topics import ensure_topics
 from streamtune.model.onnx_export import ensure_artifact
 from streamtune.ops.logs import configure_logging
 from streamtune.ops.telemetry import Readiness, TrainerMetrics
-from streamtune.rollout.registry import LocalRegistry, Manifest, registry_for
+from streamtune.rollout.registry import AdapterStore, Manifest, registry_for
 from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import Release, canary, promote
 from streamtune.trainer.app import TrainerResources, TrainerState, build_app
@@ -26,7 +26,7 @@ from streamtune.training.online import TrainingSet, Watermark
 log = structlog.get_logger(__name__)
 
 
-def last_trainer_manifest(registry: LocalRegistry, task: str) -> Manifest | None:
+def last_trainer_manifest(registry: AdapterStore, task: str) -> Manifest | None:
     """The newest version this trainer made (released or not)."""
     for version in reversed(registry.versions(task)):
         m = registry.manifest(task, version)
@@ -35,7 +35,7 @@ def last_trainer_manifest(registry: LocalRegistry, task: str) -> Manifest | None
     return None
 
 
-def recovered_watermarks(registry: LocalRegistry) -> dict[str, Watermark]:
+def recovered_watermarks(registry: AdapterStore) -> dict[str, Watermark]:
     """What each task has trained on, as its newest trainer-made manifest records it."""
     out: dict[str, Watermark] = {}
     for task in TASK_NAMES:
@@ -46,7 +46,7 @@ def recovered_watermarks(registry: LocalRegistry) -> dict[str, Watermark]:
 
 
 def live_version(
-    registry: LocalRegistry, states: dict[str, Release], task: str, backend: str | None = None
+    registry: AdapterStore, states: dict[str, Release], task: str, backend: str | None = None
 ) -> int:
     """The released live version, else the one a scorer on ``backend`` starts with."""
     state = states.get(task)
@@ -66,7 +66,7 @@ def release_for(settings: Settings, m: Manifest, live: int, sha: str) -> Release
     return canary(m.task, m.version, settings.trainer_canary_fraction, live, sha, by="trainer")
 
 
-def announce_unreleased(settings: Settings, registry: LocalRegistry, releases: ReleaseLog) -> None:
+def announce_unreleased(settings: Settings, registry: AdapterStore, releases: ReleaseLog) -> None:
     """A trainer killed between publishing a passing version and announcing it: announce it now."""
     states = releases.states()
     for task in TASK_NAMES:
@@ -90,7 +90,7 @@ class TrainJobRunner:
     def __init__(
         self,
         settings: Settings,
-        registry: LocalRegistry,
+        registry: AdapterStore,
         releases: ReleaseLog,
         references: dict[str, Reference],
     ) -> None:

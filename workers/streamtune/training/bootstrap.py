@@ -35,7 +35,7 @@ from streamtune.model.encoder import (
     mean_pool,
     tokenize,
 )
-from streamtune.rollout.registry import BaseModelRef, LocalRegistry, Manifest, sha256_file
+from streamtune.rollout.registry import AdapterStore, BaseModelRef, Manifest, sha256_file
 from streamtune.training import metrics as M
 
 log = structlog.get_logger(__name__)
@@ -158,7 +158,7 @@ def _text_split(
 
 
 def train_text_task(
-    task: str, base_path: str, data_dir: Path, registry: LocalRegistry, cfg: TrainConfig
+    task: str, base_path: str, data_dir: Path, registry: AdapterStore, cfg: TrainConfig
 ) -> Manifest:
     seed_everything(cfg.seed)
     started = time.monotonic()
@@ -267,7 +267,7 @@ def fit_click(
     module.eval()
 
 
-def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) -> Manifest:
+def train_click_task(data_dir: Path, registry: AdapterStore, cfg: TrainConfig) -> Manifest:
     """Train the click MLP (its "base"), then a LoRA adapter on top of it through peft."""
     seed_everything(cfg.seed)
     started = time.monotonic()
@@ -323,7 +323,7 @@ def train_click_task(data_dir: Path, registry: LocalRegistry, cfg: TrainConfig) 
 
 
 def train_task(
-    task: str, base_path: str, data_dir: Path, registry: LocalRegistry, cfg: TrainConfig
+    task: str, base_path: str, data_dir: Path, registry: AdapterStore, cfg: TrainConfig
 ) -> Manifest:
     if not TASKS[task].is_text:
         return train_click_task(data_dir, registry, cfg)

@@ -29,7 +29,7 @@ from streamtune.core.tasks import TASKS, MetricFamily
 from streamtune.datasets.reference import Reference, reference_set
 from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
 from streamtune.model.encoder import Head, base_model_sha256, load_base
-from streamtune.rollout.registry import LocalRegistry, Manifest
+from streamtune.rollout.registry import AdapterStore, Manifest
 from streamtune.training import metrics as M
 from streamtune.training.bootstrap import (
     TrainConfig,
@@ -160,7 +160,7 @@ def train_candidate(
     live_version: int,
     ts: TrainingSet,
     reference: Reference,
-    registry: LocalRegistry,
+    registry: AdapterStore,
     base_path: str,
     cfg: OnlineConfig,
     on_started: Callable[[], None] | None = None,
