@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,9 @@ import structlog
 
 from streamtune.core.decode import Decoded, Source
 from streamtune.core.events import ClickEvent
-from streamtune.core.features import SessionState, apply_click, is_expired
+from streamtune.core.features import SessionState
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import TASKS
+from streamtune.core.tasks import TASKS, TaskKind, TaskSpec
 from streamtune.kafka.app import JSON_TABLE, worker_app
 from streamtune.kafka.compat import attributed_to, leave_pending
 from streamtune.kafka.guard import SkipGuard
@@ -36,6 +37,7 @@ from streamtune.rollout.releases import ReleaseFollower
 from streamtune.scorer.gate import BatchGate
 from streamtune.scorer.overlap import BatchSteps, Overlap
 from streamtune.scorer.pipeline import BatchProcessor, Started
+from streamtune.scorer.sessions import SessionStore
 from streamtune.scorer.sink import RedisSink
 
 log = structlog.get_logger(__name__)
@@ -99,18 +101,20 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         partitions=settings.topic_partitions,
         schema=JSON_TABLE,
     )
-    click_topic_name = settings.topic(TASKS["purchase_intent"].input_topic)
+    store = SessionStore(sessions)
+    (click_spec,) = [spec for spec in TASKS.values() if spec.kind is TaskKind.SESSION]
+    click_topic_name = settings.topic(click_spec.input_topic)
     within = settings.batch_max_ms / 1000.0
 
-    def topic(task: str) -> faust.TopicT:
-        return app.topic(
-            settings.topic(TASKS[task].input_topic), key_serializer="raw", value_serializer="raw"
-        )
+    def topic(spec: TaskSpec) -> faust.TopicT:
+        return app.topic(settings.topic(spec.input_topic), key_serializer="raw", value_serializer="raw")
 
     skip_guard = SkipGuard(app, on_skip=res.metrics.offset_skips.inc, settings=settings, overlapping=True)
     hand_over_cleanly(app, res.gate, timeout_s=settings.kafka_session_timeout_s / 2)
 
-    def overlap(task: str, events_by_pos: dict[tuple[int, int], Any] | None) -> Overlap[Started]:
+    def overlap(spec: TaskSpec, events_by_pos: dict[tuple[int, int], Any] | None) -> Overlap[Started]:
+        task = spec.name
+
         def failed(events: list[Any]) -> None:
             log.exception("batch_failed", task=task, first_offset=events[0].message.offset)
             res.metrics.batch_failures.labels(task).inc()
@@ -125,7 +129,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
                 started.scoring.cancel()
 
         steps = BatchSteps(
-            start=lambda events: start_batch(task, events, events_by_pos),
+            start=lambda events: start_batch(spec, events, events_by_pos),
             finish=processor.finish,
             abandon=abandon,
             done=done,
@@ -134,13 +138,15 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         )
         # Clicks one batch at a time: a batch's session-table updates must not run ahead of a
         # batch before it that may still fail (its retry would see the later clicks applied).
-        depth = 1 if task == "purchase_intent" else settings.pipeline_depth
+        depth = 1 if spec.kind is TaskKind.SESSION else settings.pipeline_depth
         return Overlap(depth, steps, res.gate, backoff_s=settings.redis_retry_max_s)
 
-    async def run(task: str, stream: faust.StreamT, events_by_pos: dict[tuple[int, int], Any] | None) -> None:
+    async def run(
+        spec: TaskSpec, stream: faust.StreamT, events_by_pos: dict[tuple[int, int], Any] | None
+    ) -> None:
         """Take batches and keep up to ``pipeline_depth`` of them in progress (overlap.py)."""
-        take = settings.batch_max_events_for(task)
-        batches = overlap(task, events_by_pos)
+        take = settings.batch_max_events_for(spec.name)
+        batches = overlap(spec, events_by_pos)
         async for batch in stream.take_events(take, within=within):  # type: ignore[attr-defined]
             if res.gate.closed:  # handing over or stopping: leave these to the partition's next owner
                 for ev in batch:
@@ -158,8 +164,9 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             await batches.submit(events)
 
     async def start_batch(
-        task: str, events: list[Any], events_by_pos: dict[tuple[int, int], Any] | None
+        spec: TaskSpec, events: list[Any], events_by_pos: dict[tuple[int, int], Any] | None
     ) -> Started:
+        task = spec.name
         records = [
             (
                 ev.message.value,
@@ -175,53 +182,48 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             for _, src in records:
                 spans.setdefault(src.partition, []).append(src.offset)
             log.debug("batch", task=task, offsets={p: [min(o), max(o)] for p, o in spans.items()})
-        return await processor.start(task, records, update_sessions if task == "purchase_intent" else None)
+        return await processor.start(
+            task, records, update_sessions if spec.kind is TaskKind.SESSION else None
+        )
 
     click_events: dict[tuple[int, int], Any] = {}
+
+    def attributed(src: Source) -> AbstractContextManager[None]:
+        return attributed_to(click_events[(src.partition, src.offset)])
 
     async def update_sessions(decoded: list[Decoded[ClickEvent]]) -> list[SessionState]:
         """Apply clicks to the table in order; each table write is attributed to its own event,
         so its changelog record lands in that event's partition (Faust co-partitioning)."""
-        states = []
-        for d in decoded:
-            sid = d.event.session_id
-            raw = sessions.get(sid)
-            prev = SessionState.model_validate(raw) if raw else None
-            new, applied = apply_click(prev, d.event, d.source.partition, d.source.offset)
-            if applied:
-                with attributed_to(click_events[(d.source.partition, d.source.offset)]):
-                    sessions[sid] = new.model_dump(mode="json")
-            states.append(new)
+        states = store.apply(decoded, attribute=attributed)
         res.metrics.sessions_active.set(len(sessions.data))
         return states
 
-    @app.agent(topic("review_sentiment"), name="score-reviews")
-    async def score_reviews(stream: faust.StreamT) -> None:
-        await run("review_sentiment", stream, None)
+    def scorer(
+        spec: TaskSpec, events_by_pos: dict[tuple[int, int], Any] | None
+    ) -> Callable[[faust.StreamT], Awaitable[None]]:
+        """The agent of one task (a function per spec: each binds its own)."""
 
-    @app.agent(topic("query_class"), name="score-searches")
-    async def score_searches(stream: faust.StreamT) -> None:
-        await run("query_class", stream, None)
+        async def score(stream: faust.StreamT) -> None:
+            await run(spec, stream, events_by_pos)
 
-    @app.agent(topic("purchase_intent"), name="score-clicks")
-    async def score_clicks(stream: faust.StreamT) -> None:
-        await run("purchase_intent", stream, click_events)
+        score.__name__ = score.__qualname__ = f"score_{spec.name}"
+        return score
+
+    for spec in TASKS.values():
+        events_by_pos = click_events if spec.kind is TaskKind.SESSION else None
+        app.agent(topic(spec), name=spec.scorer_agent)(scorer(spec, events_by_pos))
 
     @app.timer(settings.session_sweep_s)
     async def expire_sessions() -> None:
         """Drop sessions idle longer than ``session_inactivity_s`` (only partitions we own)."""
         owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == click_topic_name}
-        now = time.time()
-        expired = 0
-        for key, raw in list(sessions.data.items()):
-            state = SessionState.model_validate(raw)
-            if state.partition in owned and is_expired(state, now, settings.session_inactivity_s):
-                sessions.data.pop(key, None)
-                sessions.send_changelog(state.partition, key, None, value_serializer="raw")
-                expired += 1
+        expired = store.expired(owned, time.time(), settings.session_inactivity_s)
+        for key, partition in expired:
+            sessions.data.pop(key, None)
+            sessions.send_changelog(partition, key, None, value_serializer="raw")
         if expired:
-            res.metrics.sessions_expired.inc(expired)
-            log.info("sessions_expired", count=expired)
+            res.metrics.sessions_expired.inc(len(expired))
+            log.info("sessions_expired", count=len(expired))
         res.metrics.sessions_active.set(len(sessions.data))
 
     task_of_topic = {settings.topic(spec.input_topic): name for name, spec in TASKS.items()}
