@@ -1,8 +1,11 @@
 """Faust wiring of the trainer: three tables with changelogs (so a restarted trainer recovers them),
 agents that fill them, a trigger timer that starts training runs in a thread, and a sweeper.
 
-* ``inputs``  key ``task:event_id`` (text tasks) or ``purchase_intent:session_id`` (the session
-  state so far): what a label joins to. Bounded by event-time window and count.
+What the tables hold and how labels join inputs is :mod:`streamtune.trainer.joiner` (pure): here
+the agents feed it events, send the tombstones it asks for, and count what it reports.
+
+* ``inputs``  key ``task:event_id`` (text tasks) or ``task:session_id`` (session tasks: the
+  session state so far): what a label joins to. Bounded by event-time window and count.
 * ``joined``  key ``task:id``: one joined label (:class:`~streamtune.training.online.Example`);
   the first label of an input wins, later ones are duplicates. Bounded per task (replay pool).
 * ``pending`` labels that arrived before their input; after ``trainer_label_wait_s`` they are
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,25 +29,15 @@ import faust
 import structlog
 
 from streamtune.core.decode import Decoded, Source, decode
-from streamtune.core.events import ClickEvent, DeadLetter, LabelEvent, ReviewEvent, SearchEvent
-from streamtune.core.features import SessionState, apply_click, session_row, vectorize
+from streamtune.core.events import DeadLetter, LabelEvent
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS
+from streamtune.core.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS, TaskSpec
 from streamtune.kafka.app import JSON_TABLE, worker_app
 from streamtune.kafka.guard import SkipGuard
 from streamtune.ops.telemetry import Readiness, TrainerMetrics
+from streamtune.trainer.joiner import Eviction, Joiner, JoinLimits, LabelStatus
 from streamtune.training.candidate import NothingToTrain
-from streamtune.training.online import (
-    Example,
-    TrainingSet,
-    Trigger,
-    Watermark,
-    is_fresh,
-    label_key,
-    label_name,
-    select,
-    should_train,
-)
+from streamtune.training.online import TrainingSet, Trigger, Watermark, is_fresh, select, should_train
 
 log = structlog.get_logger(__name__)
 
@@ -56,8 +49,7 @@ TrainJob = Callable[[str, TrainingSet], Any]
 class TrainerState:
     """In-memory bookkeeping of the trigger (rebuilt from the registry on start)."""
 
-    watermarks: dict[str, Watermark]
-    next_seq: int | None = None  # join sequence; set from the recovered table at the first join
+    watermarks: dict[str, Watermark]  # updated in place (the joiner reads it)
     last_run: dict[str, float] = field(default_factory=dict)
     retry_after: dict[str, float] = field(default_factory=dict)
     running: str | None = None
@@ -72,18 +64,6 @@ class TrainerResources:
     state: TrainerState
     exclude_inputs: frozenset[str | tuple[float, ...]] = frozenset()
     readiness: Readiness = field(default_factory=lambda: Readiness(needs_redis=False))
-
-
-def _input_value(task: str, event: Any) -> tuple[str, str]:
-    if task == "review_sentiment":
-        assert isinstance(event, ReviewEvent)
-        return f"{task}:{event.event_id}", event.model_text()
-    assert isinstance(event, SearchEvent)
-    return f"{task}:{event.event_id}", event.query
-
-
-def _session_x(raw: dict[str, Any]) -> list[float]:
-    return vectorize(session_row(SessionState.model_validate(raw["s"])))
 
 
 def build_app(settings: Settings, res: TrainerResources) -> faust.App:
@@ -103,65 +83,41 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         msg = event.message
         return Source(msg.topic, msg.partition, msg.offset, msg.key)
 
-    def evict(table: Any, key: str, value: dict[str, Any]) -> None:
+    tables = {"inputs": inputs, "joined": joined, "pending": pending}
+
+    def evict(e: Eviction) -> None:
         """Delete outside the current event's partition: the tombstone goes to the changelog
         partition the entry was written to (``cp``), so a restart does not bring it back."""
-        table.data.pop(key, None)
-        table.send_changelog(int(value["cp"]), key, None, value_serializer="raw")
+        table = tables[e.table]
+        table.data.pop(e.key, None)
+        table.send_changelog(e.partition, e.key, None, value_serializer="raw")
 
-    def next_seq() -> int:
-        if state.next_seq is None:  # first join after start: continue after the recovered table
-            seqs = [int(v["ex"].get("s", 0)) for v in joined.data.values()]
-            state.next_seq = max([-1, *seqs, *state.watermarks.values()]) + 1
-        seq, state.next_seq = state.next_seq, state.next_seq + 1
-        return seq
-
-    def join(key: str, label: dict[str, Any], x: str | list[float], partition: int) -> None:
-        ex = Example(key, x, label["y"], label["p"], label["o"], label["t"], next_seq())
-        joined[key] = {"ex": ex.to_json(), "cp": partition}
-        m.labels_joined.labels(key.split(":", 1)[0]).inc()
-
-    def try_pending(key: str, x: str | list[float], partition: int) -> None:
-        waiting = pending.get(key)
-        if waiting is not None:
-            evict(pending, key, waiting)  # its tombstone goes where the entry was written
-            if key not in joined:
-                join(key, waiting["label"], x, partition)
+    limits = JoinLimits(
+        input_window_s=settings.trainer_input_window_s,
+        max_inputs=settings.trainer_max_inputs,
+        label_wait_s=settings.trainer_label_wait_s,
+        replay_max=settings.trainer_replay_max,
+    )
+    joiner = Joiner(inputs, joined, pending, limits, state.watermarks, evict)
 
     skip_guard = SkipGuard(app, settings=settings)
 
-    async def store_inputs(task: str, stream: faust.StreamT) -> None:
-        model = TASKS[task].event_model
+    async def store_inputs(spec: TaskSpec, stream: faust.StreamT) -> None:
+        task = spec.name
         async for event in stream.events():
             if not await skip_guard.admit([event]):
                 continue
             src = source(event)
-            decoded = decode(model, event.message.value, src)
+            decoded = decode(spec.event_model, event.message.value, src)
             if isinstance(decoded, DeadLetter):
                 m.inputs_invalid.labels(task).inc()  # the scorer dead-letters it; here it is skipped
                 continue
-            ev: Any = decoded.event
-            if task == "purchase_intent":
-                assert isinstance(ev, ClickEvent)
-                key = f"{task}:{ev.session_id}"
-                prev_raw = inputs.get(key)
-                prev = SessionState.model_validate(prev_raw["s"]) if prev_raw else None
-                new, applied = apply_click(prev, ev, src.partition, src.offset)
-                if not applied:
-                    continue
-                value: dict[str, Any] = {
-                    "s": new.model_dump(mode="json"),
-                    "t": ev.ts.timestamp(),
-                    "cp": src.partition,
-                }
-                inputs[key] = value
-                x: str | list[float] = _session_x(value)
-            else:
-                key, text = _input_value(task, ev)
-                inputs[key] = {"x": text, "t": ev.ts.timestamp(), "cp": src.partition}
-                x = text
+            added = joiner.add_input(spec, decoded.event, src.partition, src.offset)
+            if added is None:  # a re-delivered click
+                continue
             m.inputs_seen.labels(task).inc()
-            try_pending(key, x, src.partition)
+            if added.joined is not None:
+                m.labels_joined.labels(task).inc()
 
     async def dead_letter(dl: DeadLetter) -> None:
         fut = await app.producer.send(
@@ -169,17 +125,14 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         )
         await fut
 
-    @app.agent(topic(TASKS["review_sentiment"].input_topic), name="trainer-reviews")
-    async def reviews(stream: faust.StreamT) -> None:
-        await store_inputs("review_sentiment", stream)
+    def input_agent(spec: TaskSpec) -> Callable[[faust.StreamT], Awaitable[None]]:
+        async def store(stream: faust.StreamT) -> None:
+            await store_inputs(spec, stream)
 
-    @app.agent(topic(TASKS["query_class"].input_topic), name="trainer-searches")
-    async def searches(stream: faust.StreamT) -> None:
-        await store_inputs("query_class", stream)
+        return store
 
-    @app.agent(topic(TASKS["purchase_intent"].input_topic), name="trainer-clicks")
-    async def clicks(stream: faust.StreamT) -> None:
-        await store_inputs("purchase_intent", stream)
+    for spec in TASKS.values():  # agent names are stable: they name the agents' consumer state
+        app.agent(topic(spec.input_topic), name=spec.trainer_agent)(input_agent(spec))
 
     @app.agent(topic(LABELS_TOPIC), name="trainer-labels")
     async def labels(stream: faust.StreamT) -> None:
@@ -195,20 +148,11 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
                 continue
             assert isinstance(decoded, Decoded)
             lab: LabelEvent = decoded.event
-            key = label_key(lab)
-            label = {"y": label_name(lab), "p": src.partition, "o": src.offset, "t": lab.ts.timestamp()}
-            if key in joined or key in pending:
-                m.labels_duplicate.labels(lab.task).inc()
-                continue
-            held = inputs.get(key)
-            if held is None:
-                pending[key] = {"label": label, "arrived": time.time(), "cp": src.partition}
-                continue
-            join(key, label, _session_x(held) if lab.task == "purchase_intent" else held["x"], src.partition)
-
-    def examples(task: str) -> list[Example]:
-        prefix = task + ":"
-        return [Example.from_json(v["ex"]) for k, v in list(joined.data.items()) if k.startswith(prefix)]
+            outcome = joiner.add_label(lab, src.partition, src.offset, now=time.time())
+            if outcome.status is LabelStatus.DUPLICATE:
+                m.labels_duplicate.labels(outcome.task).inc()
+            elif outcome.status is LabelStatus.JOINED:
+                m.labels_joined.labels(outcome.task).inc()
 
     async def run_job(task: str, ts: TrainingSet) -> None:
         loop = asyncio.get_running_loop()
@@ -242,7 +186,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         now = time.monotonic()
         for task in TASK_NAMES:
             wm = state.watermarks.get(task, -1)
-            exs = examples(task)
+            exs = joiner.examples(task)
             fresh = sum(1 for e in exs if is_fresh(e, wm))
             m.fresh_labels.labels(task).set(fresh)
             if state.running is not None or now < state.retry_after.get(task, 0.0):
@@ -265,37 +209,13 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
 
     @app.timer(max(settings.trainer_check_s, 5.0))
     async def sweep() -> None:
-        now = time.time()
-        cutoff = now - settings.trainer_input_window_s
-        held = sorted(inputs.data.items(), key=lambda kv: kv[1]["t"])
-        excess = max(0, len(held) - settings.trainer_max_inputs)
-        dropped = 0
-        for i, (key, value) in enumerate(held):
-            if i < excess or value["t"] < cutoff:
-                evict(inputs, key, value)
-                dropped += 1
-        orphans: dict[str, int] = {}
-        for key, value in list(pending.data.items()):
-            if now - value["arrived"] > settings.trainer_label_wait_s:
-                evict(pending, key, value)
-                task = key.split(":", 1)[0]
-                orphans[task] = orphans.get(task, 0) + 1
-        for task, n in orphans.items():
+        swept = joiner.sweep(time.time())
+        for task, n in swept.orphans.items():
             m.labels_orphan.labels(task).inc(n)
             log.warning("labels_orphaned", task=task, count=n, reason="input never seen or out of the window")
-        for task in TASK_NAMES:
-            wm = state.watermarks.get(task, -1)
-            prefix = task + ":"
-            old = sorted(
-                ((k, v) for k, v in joined.data.items() if k.startswith(prefix)
-                 and not is_fresh(Example.from_json(v["ex"]), wm)),
-                key=lambda kv: kv[1]["ex"]["t"],
-            )  # fmt: skip
-            for key, value in old[: max(0, len(old) - settings.trainer_replay_max)]:
-                evict(joined, key, value)
-        m.inputs_held.set(len(inputs.data))
-        m.labels_pending.set(len(pending.data))
-        if dropped:
-            log.info("inputs_evicted", count=dropped, held=len(inputs.data))
+        m.inputs_held.set(swept.inputs_held)
+        m.labels_pending.set(swept.labels_pending)
+        if swept.inputs_evicted:
+            log.info("inputs_evicted", count=swept.inputs_evicted, held=swept.inputs_held)
 
     return app

@@ -10,24 +10,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamtune.core import tasks
 from streamtune.core.events import LabelEvent
-from streamtune.datasets.loaders import SENTIMENTS, sentiment_of_rating
+from streamtune.core.tasks import TASKS
 from streamtune.datasets.reference import input_key
 
-# The metric each task's gate compares (higher is better for all three).
-GATE_METRIC = {"review_sentiment": "macro_f1", "query_class": "top1", "purchase_intent": "roc_auc"}
-CLICK_LABELS = ["no_purchase", "purchase"]
+# The metric each task's gate compares (higher is better for all of them).
+GATE_METRIC: dict[str, str] = {name: spec.gate_metric for name, spec in TASKS.items()}
+CLICK_LABELS: list[str] = list(tasks.CLICK_LABELS)
 
 
 def label_name(label: LabelEvent) -> str:
     """The label as the class name the task's model predicts."""
-    if label.task == "review_sentiment":
-        if isinstance(label.label, int):
-            return sentiment_of_rating(label.label)
-        return str(label.label)
-    if label.task == "purchase_intent":
-        return CLICK_LABELS[int(label.label)]
-    return str(label.label)
+    return TASKS[label.task].label_of(label.label)
 
 
 def label_key(label: LabelEvent) -> str:
@@ -189,9 +184,7 @@ def gate(
 
 
 def known_labels(task: str, names: list[str]) -> frozenset[str]:
-    """Class names a task's label may take (sentiments are fixed; query classes come from the model)."""
-    if task == "review_sentiment":
-        return frozenset(SENTIMENTS)
-    if task == "purchase_intent":
-        return frozenset(CLICK_LABELS)
-    return frozenset(names)
+    """Class names a task's label may take: the task's fixed classes, else the model's ``names``
+    (query classes come from the model)."""
+    fixed = TASKS[task].labels
+    return frozenset(names) if fixed is None else frozenset(fixed)
