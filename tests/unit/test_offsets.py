@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from streamtune.kafka.compat import disable_gap_filling
 from streamtune.kafka.offsets import DONE, IN_PROGRESS, TAKE, OffsetGuard
 
 TP = ("events.review", 0)
@@ -48,20 +45,6 @@ def test_the_first_record_after_an_assignment_is_checked_against_the_commit() ->
     other = ("events.review", 1)
     assert g.observe(other, 40) == TAKE  # nothing known: accepted
     assert g.expected(other) == 41
-
-
-def test_disable_gap_filling_replaces_the_consumer_method() -> None:
-    added: list[tuple[int, int]] = []
-
-    class Consumer:
-        async def _add_gap(self, tp: object, a: int, b: int) -> None:
-            added.append((a, b))
-
-    c = Consumer()
-    asyncio.run(c._add_gap(TP, 1, 2))
-    disable_gap_filling(c)
-    asyncio.run(c._add_gap(TP, 3, 5))
-    assert added == [(1, 2)]
 
 
 def test_only_offsets_really_processed_count_as_done() -> None:

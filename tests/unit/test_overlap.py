@@ -4,22 +4,35 @@ recording steps here, and exercised for real in test_e2e / test_lifecycle / test
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from streamtune.scorer.gate import BatchGate
 from streamtune.scorer.overlap import BatchSteps, Overlap
+
+WAIT_S = 5.0  # every wait in these tests is bounded: a hang fails the test instead of the suite
+T = TypeVar("T")
+
+
+async def bounded(aw: Awaitable[T]) -> T:
+    return await asyncio.wait_for(aw, WAIT_S)
+
+
+def run(scenario: Awaitable[None]) -> None:
+    asyncio.run(bounded(scenario))
 
 
 class Recorder:
     """A batch is a list of offsets, named by its first. Each batch's "model" waits for its own
     event, so tests choose the order in which model runs complete; ``fail`` names batches whose
-    finish raises (once each)."""
+    finish raises (once each). ``started(first)`` is set when that batch's start step ran."""
 
     def __init__(self, fail: set[int] | None = None, fail_start: set[int] | None = None) -> None:
         self.log: list[tuple[str, int]] = []
         self.fail = set(fail or ())
         self.fail_start = set(fail_start or ())
         self.models: dict[int, asyncio.Event] = {}
+        self._started: dict[int, asyncio.Event] = {}
         self.rewound: list[list[int]] = []
         self.acked: list[int] = []
         self.failures: list[int] = []
@@ -32,6 +45,24 @@ class Recorder:
             ev.set()
         return ev
 
+    def started(self, first: int) -> asyncio.Event:
+        return self._started.setdefault(first, asyncio.Event())
+
+    async def release(self, first: int) -> None:
+        """Let batch ``first``'s model finish, and return once every task already waiting for it
+        has run on up to its next pause (asyncio wakes an event's waiters in the order they began
+        to wait: a waiter registered here comes last). What is not done by then was not woken."""
+        registered = asyncio.Event()
+
+        async def last_waiter() -> None:
+            registered.set()
+            await self.model(first).wait()
+
+        waiter = asyncio.create_task(last_waiter())
+        await bounded(registered.wait())
+        self.model(first).set()
+        await bounded(waiter)
+
     def free_all(self) -> None:
         self.all_free = True
         for ev in self.models.values():
@@ -39,6 +70,7 @@ class Recorder:
 
     async def start(self, events: list[Any]) -> int:
         self.log.append(("start", events[0]))
+        self.started(events[0]).set()
         if events[0] in self.fail_start:
             self.fail_start.discard(events[0])
             raise RuntimeError(f"batch {events[0]} could not start")
@@ -80,18 +112,18 @@ def test_the_next_batch_starts_before_the_previous_finishes_and_writes_stay_in_o
         ov = Overlap(2, rec.steps(), gate, backoff_s=0.0)
         await ov.submit([0, 1])  # returns at once: one batch in progress, depth 2
         second = asyncio.ensure_future(ov.submit([2, 3]))  # waits for the first to finish
-        await asyncio.sleep(0.01)
+        await bounded(rec.started(2).wait())
         assert rec.log == [("start", 0), ("start", 2)]  # batch 2 decoded while 0 is "scored"
         assert not second.done()
         assert not gate._event().is_set()  # batches in progress hold the gate
-        rec.model(2).set()  # the later batch's model finishes first ...
-        await asyncio.sleep(0.01)
+        await rec.release(2)  # the later batch's model finishes first ...
         assert ("finish", 2) not in rec.log  # ... but it is not written before batch 0
+        assert not second.done()
         rec.model(0).set()
-        await second
-        await ov.wait()
+        await bounded(second)
+        await bounded(ov.wait())
 
-    asyncio.run(scenario())
+    run(scenario())
     assert rec.log[2:] == [("finish", 0), ("finish", 2)]
     assert rec.acked == [0, 1, 2, 3]
     assert gate._event().is_set()
@@ -107,7 +139,7 @@ def test_with_depth_one_batches_run_one_at_a_time() -> None:
         assert rec.log == [("start", 0), ("finish", 0)]
         await ov.submit([1])
 
-    asyncio.run(scenario())
+    run(scenario())
     assert rec.log == [("start", 0), ("finish", 0), ("start", 1), ("finish", 1)]
 
 
@@ -118,12 +150,13 @@ def test_a_failed_batch_and_the_later_ones_in_progress_are_rewound_together() ->
     async def scenario() -> None:
         ov = Overlap(3, rec.steps(), gate, backoff_s=0.0)
         agent = asyncio.ensure_future(_agent(ov, [[0, 1], [2, 3], [4, 5]]))
-        await asyncio.sleep(0.01)
+        await bounded(rec.started(4).wait())  # all three in progress before any model finishes
+        assert rec.log == [("start", 0), ("start", 2), ("start", 4)]
         rec.free_all()
-        await agent
-        await ov.wait()
+        await bounded(agent)
+        await bounded(ov.wait())
 
-    asyncio.run(scenario())
+    run(scenario())
     assert rec.acked == [0, 1]  # batch 0 went through
     assert ("finish", 4) not in rec.log  # batch 4 is not written after batch 2 failed
     assert rec.failures == [2]  # counted once, for the batch that failed
@@ -143,7 +176,7 @@ def test_batches_admitted_after_a_failure_run_normally() -> None:
         await _agent(ov, [[0], [1], [10], [11], [12]])
         await ov.wait()
 
-    asyncio.run(scenario())
+    run(scenario())
     assert rec.failures == [0]
     assert rec.rewound == [[0, 1]]
     assert rec.acked == [10, 11, 12]
@@ -158,7 +191,7 @@ def test_a_batch_that_cannot_start_is_rewound_after_the_one_before_is_written() 
         await _agent(ov, [[0], [2], [4]])
         await ov.wait()
 
-    asyncio.run(scenario())
+    run(scenario())
     assert rec.failures == [2]
     assert rec.acked[0] == 0  # written before the failure is handled
     assert rec.rewound[0][0] == 2
