@@ -172,17 +172,21 @@ def schemas(
 
 @app.command()
 def docs(
-    write: Annotated[bool, typer.Option(help="Rewrite the generated blocks of README.md")] = False,
+    write: Annotated[bool, typer.Option(help="Rewrite the generated tables in docs/")] = False,
 ) -> None:
-    """Print (or write into README.md) the settings and quality tables generated from the code."""
+    """Print (or write into docs/settings.md, docs/training.md) the tables generated from the code."""
     from streamtune.devtools import docs as d
 
-    generated = d.blocks(_settings().adapter_dir)
+    adapter_dir = _settings().adapter_dir
     if write:
-        d.README.write_text(d.render(d.README.read_text(), generated))
-        console.print(f"updated {d.README}")
+        changed = d.write(adapter_dir)
+        for path in changed:
+            console.print(f"updated {path.relative_to(d.REPO_ROOT)}")
+        if not changed:
+            files = sorted({str(p.relative_to(d.REPO_ROOT)) for p in d.BLOCK_FILES.values()})
+            console.print(f"generated tables are current ({', '.join(files)})")
     else:
-        for body in generated.values():
+        for body in d.blocks(adapter_dir).values():
             print(body, end="\n\n")
 
 

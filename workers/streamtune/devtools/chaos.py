@@ -5,7 +5,7 @@ every valid event is scored, then audits Redis (:mod:`streamtune.devtools.audit`
 out, lost, double counted, longest gap between results, and how long the stream took to
 produce a new result after the fault ended. A scenario fails on any loss or double count.
 
-``streamtune chaos --quick`` (CI, via ``tests/test_chaos.py``) runs every scenario short;
+``streamtune chaos --quick`` (CI, via ``tests/integration/test_chaos.py``) runs every scenario short;
 ``make chaos`` runs them longer and writes ``docs/chaos.md`` and ``docs/chaos.json``.
 """
 

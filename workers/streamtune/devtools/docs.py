@@ -1,7 +1,9 @@
-"""README tables generated from the code and the registry, so the documentation cannot drift.
+"""Documentation tables generated from the code and the registry, so the documentation cannot drift.
 
 ``streamtune docs --write`` rewrites the blocks between ``<!-- NAME:begin -->`` and
-``<!-- NAME:end -->`` in README.md; ``tests/test_docs.py`` fails when they are stale.
+``<!-- NAME:end -->`` in the file each block lives in (:data:`BLOCK_FILES`: the settings table in
+``docs/settings.md``, the version-1 quality table in ``docs/training.md``);
+``tests/unit/test_docs.py`` fails when one is stale.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from streamtune.core.tasks import TASK_NAMES
 from streamtune.rollout.registry import LocalRegistry
 
 README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"
+
+# Where each generated block lives (one file per block; no copies elsewhere).
+BLOCK_FILES: dict[str, Path] = {
+    "settings": DOCS / "settings.md",
+    "quality": DOCS / "training.md",
+}
 
 
 def _default(name: str) -> str:
@@ -70,15 +79,46 @@ def quality_table(adapter_dir: Path, version: int = 1) -> str:
 
 
 def blocks(adapter_dir: Path) -> dict[str, str]:
+    """Every generated block's body, by block name."""
     return {"settings": settings_table(), "quality": quality_table(adapter_dir)}
 
 
-def render(text: str, generated: dict[str, str]) -> str:
-    """``text`` with every generated block replaced; a missing marker is an error."""
+def render(text: str, generated: dict[str, str], where: str = "the document") -> str:
+    """``text`` with every block in ``generated`` replaced; a missing marker is an error."""
     for name, body in generated.items():
         begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
         match = re.search(re.escape(begin) + ".*?" + re.escape(end), text, re.S)
         if match is None:
-            raise StreamtuneError(f"README has no <!-- {name}:begin/end --> block")
+            raise StreamtuneError(f"{where} has no <!-- {name}:begin/end --> block")
         text = text[: match.start()] + begin + body + "\n" + end + text[match.end() :]
     return text
+
+
+def expected_files(adapter_dir: Path) -> dict[Path, tuple[str, str]]:
+    """Each file that holds generated blocks: (its text now, its text with current blocks)."""
+    generated = blocks(adapter_dir)
+    by_file: dict[Path, dict[str, str]] = {}
+    for name, path in BLOCK_FILES.items():
+        by_file.setdefault(path, {})[name] = generated[name]
+    out = {}
+    for path, bodies in by_file.items():
+        if not path.is_file():
+            raise StreamtuneError(f"{path} is missing: it holds the {', '.join(bodies)} table(s)")
+        text = path.read_text(encoding="utf-8")
+        out[path] = (text, render(text, bodies, where=str(path.relative_to(REPO_ROOT))))
+    return out
+
+
+def stale(adapter_dir: Path) -> list[Path]:
+    """Files whose generated blocks differ from what the code and registry produce now."""
+    return [path for path, (now, want) in expected_files(adapter_dir).items() if now != want]
+
+
+def write(adapter_dir: Path) -> list[Path]:
+    """Rewrite the generated blocks where they are stale; the files that changed."""
+    changed = []
+    for path, (now, want) in expected_files(adapter_dir).items():
+        if now != want:
+            path.write_text(want, encoding="utf-8")
+            changed.append(path)
+    return changed

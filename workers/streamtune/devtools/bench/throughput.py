@@ -55,7 +55,7 @@ class ThroughputConfig:
     events: int = 1500  # per task, end to end
     latency_events: int = 400  # per task and load level
     naive_events: int = 300
-    price_per_hour: float = 0.0856  # USD, 2 vCPU on-demand (see README: cost)
+    price_per_hour: float = 0.0856  # USD, 2 vCPU on-demand (see docs/performance.md: cost)
     round_cap_s: float = 20.0  # a ceiling round stops after this long (slow backends)
     export_eval_rows: int = 1000  # held-out rows an exported artifact is gated on
     scale_out: bool = True  # also run the tuned configuration as one scorer per core
@@ -768,7 +768,7 @@ def markdown(r: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
             f"thread(s) each, {dep.get('depth', 1)} batch(es) in progress per task, three tasks loaded): "
             f"{e['scorer_peak_rss_mib']:.0f} MiB.  "
         )
-    lines += [f"Cost at {cfg['price_per_hour']} USD per hour for 2 vCPU (see README: cost).", ""]
+    lines += [f"Cost at {cfg['price_per_hour']} USD per hour for 2 vCPU (see docs/performance.md: cost).", ""]
     for task in TEXT_TASKS:
         prof = r["end_to_end"].get("tuned", {}).get(task, {}).get("profile")
         if not prof:
