@@ -34,6 +34,7 @@ def test_scorer_is_live_then_ready_and_exports_lag(
     assert get(port, "/healthz") == (200, "ok\n")
     wait_until(lambda: get(port, "/readyz") == (200, "ready\n"), 120, "readiness", guard=scorer.assert_alive)
     wait_until(lambda: "streamtune_consumer_lag{" in get(port, "/metrics")[1], 60, "the lag gauge")
+    assert 'streamtune_oldest_in_progress_seconds{task="purchase_intent"} 0.0' in get(port, "/metrics")[1]
 
 
 def test_trainer_readiness(settings: Settings, tmp_path: Path) -> None:

@@ -168,3 +168,59 @@ def test_length_chunks_sort_by_length_and_keep_every_row() -> None:
     chunks = length_chunks([5, 1, 3, 1, 9, 2], 4)
     assert chunks == [[1, 3, 5, 2], [0, 4]]
     assert sorted(i for c in chunks for i in c) == list(range(6))
+
+
+def test_swapped_out_torch_adapters_are_unloaded_and_a_rollback_reloads_them(
+    runtime: ModelRuntime, registry_copy: LocalRegistry
+) -> None:
+    """Each release used to add a LoRA adapter (and a head) to the shared encoder for good:
+    memory grew with every release. Only the versions a route uses stay loaded now."""
+    from streamtune.model.runtime import Route
+
+    task = "review_sentiment"
+    for v in (30, 31, 32):
+        _copy_version(registry_copy, task, 1, v)
+    _copy_version(registry_copy, task, 1, 33, "corrupt_matching_checksum")
+    _copy_version(registry_copy, "purchase_intent", 1, 30)
+    start = runtime.active[task].manifest.version
+
+    def in_use() -> set[str]:
+        return {
+            a.name
+            for r in runtime.routes.values()
+            for a in (r.live, r.canary)
+            if a is not None and a.head is not None  # torch text versions: adapters in the encoder
+        }
+
+    def held() -> set[str]:
+        return set(runtime._peft.peft_config)
+
+    def lora_tensors() -> int:
+        return sum(1 for n, _ in runtime._base.named_parameters() if "lora_" in n)
+
+    try:
+        runtime.activate(runtime.load(task, 30))
+        assert held() == in_use() and f"{task}@v30" in held()
+        per_adapter = lora_tensors() // len(held())
+        runtime.set_route(
+            task, Route(live=runtime.load(task, 30), canary=runtime.load(task, 31), fraction=0.5)
+        )
+        assert held() == in_use() >= {f"{task}@v30", f"{task}@v31"}
+        runtime.activate(runtime.load(task, 32))
+        assert held() == in_use() and not held() & {f"{task}@v30", f"{task}@v31"}
+        assert (task, 30) not in runtime._loaded and (task, 31) not in runtime._loaded
+        assert lora_tensors() == per_adapter * len(held())
+        with pytest.raises(AdapterError, match="cannot load"):
+            runtime.load(task, 33)  # a failed load leaves nothing behind either
+        assert held() == in_use()
+        runtime.activate(runtime.load(task, 30))  # a rollback loads it again
+        assert runtime.score(task, REVIEWS).version == 30
+        assert held() == in_use() and lora_tensors() == per_adapter * len(held())
+        # The click model: each version is a peft model of its own, dropped with its version.
+        runtime.activate(runtime.load("purchase_intent", 30))
+        assert ("purchase_intent", 1) not in runtime._loaded
+        runtime.activate(runtime.load("purchase_intent", 1))
+        assert ("purchase_intent", 30) not in runtime._loaded
+    finally:
+        runtime.activate(runtime.load(task, start))
+    assert held() == in_use()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from pathlib import Path
 
@@ -74,6 +74,21 @@ class Producer:
             )
         self.p.flush(30)
 
+    def events_ahead(self, evs: list[ReviewEvent], ahead_s: float) -> None:
+        """Unlabelled reviews, one on each partition, dated ``ahead_s`` from now: the review
+        stream's clock (the trainer's orphan timing: event time on every partition) moves that
+        far past the labels sent so far, and the trainer caps it at its own clock, so a waiting
+        label is an orphan once it is ``trainer_label_wait_s`` old by both."""
+        ts = datetime.now(UTC) + timedelta(seconds=ahead_s)
+        for partition, ev in enumerate(evs):
+            self.p.send(
+                self.s.topic("events.review"),
+                key=ev.product_id.encode(),
+                value=ev.model_copy(update={"ts": ts}).model_dump_json().encode(),
+                partition=partition,
+            )
+        self.p.flush(30)
+
     def labels(self, event_ids: list[str], rating: int | None = None) -> None:
         for eid in event_ids:
             lab = LabelEvent(event_id=eid, task=TASK, label=rating or rating_of(eid), ts=datetime.now(UTC))
@@ -136,7 +151,8 @@ def test_trainer_joins_late_duplicate_and_orphan_labels_gates_and_releases(
     producer.events(first)  # ...and join when it comes
     producer.labels(ids[3:])  # late labels
     producer.labels(ids[10:20])  # duplicates
-    producer.labels(["review-no-such-event-1", "review-no-such-event-2"], rating=5)  # orphans
+    producer.labels(["review-no-such-event-1", "review-no-such-event-2"], rating=5)  # orphans, once
+    producer.events_ahead(reviews(95, s1.topic_partitions), s1.trainer_label_wait_s + 5)  # reviews move on
     producer.raw_label(b'{"task": "review_sentiment", "label": 9}')  # invalid: dead-lettered
 
     wait_until(lambda: 2 in versions(s1), 240, "the first candidate", guard=trainer.assert_alive)

@@ -90,7 +90,7 @@ def test_input_then_label_joins() -> None:
     t = Tables()
     added = t.joiner.add_input(REVIEW, review(1, title="Great"), partition=2, offset=40)
     assert added == InputAdded("review_sentiment", "review_sentiment:r1")
-    assert t.inputs == {"review_sentiment:r1": {"x": "Great. text 1", "t": T0.timestamp(), "cp": 2}}
+    assert t.inputs == {"review_sentiment:r1": {"x": "Great. text 1", "t": T0.timestamp(), "cp": 2, "a": 0}}
 
     out = t.joiner.add_label(review_label(1, rating=2), partition=0, offset=7, now=NOW)
     assert out.status is LabelStatus.JOINED and out.task == "review_sentiment"
@@ -111,6 +111,7 @@ def test_label_then_input_joins_and_tombstones_the_pending_label() -> None:
             "label": {"y": "Lamps", "p": 1, "o": 11, "t": T0.timestamp()},
             "arrived": NOW,
             "cp": 1,
+            "a": 0,  # the trainer's arrival counter
         }
     }
     assert t.joined == {}
@@ -243,7 +244,12 @@ def test_clicks_update_the_session_and_a_label_joins_the_vectorized_session() ->
     expected, _ = apply_click(None, click("s1", 0, page_type="administrative"), 3, 10)
     expected, _ = apply_click(expected, click("s1", 1, ts=T0 + timedelta(seconds=30)), 3, 12)
     assert t.inputs == {
-        key: {"s": expected.model_dump(mode="json"), "t": (T0 + timedelta(seconds=30)).timestamp(), "cp": 3}
+        key: {
+            "s": expected.model_dump(mode="json"),
+            "t": (T0 + timedelta(seconds=30)).timestamp(),
+            "cp": 3,
+            "a": 1,  # the latest click's arrival
+        }
     }
     assert SessionState.model_validate(t.inputs[key]["s"]).page_views == 2
 
@@ -277,18 +283,31 @@ def test_a_redelivered_click_changes_nothing() -> None:
     assert json.dumps([t.inputs, t.joined, t.pending]) == before and t.sent == []
 
 
-# --- sweep -----------------------------------------------------------------------------------
+# --- sweep: stream time, not the wall clock ----------------------------------------------------
+
+FAR = NOW + 7 * 24 * 3600.0  # a week later on the wall clock: it must not matter
 
 
-def test_a_label_is_orphaned_only_after_the_wait() -> None:
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_a_label_is_orphaned_once_its_tasks_inputs_are_past_it_by_the_wait() -> None:
     t = Tables()
-    t.joiner.add_label(query_label(1), partition=2, offset=1, now=NOW)
-    t.joiner.add_label(query_label(2), partition=0, offset=2, now=NOW + 30)
-    t.joiner.add_label(click_label("s1"), partition=1, offset=3, now=NOW)
-    at_limit = t.joiner.sweep(NOW + LIMITS.label_wait_s)  # waited exactly the limit: still waits
+    t.joiner.add_label(query_label(1, ts=at(0)), partition=2, offset=1, now=NOW)
+    t.joiner.add_label(query_label(2, ts=at(30)), partition=0, offset=2, now=NOW)
+    t.joiner.add_label(click_label("s1", ts=at(0)), partition=1, offset=3, now=NOW)
+    assert t.joiner.sweep(FAR).orphans == {}  # no input seen: no stream time has passed for them
+
+    wait = LIMITS.label_wait_s
+    t.joiner.add_input(QUERY, search(10, ts=at(wait)), partition=0, offset=1)
+    t.joiner.add_input(CLICK, click("s9", 0, ts=at(wait)), partition=0, offset=1)
+    at_limit = t.joiner.sweep(FAR)  # the inputs are exactly the wait past the labels: still waiting
     assert at_limit.orphans == {} and at_limit.evictions == [] and at_limit.labels_pending == 3
 
-    swept = t.joiner.sweep(NOW + LIMITS.label_wait_s + 0.5)
+    t.joiner.add_input(QUERY, search(11, ts=at(wait + 0.5)), partition=0, offset=2)
+    t.joiner.add_input(CLICK, click("s9", 1, ts=at(wait + 0.5)), partition=0, offset=2)
+    swept = t.joiner.sweep(FAR)
     assert swept.orphans == {"query_class": 1, "purchase_intent": 1}
     assert (
         swept.evictions
@@ -299,68 +318,190 @@ def test_a_label_is_orphaned_only_after_the_wait() -> None:
         ]
     )
     assert list(t.pending) == ["query_class:q2"] and swept.labels_pending == 1
-    assert swept.inputs_evicted == 0 and swept.replay_evicted == {}
+    assert swept.inputs_evicted == 0 and swept.replay_evicted == {} and swept.dropped == {}
 
 
-def test_inputs_out_of_the_window_are_evicted() -> None:
+def test_labels_read_ahead_of_their_inputs_after_downtime_all_join() -> None:
+    """A trainer that was down reads its backlog: the labels first, their inputs long after on
+    the wall clock, with sweeps in between; every label joins its input."""
     t = Tables()
-    now = T0.timestamp() + LIMITS.input_window_s
-    t.joiner.add_input(REVIEW, review(1, ts=T0 - timedelta(seconds=1)), partition=1, offset=1)
-    t.joiner.add_input(REVIEW, review(2, ts=T0), partition=2, offset=2)  # exactly at the cutoff: kept
-    t.joiner.add_input(CLICK, click("s1", 0, ts=T0 - timedelta(hours=2)), partition=3, offset=3)
-    swept = t.joiner.sweep(now)
-    assert swept.evictions == [
-        Eviction("inputs", "purchase_intent:s1", 3),
+    for p in (0, 1):  # before the downtime the input stream had reached at(0) on both partitions
+        t.joiner.add_input(REVIEW, review(100 + p, ts=at(0)), partition=p, offset=0)
+    for i in range(10):  # each review labelled 5 s after it was written; reviews 10 s apart
+        out = t.joiner.add_label(review_label(i, ts=at(10 * i + 5)), partition=i % 2, offset=i, now=NOW)
+        assert out.status is LabelStatus.PENDING
+    assert t.joiner.sweep(FAR).orphans == {}
+    joined = []
+    for i in range(10):  # the inputs' backlog, in stream order
+        added = t.joiner.add_input(REVIEW, review(i, ts=at(10 * i)), partition=i % 2, offset=1 + i)
+        assert added is not None and added.joined is not None
+        joined.append(added.joined.key)
+        swept = t.joiner.sweep(FAR + i)
+        assert swept.orphans == {} and swept.inputs_evicted == 0
+    assert joined == [f"review_sentiment:r{i}" for i in range(10)] and t.pending == {}
+
+
+def test_a_partition_still_in_its_backlog_holds_orphans_back() -> None:
+    t = Tables()
+    t.joiner.add_label(query_label(1, ts=at(0)), partition=0, offset=1, now=NOW)
+    t.joiner.add_input(QUERY, search(5, ts=at(-100)), partition=1, offset=1)  # partition 1: behind
+    t.joiner.add_input(QUERY, search(6, ts=at(1000)), partition=0, offset=1)  # partition 0: caught up
+    assert t.joiner.sweep(FAR).orphans == {}
+    added = t.joiner.add_input(QUERY, search(1, ts=at(-5)), partition=1, offset=2)  # there it is
+    assert added is not None and added.joined is not None and t.pending == {}
+
+
+def test_only_the_labels_own_task_moves_its_clock() -> None:
+    t = Tables()
+    t.joiner.add_label(query_label(1, ts=at(0)), partition=0, offset=1, now=NOW)
+    t.joiner.add_input(REVIEW, review(1, ts=at(1e5)), partition=0, offset=1)
+    assert t.joiner.sweep(FAR).orphans == {} and list(t.pending) == ["query_class:q1"]
+
+
+def test_stream_clocks_do_not_run_ahead_of_the_wall_clock() -> None:
+    t = Tables()
+    t.joiner.add_label(query_label(1, ts=at(0)), partition=0, offset=1, now=NOW)
+    t.joiner.add_input(QUERY, search(5, ts=at(1e5)), partition=0, offset=1)  # a producer clock far ahead
+    assert t.joiner.sweep(at(LIMITS.label_wait_s).timestamp()).orphans == {}
+    assert t.joiner.sweep(at(LIMITS.label_wait_s + 1).timestamp()).orphans == {"query_class": 1}
+
+
+def test_inputs_go_once_the_labels_stream_is_a_window_past_them() -> None:
+    t = Tables()
+    window = LIMITS.input_window_s
+    t.joiner.add_input(REVIEW, review(1, ts=at(-1)), partition=1, offset=1)
+    t.joiner.add_input(REVIEW, review(2, ts=at(0)), partition=2, offset=2)  # exactly at the cutoff: kept
+    t.joiner.add_input(CLICK, click("s1", 0, ts=at(-7200)), partition=3, offset=3)
+    assert t.joiner.sweep(FAR).evictions == []  # no label seen: the window has not moved
+    t.joiner.add_label(query_label(8, ts=at(-3 * window)), partition=1, offset=1, now=NOW)  # behind
+    t.joiner.add_label(query_label(9, ts=at(window)), partition=0, offset=1, now=NOW)
+    assert t.joiner.sweep(FAR).inputs_evicted == 0
+    t.joiner.add_label(query_label(10, ts=at(window)), partition=1, offset=2, now=NOW)
+    swept = t.joiner.sweep(FAR)
+    assert swept.evictions == [  # in arrival order
         Eviction("inputs", "review_sentiment:r1", 1),
+        Eviction("inputs", "purchase_intent:s1", 3),
     ]
     assert swept.inputs_evicted == 2 and swept.inputs_held == 1 and list(t.inputs) == ["review_sentiment:r2"]
 
 
-def test_inputs_beyond_the_count_are_evicted_oldest_first() -> None:
+def test_inputs_read_ahead_of_their_labels_after_downtime_wait_for_them() -> None:
+    t = Tables()
+    t.joiner.add_input(REVIEW, review(100, ts=at(0)), partition=0, offset=0)
+    t.joiner.add_label(review_label(100, ts=at(0)), partition=0, offset=0, now=NOW)  # labels were at(0)
+    for i in range(5):  # the inputs' backlog first (made while the trainer was down), read a week late
+        t.joiner.add_input(REVIEW, review(i, ts=at(1 + i)), partition=0, offset=1 + i)
+    assert t.joiner.sweep(FAR).inputs_evicted == 0
+    for i in range(5):
+        out = t.joiner.add_label(review_label(i, ts=at(10)), partition=0, offset=1 + i, now=FAR)
+        assert out.status is LabelStatus.JOINED
+
+
+# --- sweep: arrival order, bounds ------------------------------------------------------------
+
+
+def test_inputs_beyond_the_count_go_in_arrival_order_not_by_their_timestamps() -> None:
     t = Tables(JoinLimits(input_window_s=1e9, max_inputs=2, label_wait_s=60.0, replay_max=100))
-    for i, age in enumerate([5, 1, 9, 3]):  # seconds before T0
+    t.inputs["query_class:old"] = {"x": "q", "t": at(999).timestamp(), "cp": 0}  # a previous trainer's
+    for i, age in enumerate([5, 1, 9]):  # event times out of order: seconds before T0
         t.joiner.add_input(QUERY, search(i, ts=T0 - timedelta(seconds=age)), partition=i, offset=i)
-    swept = t.joiner.sweep(T0.timestamp())
+    swept = t.joiner.sweep(NOW)
     assert swept.evictions == [
-        Eviction("inputs", "query_class:q2", 2),
+        Eviction("inputs", "query_class:old", 0),  # no arrival recorded: the oldest
         Eviction("inputs", "query_class:q0", 0),
     ]
-    assert sorted(t.inputs) == ["query_class:q1", "query_class:q3"] and swept.inputs_evicted == 2
-    assert t.joiner.sweep(T0.timestamp()).evictions == []
+    assert sorted(t.inputs) == ["query_class:q1", "query_class:q2"] and swept.inputs_evicted == 2
+    assert t.joiner.sweep(NOW).evictions == []
 
 
-def test_replay_pool_keeps_the_newest_used_labels_and_every_fresh_one() -> None:
+def test_a_session_clicked_again_is_a_new_arrival() -> None:
+    t = Tables(JoinLimits(input_window_s=1e9, max_inputs=2, label_wait_s=60.0, replay_max=100))
+    t.joiner.add_input(CLICK, click("s1", 0), partition=0, offset=1)
+    t.joiner.add_input(CLICK, click("s2", 0), partition=0, offset=2)
+    t.joiner.add_input(CLICK, click("s1", 1), partition=0, offset=3)
+    t.joiner.add_input(CLICK, click("s3", 0), partition=0, offset=4)
+    assert t.joiner.sweep(NOW).evictions == [Eviction("inputs", "purchase_intent:s2", 0)]
+
+
+def test_the_arrival_counter_continues_after_the_recovered_tables() -> None:
+    t = Tables()
+    t.pending["query_class:q7"] = PendingLabel(Label("Desks", 0, 1, 1.0), NOW, 0, arrival=41).to_json()
+    t.joiner.add_input(QUERY, search(1), partition=0, offset=0)
+    assert t.inputs["query_class:q1"]["a"] == 42
+
+
+def test_pending_labels_beyond_the_bound_are_dropped_oldest_arrival_first() -> None:
+    t = Tables(
+        JoinLimits(input_window_s=1e9, max_inputs=100, label_wait_s=60.0, replay_max=100, max_pending=2)
+    )
+    for i, dt in enumerate([30, 10, 20]):  # label times out of order: arrival decides
+        t.joiner.add_label(query_label(i, ts=at(dt)), partition=i, offset=i, now=NOW)
+    t.joiner.add_label(click_label("s1", ts=at(0)), partition=3, offset=9, now=NOW)
+    swept = t.joiner.sweep(NOW)
+    assert swept.dropped == {"query_class": 2} and swept.orphans == {}
+    assert swept.evictions == [
+        Eviction("pending", "query_class:q0", 0),
+        Eviction("pending", "query_class:q1", 1),
+    ]
+    assert sorted(t.pending) == ["purchase_intent:s1", "query_class:q2"] and swept.labels_pending == 2
+    assert t.joiner.sweep(NOW).evictions == []
+
+
+def test_replay_pool_keeps_the_latest_joined_used_labels_and_every_fresh_one() -> None:
     t = Tables(JoinLimits(input_window_s=1e9, max_inputs=100, label_wait_s=60.0, replay_max=2))
-    # label times (seconds after T0) in join order: seq 0..5
+    # label times (seconds after T0) in join order: seq 0..5; the label times do not matter
     for i, dt in enumerate([50, 10, 40, 20, 30, 0]):
         t.joiner.add_input(REVIEW, review(i), partition=0, offset=i)
-        t.joiner.add_label(review_label(i, ts=T0 + timedelta(seconds=dt)), partition=i % 2, offset=i, now=NOW)
+        t.joiner.add_label(review_label(i, ts=at(dt)), partition=i % 2, offset=i, now=NOW)
     for i in range(4):  # another task: its pool is separate
         t.joiner.add_input(QUERY, search(i), partition=0, offset=i)
         t.joiner.add_label(query_label(i), partition=0, offset=10 + i, now=NOW)
     assert t.joiner.sweep(NOW).replay_evicted == {}  # no watermark: every label is fresh
 
-    t.watermarks["review_sentiment"] = 3  # seqs 0..3 used (label times 50, 10, 40, 20); 4, 5 fresh
+    t.watermarks["review_sentiment"] = 3  # seqs 0..3 used; 4, 5 fresh
     swept = t.joiner.sweep(NOW)
     assert swept.evictions == [
+        Eviction("joined", "review_sentiment:r0", 0),
         Eviction("joined", "review_sentiment:r1", 1),
-        Eviction("joined", "review_sentiment:r3", 1),
     ]
     assert swept.replay_evicted == {"review_sentiment": 2}
-    assert sorted(e.seq for e in t.joiner.examples("review_sentiment")) == [0, 2, 4, 5]
+    assert sorted(e.seq for e in t.joiner.examples("review_sentiment")) == [2, 3, 4, 5]
     assert len(t.joiner.examples("query_class")) == 4
     assert t.joiner.sweep(NOW).evictions == []
 
 
-def test_sweep_evicts_in_order_inputs_then_orphans_then_replay() -> None:
-    t = Tables(JoinLimits(input_window_s=10.0, max_inputs=100, label_wait_s=5.0, replay_max=0))
-    t.joiner.add_input(QUERY, search(0), partition=0, offset=0)
-    t.joiner.add_label(query_label(0), partition=1, offset=0, now=NOW)
-    t.joiner.add_label(query_label(1), partition=2, offset=1, now=NOW)
+def test_sweep_evicts_in_order_inputs_orphans_dropped_replay() -> None:
+    t = Tables(JoinLimits(input_window_s=10.0, max_inputs=100, label_wait_s=5.0, replay_max=0, max_pending=1))
+    t.joiner.add_input(QUERY, search(0, ts=at(0)), partition=0, offset=0)
+    t.joiner.add_label(query_label(0, ts=at(0)), partition=1, offset=0, now=NOW)  # joins
+    t.joiner.add_label(query_label(1, ts=at(0)), partition=2, offset=1, now=NOW)  # will be an orphan
+    t.joiner.add_label(click_label("s1", ts=at(20)), partition=1, offset=2, now=NOW)  # beyond the bound
+    t.joiner.add_label(click_label("s2", ts=at(20)), partition=2, offset=3, now=NOW)
+    t.joiner.add_input(QUERY, search(5, ts=at(6)), partition=0, offset=1)  # 6 s past q1
     t.watermarks["query_class"] = 0  # the joined label was trained on
-    swept = t.joiner.sweep(max(NOW, T0.timestamp()) + 11)
-    assert [e.table for e in swept.evictions] == ["inputs", "pending", "joined"]
-    assert t.inputs == t.pending == t.joined == {}
+    swept = t.joiner.sweep(NOW)
+    assert [(e.table, e.key) for e in swept.evictions] == [
+        ("inputs", "query_class:q0"),  # the labels stream is at(20): both inputs out of the window
+        ("inputs", "query_class:q5"),
+        ("pending", "query_class:q1"),
+        ("pending", "purchase_intent:s1"),
+        ("joined", "query_class:q0"),
+    ]
+    assert swept.orphans == {"query_class": 1} and swept.dropped == {"purchase_intent": 1}
+    assert t.inputs == t.joined == {} and list(t.pending) == ["purchase_intent:s2"]
+
+
+def test_a_restarted_joiner_starts_its_clocks_from_the_recovered_tables() -> None:
+    t = Tables()
+    t.joiner.add_input(QUERY, search(1, ts=at(100)), partition=0, offset=0)
+    t.joiner.add_label(query_label(2, ts=at(0)), partition=0, offset=0, now=NOW)
+    t.joiner.add_input(REVIEW, review(1, ts=at(-2 * LIMITS.input_window_s)), partition=0, offset=0)
+    again = Joiner(t.inputs, t.joined, t.pending, LIMITS, {})  # the same tables, after a restart
+    assert again.next_arrival() == 3
+    swept = again.sweep(FAR)
+    assert swept.orphans == {"query_class": 1}  # the recovered query input is 100 s past the label
+    # ... and the recovered label at(0) is over the window past the review
+    assert [e.key for e in swept.evictions if e.table == "inputs"] == ["review_sentiment:r1"]
 
 
 def test_default_eviction_removes_from_plain_dicts() -> None:
@@ -383,10 +524,10 @@ def test_table_json_keeps_the_one_letter_keys() -> None:
     t.joiner.add_label(query_label(1), partition=3, offset=5, now=NOW)
     t.joiner.add_label(query_label(2), partition=4, offset=6, now=NOW)
     ts = T0.timestamp()
-    assert json.dumps(t.inputs["query_class:q1"]) == json.dumps({"x": "query 1", "t": ts, "cp": 1})
-    assert list(t.inputs["purchase_intent:s1"]) == ["s", "t", "cp"]
+    assert json.dumps(t.inputs["query_class:q1"]) == json.dumps({"x": "query 1", "t": ts, "cp": 1, "a": 0})
+    assert list(t.inputs["purchase_intent:s1"]) == ["s", "t", "cp", "a"]
     assert json.dumps(t.pending["query_class:q2"]) == json.dumps(
-        {"label": {"y": "Desks", "p": 4, "o": 6, "t": ts}, "arrived": NOW, "cp": 4}
+        {"label": {"y": "Desks", "p": 4, "o": 6, "t": ts}, "arrived": NOW, "cp": 4, "a": 2}
     )
     ex = {"key": "query_class:q1", "x": "query 1", "y": "Desks", "p": 3, "o": 5, "t": ts, "s": 0}
     assert json.dumps(t.joined["query_class:q1"]) == json.dumps({"ex": ex, "cp": 3})
@@ -394,10 +535,13 @@ def test_table_json_keeps_the_one_letter_keys() -> None:
 
 def test_records_round_trip_and_read_tables_written_by_the_previous_trainer() -> None:
     state, _ = apply_click(None, click("s1", 0), 0, 1)
-    assert SessionInput.from_json(SessionInput(state, 1.5, 2).to_json()) == SessionInput(state, 1.5, 2)
-    assert TextInput.from_json({"x": "a", "t": 1.5, "cp": 2}) == TextInput("a", 1.5, 2)
+    assert SessionInput.from_json(SessionInput(state, 1.5, 2, 7).to_json()) == SessionInput(state, 1.5, 2, 7)
+    assert TextInput.from_json(TextInput("a", 1.5, 2, 3).to_json()) == TextInput("a", 1.5, 2, 3)
+    # written before the arrival counter ("a"): the oldest arrivals
+    assert TextInput.from_json({"x": "a", "t": 1.5, "cp": 2}) == TextInput("a", 1.5, 2, -1)
     raw = {"label": {"y": "Desks", "p": 1, "o": 2, "t": 3.0}, "arrived": 4.0, "cp": 1}
-    assert PendingLabel.from_json(raw).to_json() == raw
+    assert PendingLabel.from_json(raw).to_json() == {**raw, "a": -1}
+    assert PendingLabel.from_json({**raw, "a": 5}).arrival == 5
     ex = Example("purchase_intent:s1", [0.5, 1.0], "purchase", 1, 42, 3.5, 7)
     assert JoinedLabel.from_json({"ex": ex.to_json(), "cp": 1}) == JoinedLabel(ex, 1)
     # a pending label written by the previous trainer joins the same way

@@ -40,7 +40,8 @@ FAUST = ["faust", "mode", "aiokafka"]  # mode and aiokafka: Faust's own foundati
 FAUST_FREE = [
     "streamtune.scorer.gate",
     "streamtune.scorer.overlap",
-    "streamtune.scorer.sessions",  # may not exist yet
+    "streamtune.scorer.sessions",
+    "streamtune.ops.progress",
     "streamtune.kafka.offsets",
     "streamtune.core",  # and every module in it
 ]

@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 
 from streamtune.core.events import LabelEvent
+from streamtune.core.tasks import TASKS, MetricFamily
+from streamtune.training.metrics import METRICS
 from streamtune.training.online import (
     Example,
+    PairedHoldout,
     Trigger,
     advance,
     gate,
@@ -123,24 +127,51 @@ def test_select_with_nothing_fresh() -> None:
 GATE_ARGS = {"margin": 0.02, "tolerance": 0.01, "holdout_rows": 50, "reference_rows": 300}
 
 
+def holdout(
+    task: str, live_right: int, cand_right: int, n: int = 50
+) -> tuple[dict[str, float], dict[str, float], PairedHoldout]:
+    """Live's and the candidate's holdout metrics and per-row predictions on ``n`` rows: each
+    model is right on its first ``*_right`` rows (binary: those rows are ranked correctly)."""
+    spec = TASKS[task]
+    if spec.metric_family is MetricFamily.BINARY:
+        y = np.arange(n) % 4 == 0
+        probs = [np.where(np.arange(n) < k, np.where(y, 0.9, 0.1), 0.5) for k in (live_right, cand_right)]
+        pl, pc = (np.stack([1 - p, p], axis=1) for p in probs)
+        y = y.astype(int)
+    else:
+        y = np.arange(n) % 3
+        hits = [np.where(np.arange(n) < k, y, (y + 1) % 3) for k in (live_right, cand_right)]
+        pl, pc = (np.eye(5)[h] * 0.7 + 0.06 for h in hits)  # 5 classes: top-3 is not trivially right
+
+    def metrics(p: np.ndarray) -> dict[str, float]:
+        return METRICS[spec.metric_family](
+            list(y), p[:, -1] if spec.metric_family is MetricFamily.BINARY else p
+        )
+
+    return metrics(pl), metrics(pc), PairedHoldout(list(y), pl, pc)
+
+
 def test_gate_releases_a_better_candidate_and_records_the_comparison() -> None:
-    v = gate("review_sentiment", {"macro_f1": 0.50}, {"macro_f1": 0.60}, {"macro_f1": 0.6}, {"macro_f1": 0.6},
-             **GATE_ARGS)  # fmt: skip
+    hl, hc, paired = holdout("review_sentiment", 25, 50)
+    v = gate("review_sentiment", hl, hc, {"macro_f1": 0.6}, {"macro_f1": 0.6}, **GATE_ARGS, paired=paired)
     assert v.passed
     assert v.details["metric"] == "macro_f1"
-    assert v.details["holdout_gain"] == pytest.approx(0.10)
-    assert v.details["holdout"]["live"] == {"macro_f1": 0.50}
+    assert v.details["holdout_gain"] == pytest.approx(hc["macro_f1"] - hl["macro_f1"])
+    assert v.details["holdout"]["live"] == hl
+    assert v.details["holdout_test"]["lower"] > GATE_ARGS["margin"]
 
 
 def test_gate_rejects_a_gain_below_the_margin() -> None:
-    v = gate("query_class", {"top1": 0.50}, {"top1": 0.51}, {"top1": 0.5}, {"top1": 0.5}, **GATE_ARGS)
+    hl, hc, paired = holdout("query_class", 25, 26)  # +0.02 on 50 rows: one row
+    v = gate("query_class", hl, hc, {"top1": 0.5}, {"top1": 0.5}, **GATE_ARGS, paired=paired)
     assert not v.passed and "margin" in v.reason
 
 
 def test_gate_rejects_a_candidate_that_forgets_the_reference_set() -> None:
-    v = gate("purchase_intent", {"roc_auc": 0.7}, {"roc_auc": 0.9}, {"roc_auc": 0.9}, {"roc_auc": 0.85},
-             **GATE_ARGS)  # fmt: skip
+    hl, hc, paired = holdout("purchase_intent", 10, 50)
+    v = gate("purchase_intent", hl, hc, {"roc_auc": 0.9}, {"roc_auc": 0.85}, **GATE_ARGS, paired=paired)
     assert not v.passed and "reference" in v.reason
+    assert v.details["holdout_test"]["lower"] > GATE_ARGS["margin"]  # refused for the reference only
 
 
 def test_gate_rejects_when_the_metric_is_undefined() -> None:

@@ -196,3 +196,25 @@ def test_a_batch_that_cannot_start_is_rewound_after_the_one_before_is_written() 
     assert rec.acked[0] == 0  # written before the failure is handled
     assert rec.rewound[0][0] == 2
     assert ("finish", 2) not in rec.log
+
+
+def test_oldest_started_at_is_when_the_oldest_batch_in_progress_was_admitted() -> None:
+    rec = Recorder()
+    now = [100.0]
+
+    async def scenario() -> None:
+        ov = Overlap(3, rec.steps(), BatchGate(), backoff_s=0.0, clock=lambda: now[0])
+        assert ov.oldest_started_at() is None  # nothing in progress
+        await ov.submit([0])
+        now[0] = 107.0
+        await ov.submit([1])
+        now[0] = 130.0
+        assert ov.oldest_started_at() == 100.0  # the oldest batch's admission, not the newest's
+        await rec.release(0)  # batch 0 written and acknowledged ...
+        assert rec.acked == [0]
+        assert ov.oldest_started_at() == 107.0  # ... so it no longer counts, popped or not
+        await rec.release(1)
+        assert ov.oldest_started_at() is None
+        await bounded(ov.wait())
+
+    run(scenario())

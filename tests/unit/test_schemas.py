@@ -34,6 +34,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("click.v1", {**CLICK, "bounce_rate": 1.5}),
     ("click.v1", {**CLICK, "month": 13}),
     ("click.v1", {k: v for k, v in CLICK.items() if k != "visitor_type"}),
+    ("click.v1", {**CLICK, "page_value": 1e39}),
+    ("click.v1", {**CLICK, "page_value": 3.4e38}),
     ("label.v1", {"event_id": "r1", "task": "review_sentiment", "label": 4, "ts": TS}),
     ("label.v1", {"session_id": "s1", "task": "purchase_intent", "label": 1, "ts": TS}),
     ("label.v1", {"event_id": "r1", "task": "unknown", "label": 4, "ts": TS}),
@@ -41,6 +43,13 @@ CASES: list[tuple[str, dict[str, Any]]] = [
                 "received_at": TS}),
     ("dlq.v1", {"source_topic": "events.review", "partition": -1, "offset": 5, "error": "x",
                 "received_at": TS}),
+    ("dlq.v1", {"source_topic": "events.review", "partition": 0, "offset": 5, "error": "x",
+                "received_at": TS, "raw": "{", "raw_size": 1_000_000, "raw_sha256": "ab" * 32,
+                "raw_truncated": True, "key_truncated": False, "stage": "validate"}),
+    ("dlq.v1", {"source_topic": "events.review", "partition": 0, "offset": 5, "error": "x",
+                "received_at": TS, "raw_sha256": "not hex"}),
+    ("dlq.v1", {"source_topic": "events.review", "partition": 0, "offset": 5, "error": "x",
+                "received_at": TS, "raw_size": -1}),
 ]  # fmt: skip
 
 

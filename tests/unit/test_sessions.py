@@ -197,13 +197,29 @@ def test_empty_batch() -> None:
 
 
 # --- expiry ----------------------------------------------------------------------------------
+#
+# Expiry follows each partition's event time (its watermark), not the wall clock; a partition
+# without any click for IDLE_S of wall-clock time has all its sessions expired.
+
+IDLE_S = 6 * 3600.0
 
 
-def _store_with(sessions: dict[str, tuple[int, datetime]]) -> tuple[dict[str, Any], SessionStore]:
-    """One click per session: id -> (partition, event time)."""
+def _sweep(store: SessionStore, owned: set[int], now: datetime) -> list[tuple[str, int]]:
+    return sorted(store.expired(owned, now.timestamp(), LIMIT_S, idle_partition_s=IDLE_S))
+
+
+def _store_with(
+    sessions: dict[str, tuple[int, datetime]], now: datetime | None = None
+) -> tuple[dict[str, Any], SessionStore]:
+    """One click per session: id -> (partition, event time), applied at ``now`` (default: the
+    latest event time, a stream without lag)."""
     table: dict[str, Any] = {}
     store = SessionStore(table)
-    store.apply([_at(_click(sid, ts=ts), partition, 0) for sid, (partition, ts) in sessions.items()])
+    applied_at = now or max(ts for _, ts in sessions.values())
+    store.apply(
+        [_at(_click(sid, ts=ts), partition, 0) for sid, (partition, ts) in sessions.items()],
+        now=applied_at.timestamp(),
+    )
     return table, store
 
 
@@ -219,33 +235,179 @@ def test_expiry_returns_idle_sessions_of_owned_partitions_with_their_partition()
         }
     )
     before = dict(table)
-    got = store.expired({0, 2}, now.timestamp(), LIMIT_S)
-    assert sorted(got) == [("idle-p0", 0), ("idle-p2", 2)]
+    assert _sweep(store, {0, 2}, now) == [("idle-p0", 0), ("idle-p2", 2)]
     assert table == before  # nothing removed: the caller removes them
 
 
-def test_sessions_of_partitions_not_owned_are_kept() -> None:
-    _, store = _store_with({"a": (0, T0), "b": (1, T0)})
-    later = (T0 + timedelta(days=1)).timestamp()
-    assert store.expired(set(), later, LIMIT_S) == []
-    assert store.expired({3}, later, LIMIT_S) == []
-    assert store.expired({1}, later, LIMIT_S) == [("b", 1)]
+def test_a_steady_stream_read_two_hours_late_expires_nothing_live() -> None:
+    """The scorer reads the stream 2 h behind (a Redis outage, a backlog): the wall clock is far
+    past every session's last click, but in the stream they are all live."""
+    table: dict[str, Any] = {}
+    store = SessionStore(table)
+    lag = timedelta(hours=2)
+    sessions = [f"s{i}" for i in range(4)]
+    for minute in range(0, 60, 5):  # every session clicks every 5 min of event time
+        ts = T0 + timedelta(minutes=minute)
+        batch = [_at(_click(sid, minute, ts=ts), i % 2, minute) for i, sid in enumerate(sessions)]
+        store.apply(batch, now=(ts + lag).timestamp())
+        assert _sweep(store, {0, 1}, ts + lag) == []
+    assert {sid: s["page_views"] for sid, s in table.items()} == dict.fromkeys(sessions, 12)
+
+
+def test_a_session_idle_in_event_time_expires_while_the_others_stay() -> None:
+    table: dict[str, Any] = {}
+    store = SessionStore(table)
+    lag = timedelta(hours=2)
+    store.apply([_at(_click("quiet", ts=T0), 0, 0)], now=(T0 + lag).timestamp())
+    offset = 1
+    for minute in range(0, 50, 10):  # "busy" keeps clicking, "quiet" never again
+        ts = T0 + timedelta(minutes=minute)
+        store.apply([_at(_click("busy", minute, ts=ts), 0, offset)], now=(ts + lag).timestamp())
+        offset += 1
+    # watermark T0 + 40 min: quiet is 40 min idle in the stream, busy 0
+    assert store.watermarks == {0: (T0 + timedelta(minutes=40)).timestamp()}
+    assert _sweep(store, {0}, T0 + timedelta(minutes=40) + lag) == [("quiet", 0)]
 
 
 def test_a_session_exactly_at_the_limit_is_kept() -> None:
+    """Changed with stream-time expiry: the limit is measured from the partition's watermark
+    (moved here by a second session's clicks), no longer from the wall clock."""
     _, store = _store_with({"s1": (4, T0)})
-    at_limit = T0.timestamp() + LIMIT_S
-    assert store.expired({4}, at_limit, LIMIT_S) == []  # idle for exactly the limit: not expired
-    assert store.expired({4}, at_limit + 0.001, LIMIT_S) == [("s1", 4)]
-    assert store.expired({4}, T0.timestamp(), LIMIT_S) == []
+    wall = T0 + timedelta(hours=1)  # any wall clock within the partition idle limit
+    store.apply([_at(_click("s2", 1, ts=T0 + timedelta(seconds=LIMIT_S)), 4, 1)], now=wall.timestamp())
+    assert _sweep(store, {4}, wall) == []  # idle for exactly the limit: not expired
+    at_limit = T0 + timedelta(seconds=LIMIT_S + 0.001)
+    store.apply([_at(_click("s2", 2, ts=at_limit), 4, 2)], now=wall.timestamp())
+    assert _sweep(store, {4}, wall) == [("s1", 4)]
 
 
-def test_expiry_uses_the_stored_partition() -> None:
-    """The changelog partition is the one the session's clicks came from, kept in its state."""
-    table, store = _store_with({"s1": (7, T0)})
-    assert table["s1"]["partition"] == 7
-    assert store.expired({7}, (T0 + timedelta(hours=2)).timestamp(), LIMIT_S) == [("s1", 7)]
+def test_the_wall_clock_alone_expires_nothing_within_the_partition_idle_limit() -> None:
+    """Changed with stream-time expiry (this used to expire at 30 min of wall clock): a
+    partition's last sessions stay while no later click moves its watermark."""
+    _, store = _store_with({"s1": (7, T0), "s2": (7, T0 - timedelta(hours=5))})
+    assert _sweep(store, {7}, T0 + timedelta(hours=5)) == [("s2", 7)]  # 5 h behind the watermark
+    assert _sweep(store, {7}, T0 + timedelta(seconds=IDLE_S)) == [("s2", 7)]
+
+
+def test_an_idle_partition_expires_all_its_sessions_after_the_partition_limit() -> None:
+    table: dict[str, Any] = {}
+    store = SessionStore(table)
+    store.apply([_at(_click("a", ts=T0), 0, 0), _at(_click("b", ts=T0), 0, 1)], now=T0.timestamp())
+    store.apply([_at(_click("c", ts=T0), 1, 0)], now=T0.timestamp())
+    # partition 1 keeps receiving clicks (of one session), partition 0 stops
+    later = T0 + timedelta(seconds=IDLE_S)
+    store.apply([_at(_click("c", 1, ts=later), 1, 1)], now=later.timestamp())
+    assert _sweep(store, {0, 1}, later) == []  # idle for exactly the limit: kept
+    just_after = later + timedelta(seconds=1)
+    assert _sweep(store, {0, 1}, just_after) == [("a", 0), ("b", 0)]
+
+
+def test_a_redelivered_click_keeps_its_partition_from_idling() -> None:
+    table: dict[str, Any] = {}
+    store = SessionStore(table)
+    click = _at(_click("a", ts=T0), 0, 5)
+    store.apply([click], now=T0.timestamp())
+    replayed_at = T0 + timedelta(hours=5)
+    assert store.apply([click], now=replayed_at.timestamp())[0].page_views == 1  # not applied
+    assert store.watermarks == {0: T0.timestamp()}  # nor does it move the watermark
+    assert _sweep(store, {0}, replayed_at + timedelta(seconds=IDLE_S)) == []
+    assert _sweep(store, {0}, replayed_at + timedelta(seconds=IDLE_S + 1)) == [("a", 0)]
+
+
+def test_a_future_dated_click_is_clamped_to_the_wall_clock() -> None:
+    """A click dated 23 h ahead (the decoder lets up to max_future_skew_s through) counts as made
+    when it is applied: it neither pushes the watermark ahead, expiring the live sessions of its
+    partition, nor keeps its own session for a day."""
+    table: dict[str, Any] = {}
+    store = SessionStore(table)
+    store.apply([_at(_click("other", ts=T0 - timedelta(minutes=10)), 0, 0)], now=T0.timestamp())
+    (state,) = store.apply([_at(_click("early", ts=T0 + timedelta(hours=23)), 0, 1)], now=T0.timestamp())
+    assert state.last_seen == T0.timestamp() and store.state("early") == state
+    assert table["early"]["last_seen"] == T0.timestamp()  # the stored field, reused
+    assert store.watermarks == {0: T0.timestamp()}
+    assert _sweep(store, {0}, T0) == []  # "other" is 10 min behind the watermark: live
+
+    # the stream goes on (dated right): "early" expires 30 min after it was applied, not in 23 h
+    t = T0 + timedelta(seconds=LIMIT_S + 1)
+    store.apply([_at(_click("next", ts=t), 0, 2)], now=t.timestamp())
+    assert _sweep(store, {0}, t) == [("early", 0), ("other", 0)]
+
+
+def test_a_click_dated_in_the_past_is_not_moved() -> None:
+    (state,) = SessionStore({}).apply([_at(_click(ts=T0), 0, 0)], now=(T0 + timedelta(hours=3)).timestamp())
+    assert state.last_seen == T0.timestamp()
+
+
+def test_watermarks_are_recomputed_from_the_table_after_a_restart() -> None:
+    table, before = _store_with(
+        {
+            "idle": (0, T0),
+            "live": (0, T0 + timedelta(hours=1)),
+            "p1": (1, T0 + timedelta(minutes=20)),
+        },
+        now=T0 + timedelta(hours=3),  # read late
+    )
+    restart = T0 + timedelta(hours=4)
+    after = SessionStore(table)  # a restarted scorer: the table (changelog) and nothing else
+    assert after.watermarks == {}
+    assert _sweep(after, {0, 1}, restart) == [("idle", 0)]  # "live" set partition 0's watermark
+    assert after.watermarks == before.watermarks
+    # the idle clock of a recomputed partition starts at its first sweep
+    assert _sweep(after, {0, 1}, restart + timedelta(seconds=IDLE_S)) == [("idle", 0)]
+    assert _sweep(after, {0, 1}, restart + timedelta(seconds=IDLE_S + 1)) == [
+        ("idle", 0),
+        ("live", 0),
+        ("p1", 1),
+    ]
+
+
+def test_a_recomputed_watermark_keeps_later_clicks() -> None:
+    """Clicks applied after a restart but before its first sweep are not lost to the recompute."""
+    table, _ = _store_with({"old": (0, T0)})
+    after = SessionStore(table)
+    t = T0 + timedelta(hours=1)
+    after.apply([_at(_click("new", ts=t), 0, 1)], now=t.timestamp())
+    assert _sweep(after, {0}, t) == [("old", 0)]
+    assert after.watermarks == {0: t.timestamp()}
+
+
+def test_sessions_of_partitions_not_owned_are_untouched() -> None:
+    table, store = _store_with({"a": (0, T0), "b": (1, T0 - timedelta(hours=2)), "c": (1, T0)})
+    before = dict(table)
+    long_after = T0 + timedelta(days=1)  # past both limits, by event time and by partition idleness
+    assert _sweep(store, {0}, long_after) == [("a", 0)]  # "b" and "c" are another worker's
+    assert _sweep(store, set(), long_after) == []
+    assert _sweep(store, {3}, long_after) == []
+    assert table == before
+    assert 1 not in store.watermarks  # forgotten, so never judged on stale memory
+
+
+def test_a_partition_that_comes_back_is_recomputed_not_remembered() -> None:
+    """A revoked partition is forgotten: when it is assigned again, hours later, its sessions (kept
+    live by the other owner meanwhile) are judged on the table, not on this worker's stale
+    idle clock."""
+    table, store = _store_with({"a": (0, T0), "b": (1, T0)})
+    assert _sweep(store, {0, 1}, T0) == []
+    assert _sweep(store, {0}, T0 + timedelta(minutes=1)) == []  # partition 1 revoked
+    assert 1 not in store.watermarks and 1 not in store.last_click_at
+    # the other owner applies a click of "b" (it arrives here through the changelog)
+    back = T0 + timedelta(hours=7)
+    table["b"] = {**table["b"], "last_seen": back.timestamp(), "page_views": 2}
+    assert _sweep(store, {0, 1}, back) == [("a", 0)]  # partition 0 idle for 7 h; "b" is live
+    assert store.watermarks[1] == back.timestamp()
+
+
+def test_a_partition_without_a_watermark_expires_nothing() -> None:
+    store = SessionStore({})
+    assert store.expired({0}, T0.timestamp(), LIMIT_S, idle_partition_s=IDLE_S) == []
+    assert store.watermarks == {}
+
+
+def test_expiry_skips_empty_stored_values() -> None:
+    table, store = _store_with({"s1": (0, T0)})
+    table["gone"] = None
+    assert _sweep(store, {0}, T0 + timedelta(days=1)) == [("s1", 0)]
 
 
 def test_expiry_over_an_empty_table() -> None:
-    assert SessionStore({}).expired({0, 1}, T0.timestamp(), LIMIT_S) == []
+    assert _sweep(SessionStore({}), {0, 1}, T0) == []

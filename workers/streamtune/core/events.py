@@ -7,18 +7,40 @@ Models are frozen; unknown fields are ignored so producers can add fields withou
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_REVIEW_TEXT = 10_000
 MAX_TITLE = 1_000
 MAX_QUERY = 512
 MAX_ID = 128
 
+# Input numbers must be finite and fit the float32 the click model runs in: one NaN or infinity
+# would make the session features, then the model's output, NaN, and the batch fail for ever.
+FLOAT32_LIMIT = 3.4e38
+# How far ahead of the worker's clock an event time may be (setting ``max_future_skew_s``).
+MAX_FUTURE_SKEW_S = 86_400.0
+# Validation-context keys: ``decode`` passes the configured skew (and its clock) this way, since a
+# pydantic model cannot read Settings; without a context the module default and the clock apply.
+CONTEXT_MAX_FUTURE_SKEW_S = "max_future_skew_s"
+CONTEXT_NOW = "now"
+
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# Input rates: as Probability, and NaN/infinity refused as "should be a finite number".
+Rate = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 TaskName = Literal["review_sentiment", "query_class", "purchase_intent"]
 PageType = Literal["administrative", "informational", "product"]
@@ -26,11 +48,56 @@ VisitorType = Literal["returning", "new", "other"]
 SentimentLabel = Literal["negative", "neutral", "positive"]
 
 
+def event_time_problem(ts: datetime, now_s: float, max_future_skew_s: float) -> str | None:
+    """Why an event time is outside the window the workers accept, or None when it is inside.
+
+    The window is 1970-01-01T00:00:00Z to ``now_s + max_future_skew_s`` (epoch seconds). The
+    check computes ``ts.timestamp()`` itself, the way every later stage does (a naive time is read
+    as the worker's local time, as before), so an accepted event's ``.timestamp()`` cannot raise:
+    a naive ``0001-01-01T00:00:00`` used to pass validation and raise later in the batch.
+    """
+    try:
+        t = ts.timestamp()
+    except (OverflowError, OSError, ValueError):
+        return f"{ts.isoformat()} is out of range (earliest 1970-01-01T00:00:00Z)"
+    if t < 0.0:
+        return f"{ts.isoformat()} is before 1970-01-01T00:00:00Z"
+    if t > now_s + max_future_skew_s:
+        return f"{ts.isoformat()} is more than {max_future_skew_s:g} s ahead of the worker's clock"
+    return None
+
+
+def validation_context(max_future_skew_s: float, now: datetime | None = None) -> dict[str, Any]:
+    """The context ``model_validate_json(..., context=...)`` takes to apply configured bounds."""
+    ctx: dict[str, Any] = {CONTEXT_MAX_FUTURE_SKEW_S: max_future_skew_s}
+    if now is not None:
+        ctx[CONTEXT_NOW] = now
+    return ctx
+
+
+def _check_event_time(ts: datetime, info: ValidationInfo) -> datetime:
+    ctx: Mapping[str, Any] = info.context if isinstance(info.context, Mapping) else {}
+    now = ctx.get(CONTEXT_NOW)
+    now_s = now.timestamp() if isinstance(now, datetime) else time.time()
+    problem = event_time_problem(ts, now_s, float(ctx.get(CONTEXT_MAX_FUTURE_SKEW_S, MAX_FUTURE_SKEW_S)))
+    if problem is not None:
+        raise ValueError(problem)
+    return ts
+
+
+EventTime = Annotated[datetime, AfterValidator(_check_event_time)]
+TS_DESCRIPTION = (
+    "When the event happened (ISO-8601, UTC recommended; a time without offset is read as the "
+    "worker's local time); from 1970-01-01T00:00:00Z to at most max_future_skew_s (default one "
+    "day) ahead of the worker's clock"
+)
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     event_id: Id = Field(description="Unique id of the event; results are keyed by it")
-    ts: datetime = Field(description="When the event happened (ISO-8601, UTC recommended)")
+    ts: EventTime = Field(description=TS_DESCRIPTION)
 
 
 class ReviewEvent(_Event):
@@ -67,18 +134,26 @@ class ClickEvent(_Event):
 
     session_id: Id
     page_type: PageType
-    duration_s: float = Field(ge=0.0, le=86_400.0)
-    page_value: float = Field(ge=0.0)
-    bounce_rate: Probability
-    exit_rate: Probability
+    duration_s: float = Field(ge=0.0, le=86_400.0, allow_inf_nan=False)
+    page_value: float = Field(ge=0.0, allow_inf_nan=False, json_schema_extra={"maximum": FLOAT32_LIMIT})
+    bounce_rate: Rate
+    exit_rate: Rate
     month: int = Field(ge=1, le=12)
     visitor_type: VisitorType
     weekend: bool
-    special_day: Probability
+    special_day: Rate
     traffic_type: int = Field(ge=1, le=1000)
     region: int = Field(ge=1, le=1000)
     browser: int = Field(ge=1, le=1000)
     operating_system: int = Field(ge=1, le=1000)
+
+    @field_validator("page_value")
+    @classmethod
+    def _float32(cls, v: float) -> float:
+        """A readable message (``le=`` would print 39 digits); the schema carries the maximum."""
+        if v > FLOAT32_LIMIT:
+            raise ValueError(f"{v:g} exceeds {FLOAT32_LIMIT:g}, the float32 range the click model runs in")
+        return v
 
 
 class LabelEvent(BaseModel):
@@ -96,7 +171,7 @@ class LabelEvent(BaseModel):
     session_id: Id | None = None
     task: TaskName
     label: str | int
-    ts: datetime
+    ts: EventTime = Field(description=TS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check(self) -> LabelEvent:
@@ -185,6 +260,21 @@ class DeadLetter(BaseModel):
     raw: str | None = Field(None, description="The raw value when it is UTF-8")
     raw_b64: str | None = Field(None, description="The raw value, base64, when it is not UTF-8")
     received_at: datetime
+    # Added in place (optional, v1 subscribers unaffected): a dead letter must fit the producer's
+    # request size, so ``raw``/``raw_b64`` and ``key`` are cut to ``dlq_max_raw_bytes``; these
+    # say what the whole value was. Find the record itself by source_topic/partition/offset.
+    raw_size: int | None = Field(None, ge=0, description="Size of the whole raw value in bytes")
+    raw_sha256: str | None = Field(
+        None, pattern="^[0-9a-f]{64}$", description="sha256 (hex) of the whole raw value"
+    )
+    raw_truncated: bool = Field(
+        False, description="raw (or raw_b64) holds only the start of the value (cut on a character boundary)"
+    )
+    key_truncated: bool = Field(False, description="key holds only the start of the record's key")
+    stage: str | None = Field(
+        None,
+        description="Where it was refused: decode, validate, model, encode, sink or publish",
+    )
 
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {

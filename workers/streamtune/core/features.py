@@ -3,6 +3,14 @@
 A session's page views (click events) are folded into the columns of the UCI "Online Shoppers
 Purchasing Intention" data set, so the model trained on those rows reads the same features live.
 Rates and page values are averaged over the session's page views, counts and durations summed.
+
+No NaN or infinity leaves :func:`session_row` or :func:`vectorize`, whatever accepted clicks
+(``core/events.py`` bounds each one) add up to: a NaN feature made the click model return NaN,
+which the result model refuses, so the batch failed for ever. Out-of-range values are *clipped*
+rather than refused: a session is an aggregate that has already been written to the table, so
+there is no single record to dead-letter, and a refusal here would fail the batch again on every
+read. Clipping only ever touches sessions far outside anything real, where the model's answer is
+saturated anyway.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from streamtune.core.events import ClickEvent
+from streamtune.core.events import FLOAT32_LIMIT, ClickEvent
 
 PAGE_COLUMNS = {
     "administrative": ("Administrative", "Administrative_Duration"),
@@ -28,6 +36,22 @@ CATEGORICAL = {"Month": 12, "OperatingSystems": 8, "Browser": 13, "Region": 9, "
 BINARY_COLUMNS = ["ReturningVisitor", "Weekend"]
 NUMERIC_COLUMNS = COUNT_COLUMNS + DURATION_COLUMNS + RATE_COLUMNS
 FEATURE_DIM = len(NUMERIC_COLUMNS) + sum(CATEGORICAL.values()) + len(BINARY_COLUMNS)
+# A session row's values stay within float32 (what the model reads).
+ROW_LIMIT = FLOAT32_LIMIT
+# Each model feature stays within +-FEATURE_LIMIT. Counts and durations are log-scaled and rates
+# are in [0, 1], so only PageValues can be large (the data set's largest is 361), and a mean of
+# float32-sized page values would overflow the model's float32 arithmetic (inf - inf is the NaN
+# this prevents). The click model standardises (std floored at 1e-6) then runs three small linear
+# layers: from inputs within 1e6 its output stays many orders of magnitude below float32
+# overflow, while a page value of 1e6 already saturates the model.
+FEATURE_LIMIT = 1e6
+
+
+def clip(value: float, limit: float) -> float:
+    """``value`` within ``[-limit, limit]``; infinities go to the nearer bound, NaN to 0."""
+    if math.isnan(value):
+        return 0.0
+    return min(max(value, -limit), limit)
 
 
 class SessionState(BaseModel):
@@ -99,12 +123,12 @@ def session_row(state: SessionState) -> dict[str, float]:
     n = max(state.page_views, 1)
     row: dict[str, float] = {}
     for page, (count_col, dur_col) in PAGE_COLUMNS.items():
-        row[count_col] = float(state.counts[page])
-        row[dur_col] = float(state.durations[page])
-    row["BounceRates"] = state.bounce_sum / n
-    row["ExitRates"] = state.exit_sum / n
-    row["PageValues"] = state.page_value_sum / n
-    row["SpecialDay"] = state.special_day
+        row[count_col] = clip(float(state.counts[page]), ROW_LIMIT)
+        row[dur_col] = clip(float(state.durations[page]), ROW_LIMIT)
+    row["BounceRates"] = clip(state.bounce_sum / n, 1.0)
+    row["ExitRates"] = clip(state.exit_sum / n, 1.0)
+    row["PageValues"] = clip(state.page_value_sum / n, ROW_LIMIT)
+    row["SpecialDay"] = clip(state.special_day, 1.0)
     row["Month"] = float(state.month)
     row["OperatingSystems"] = float(state.operating_system)
     row["Browser"] = float(state.browser)
@@ -119,9 +143,10 @@ def vectorize(row: Mapping[str, Any]) -> list[float]:
     """Model input of one data-set row: log-scaled numerics, one-hot categoricals, binaries.
 
     Standardisation (mean/std) is part of the model so it travels with each adapter version.
+    Every value is finite and within :data:`FEATURE_LIMIT` (see the module docstring).
     """
-    out = [math.log1p(max(float(row[c]), 0.0)) for c in COUNT_COLUMNS + DURATION_COLUMNS]
-    out += [float(row[c]) for c in RATE_COLUMNS]
+    out = [math.log1p(clip(max(float(row[c]), 0.0), ROW_LIMIT)) for c in COUNT_COLUMNS + DURATION_COLUMNS]
+    out += [clip(float(row[c]), FEATURE_LIMIT) for c in RATE_COLUMNS]
     for col, slots in CATEGORICAL.items():
         onehot = [0.0] * slots
         idx = min(max(int(row[col]), 1), slots) - 1
@@ -131,8 +156,22 @@ def vectorize(row: Mapping[str, Any]) -> list[float]:
     return out
 
 
-def is_expired(state: SessionState, now: float, inactivity_s: float) -> bool:
-    return now - state.last_seen > inactivity_s
+def is_expired(state: SessionState, stream_time: float, inactivity_s: float) -> bool:
+    """Whether the session has had no click for more than ``inactivity_s`` at ``stream_time``.
+
+    ``stream_time`` is the event time the stream has reached (the watermark of the session's
+    partition, :mod:`streamtune.scorer.sessions`), not the wall clock: a scorer that reads the
+    stream late must not drop sessions that are live in it.
+    """
+    return stream_time - state.last_seen > inactivity_s
+
+
+def click_time(click: ClickEvent, now: float) -> float:
+    """The time a click counts at for session expiry (``last_seen``, watermarks): its event time,
+    but never after ``now``, the wall clock when it is applied (epoch seconds). A click dated
+    ahead (up to ``max_future_skew_s`` passes the decoder) would otherwise keep its session alive
+    until that date, and move its partition's watermark ahead of the stream."""
+    return min(click.ts.timestamp(), now)
 
 
 def vectorize_many(rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:

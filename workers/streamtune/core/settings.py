@@ -204,6 +204,86 @@ class Settings(BaseSettings):
     )
     redis_retry_max_s: float = Field(5.0, gt=0, description="Longest back-off between Redis retries")
 
+    # --- issue 11: dead-letter size and input ranges (to be grouped)
+    dlq_max_raw_bytes: int = Field(
+        65536,
+        ge=256,
+        description=(
+            "Most bytes a dead letter's raw value (raw or raw_b64), and its key, each take in its JSON;"
+            " longer ones are cut, with the whole value's size and sha256 recorded. Keep twice this"
+            " plus 8 KiB under the producer's max request size (1 MiB by default)"
+        ),
+    )
+    max_future_skew_s: float = Field(
+        86400.0,
+        ge=0,
+        description="How far ahead of the worker's clock an event's ts may be; later ones are dead-lettered",
+    )
+    # --- issue 11: batch isolation (to be grouped)
+    batch_retries: int = Field(
+        2, ge=0, description="Retries of a batch that fails while the services answer, before it is bisected"
+    )
+    batch_retry_backoff_s: float = Field(
+        0.2, ge=0, description="Back-off before such a retry, times the attempt number"
+    )
+    # --- issue 11: Redis keys and product TTL (to be grouped)
+    product_ttl_s: int = Field(
+        30 * 24 * 3600,
+        ge=1,
+        description="TTL of a product view and its ledger in Redis (both renewed by each review)",
+    )
+    # --- issue 11: release gate significance (to be grouped)
+    trainer_gate_alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description=(
+            "Significance level of the release gate: the one-sided (1 - alpha) lower bound of the"
+            " candidate's holdout gain over live (paired bootstrap) must exceed the margin"
+        ),
+    )
+    # --- issue 11: trainer robustness (to be grouped)
+    trainer_max_pending: int = Field(
+        50_000,
+        ge=1,
+        description=(
+            "Most labels waiting for their input; beyond it the oldest arrivals are dropped"
+            " (streamtune_trainer_labels_dropped_total, reason pending_full)"
+        ),
+    )
+    # --- issue 11: session expiry in stream time (to be grouped)
+    session_idle_partition_s: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description=(
+            "Sessions expire in event time (session_inactivity_s behind the newest click of their"
+            " partition); a partition without any click for this long (wall clock) has all its"
+            " sessions expired, since a stopped stream moves no event time. Keep it well above"
+            " session_inactivity_s and above the longest outage sessions should survive"
+        ),
+    )
+    # --- issue 11: stalled partitions in readiness (to be grouped)
+    stall_after_s: float = Field(
+        120.0,
+        gt=0,
+        description=(
+            "/readyz fails (naming the partition) when an assigned input partition has had lag"
+            " and no committed progress for this long"
+        ),
+    )
+    # --- issue 11: releases verified where they are served (to be grouped)
+    release_retry_initial_s: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "A release whose files (version directory, ONNX artifact) are not on this scorer's disk"
+            " yet is held as pending and retried after this long, then twice as long each time"
+        ),
+    )
+    release_retry_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between two retries of a pending release"
+    )
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:

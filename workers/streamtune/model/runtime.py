@@ -48,7 +48,12 @@ class LoadedAdapter:
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.name = f"{self.manifest.task}@v{self.manifest.version}"
+        self.name = adapter_name(self.manifest.task, self.manifest.version)
+
+
+def adapter_name(task: str, version: int) -> str:
+    """A version's name as a peft adapter in the shared encoder (torch text tasks)."""
+    return f"{task}@v{version}"
 
 
 class ModelRuntime:
@@ -140,14 +145,19 @@ class ModelRuntime:
                 loaded = self._load_text(manifest, path)
             else:
                 loaded = self._load_click(manifest, path)
-        except AdapterError:
-            raise
         except Exception as e:  # safetensors/peft raise many types for corrupt files
+            self._drop_adapter(adapter_name(task, version))  # what the failed load added, if anything
+            if isinstance(e, AdapterError):
+                raise
             raise AdapterError(f"{task} v{version}: cannot load: {e}") from e
-        self._smoke(loaded)
-        live = self.routes.get(task)
-        if live is not None and live.live.manifest.labels != manifest.labels:
-            raise AdapterError(f"{task} v{version}: its labels differ from the live version's")
+        try:
+            self._smoke(loaded)
+            live = self.routes.get(task)
+            if live is not None and live.live.manifest.labels != manifest.labels:
+                raise AdapterError(f"{task} v{version}: its labels differ from the live version's")
+        except Exception:
+            self._drop_adapter(loaded.name)
+            raise
         self._loaded[(task, version)] = loaded
         return loaded
 
@@ -211,7 +221,7 @@ class ModelRuntime:
     def set_route(self, task: str, route: Route) -> None:
         """Swap what scores ``task``. Called on the model thread, so it lands between batches."""
         self.routes[task] = route
-        self._release_unused()
+        self._release_unused(task)
         log.info(
             "adapter_route",
             task=task,
@@ -220,21 +230,36 @@ class ModelRuntime:
             fraction=route.fraction,
         )
 
-    def _release_unused(self) -> None:
-        """Drop ONNX sessions no route uses (each holds a whole merged model, ~90 MiB for fp32);
-        a version served again later is verified and loaded again. Torch adapters are small
-        LoRA weights inside the shared model and stay cached."""
-        in_use = {
-            (a.manifest.task, a.manifest.version)
-            for r in self.routes.values()
-            for a in (r.live, r.canary)
-            if a is not None
-        }
-        for key, loaded in list(self._loaded.items()):
-            if loaded.session is not None and key not in in_use:
-                del self._loaded[key]
-                self._verified.pop(key, None)
-                self._artifact_files.pop(key, None)
+    def _release_unused(self, task: str) -> None:
+        """Drop the versions of ``task`` its route no longer uses, so memory does not grow with
+        releases: an ONNX session holds a whole merged model (~90 MiB for fp32), a torch text
+        version is a named LoRA adapter in the shared encoder (removed with peft's
+        ``delete_adapter``) and a head, a torch click version its own small peft model. A
+        version served again later (a rollback) is verified and loaded again. Only ``task``'s
+        versions go: no other route changed, and a version of another task may be loaded for a
+        swap about to be made."""
+        route = self.routes.get(task)
+        in_use = {a.manifest.version for a in (route.live, route.canary) if a is not None} if route else set()
+        for key in [k for k in self._loaded if k[0] == task and k[1] not in in_use]:
+            del self._loaded[key]
+        for key in [k for k in self._verified if k[0] == task and k[1] not in in_use]:
+            self._verified.pop(key, None)
+            self._artifact_files.pop(key, None)
+        if self._peft is not None:
+            prefix = adapter_name(task, 0)[:-1]  # "<task>@v"
+            for name in [n for n in self._peft.peft_config if n.startswith(prefix)]:
+                self._drop_adapter(name)
+
+    def _drop_adapter(self, name: str) -> None:
+        """Remove a named LoRA adapter no loaded version uses from the shared encoder. Never its
+        last one: peft's layers stay injected into the base, and the next load adds to them."""
+        peft = self._peft
+        if peft is None or name not in peft.peft_config or len(peft.peft_config) < 2:
+            return
+        if any(loaded.name == name for loaded in self._loaded.values()):
+            return
+        peft.delete_adapter(name)
+        log.info("adapter_unloaded", adapter=name)
 
     def load_latest(self, tasks: tuple[str, ...]) -> None:
         for task in tasks:

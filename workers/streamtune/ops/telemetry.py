@@ -27,6 +27,12 @@ class Readiness:
     heartbeat_at: float = 0.0  # monotonic time the event loop last ran its health timer
     max_silence_s: float = 30.0
     extra: list[Callable[[], str | None]] = field(default_factory=list)  # each: problem or None
+    # Problems the event loop sets by name (a reason, or None once resolved), e.g. "progress":
+    # the stalled partitions (ops/progress.py). Each concern owns its key.
+    problems: dict[str, str | None] = field(default_factory=dict)
+    # Scorer: task -> why it serves a version other than the released one (a start-up fallback,
+    # scorer/swap.py); written by the release threads, removed once the release is served.
+    fallbacks: dict[str, str] = field(default_factory=dict)
 
     def beat(self) -> None:
         self.heartbeat_at = time.monotonic()
@@ -44,6 +50,8 @@ class Readiness:
             if not ok
         ]
         missing += [problem for check in self.extra if (problem := check()) is not None]
+        missing += [problem for problem in list(self.problems.values()) if problem is not None]
+        missing += [f"{task} serves a fallback: {why}" for task, why in sorted(dict(self.fallbacks).items())]
         return (not missing, "; ".join(missing) or "ready")
 
 
@@ -107,6 +115,24 @@ class ScorerMetrics:
             ["task"],
             registry=r,
         )
+        self.batch_retries = Counter(
+            "streamtune_batch_retries",
+            "Batches retried in place after a failure that a service outage does not explain",
+            ["task", "stage"],
+            registry=r,
+        )
+        self.isolated = Counter(
+            "streamtune_isolated_records",
+            "Valid records that failed alone (bisected out of their batch) and went to the DLQ",
+            ["task", "stage"],
+            registry=r,
+        )
+        self.dead_letters_lost = Counter(
+            "streamtune_dead_letters_lost",
+            "Dead letters the broker refused even without their raw value (logged, not sent)",
+            ["task"],
+            registry=r,
+        )
         self.offset_skips = Counter(
             "streamtune_offset_skips",
             "Input records the consumer skipped and the scorer sought back to (see offsets.py)",
@@ -138,10 +164,30 @@ class ScorerMetrics:
         self.consumer_lag = Gauge(
             "streamtune_consumer_lag", "Events on the input topic not yet consumed", ["task"], registry=r
         )
+        self.oldest_in_progress = Gauge(
+            "streamtune_oldest_in_progress_seconds",
+            "Since the oldest batch still in progress was admitted (0: none in progress)",
+            ["task"],
+            registry=r,
+        )
         self.swap_seconds = Histogram(
             "streamtune_swap_seconds", "Release seen to route swapped", ["task"], buckets=LATENCY_BUCKETS,
             registry=r,
         )  # fmt: skip
+        self.releases_pending = Gauge(
+            "streamtune_releases_pending",
+            "Releases held back until their files (version directory, ONNX artifact) are on this"
+            " scorer's disk, retried with back-off (0 or 1 per task: a newer release replaces it)",
+            ["task"],
+            registry=r,
+        )
+        self.adapter_fallback = Gauge(
+            "streamtune_adapter_fallback",
+            "1 while a task serves a fallback version, not the released one (its files were missing"
+            " at start, or it was refused there); /readyz fails meanwhile",
+            ["task"],
+            registry=r,
+        )
 
     def serve(self, port: int, host: str = "127.0.0.1", ready: ReadyCheck | None = None) -> None:
         serve_http(self.registry, port, host, ready)
@@ -175,6 +221,14 @@ class TrainerMetrics:
         )
         self.labels_invalid = Counter(
             "streamtune_trainer_labels_invalid", "Labels that failed validation (dead-lettered)", registry=r
+        )
+        self.labels_dropped = Counter(
+            "streamtune_trainer_labels_dropped",
+            "Valid labels given up without joining, by reason: pending_full (more than"
+            " STREAMTUNE_TRAINER_MAX_PENDING waiting; the oldest arrival goes), orphan (the input"
+            " stream moved past the label; also counted in labels_orphan)",
+            ["task", "reason"],
+            registry=r,
         )
         self.labels_pending = Gauge(
             "streamtune_trainer_labels_pending", "Labels waiting for their input", registry=r

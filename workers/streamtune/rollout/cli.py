@@ -152,11 +152,12 @@ def canary_(
 ) -> None:
     """Route a share of products/sessions to VERSION; the rest stay on the live version."""
     s, reg, log = _ctx()
-    _verified(reg, _task(task), version, force)
+    m = _verified(reg, _task(task), version, force)
     live = _live(s, reg, log.states().get(task), task)
     if live == version:
         raise StreamtuneError(f"{task} v{version} is already live")
-    rel = canary(task, version, fraction, live, reg.manifest_sha256(task, version), getpass.getuser())  # type: ignore[arg-type]
+    sha, by = reg.manifest_sha256(task, version), getpass.getuser()
+    rel = canary(task, version, fraction, live, sha, by, forced=not m.releasable)  # type: ignore[arg-type]
     log.publish(rel)
     out.print(f"{task}: v{version} canary on {fraction:.0%} of entities, v{live} live")
 
@@ -169,8 +170,9 @@ def promote_(
 ) -> None:
     """Make VERSION live for every entity."""
     _, reg, log = _ctx()
-    _verified(reg, _task(task), version, force)
-    log.publish(promote(task, version, reg.manifest_sha256(task, version), getpass.getuser()))  # type: ignore[arg-type]
+    m = _verified(reg, _task(task), version, force)
+    sha, by = reg.manifest_sha256(task, version), getpass.getuser()
+    log.publish(promote(task, version, sha, by, forced=not m.releasable))  # type: ignore[arg-type]
     out.print(f"{task}: v{version} live")
 
 
@@ -198,8 +200,9 @@ def rollback_(
             to = previous[-1]
     else:
         bad = state.canary_version or state.live_version
-    _verified(reg, task, to, force=True)  # going back to what served before
-    log.publish(rollback(task, bad, to, reg.manifest_sha256(task, to), reason, getpass.getuser()))  # type: ignore[arg-type]
+    m = _verified(reg, task, to, force=True)  # going back to what served before
+    sha, by = reg.manifest_sha256(task, to), getpass.getuser()
+    log.publish(rollback(task, bad, to, sha, reason, by, forced=not m.releasable))  # type: ignore[arg-type]
     out.print(f"{task}: v{bad} rolled back, v{to} live")
 
 

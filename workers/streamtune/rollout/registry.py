@@ -41,9 +41,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
 from streamtune.core.errors import AdapterError
 from streamtune.core.events import TaskName
@@ -56,6 +56,16 @@ STALE_AFTER_S = 3600.0  # a staging directory untouched this long belongs to a k
 ModelKind = Literal["text-lora", "click-mlp-lora"]
 
 
+def _undefined_as_nan(v: Any) -> Any:
+    return float("nan") if v is None else v
+
+
+# A metric value; NaN where it is undefined (e.g. ROC-AUC on a holdout with one class only).
+# JSON has no NaN: it is written as ``null`` and read back as NaN, so a manifest recording an
+# undefined metric stays readable (and its signature, over the same JSON, still matches).
+Metric = Annotated[float, BeforeValidator(_undefined_as_nan)]
+
+
 class BaseModelRef(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -64,7 +74,7 @@ class BaseModelRef(BaseModel):
 
 
 class Manifest(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="null")
 
     task: TaskName
     version: int = Field(ge=1)
@@ -74,8 +84,8 @@ class Manifest(BaseModel):
     labels: list[str]
     created_at: datetime
     training: dict[str, Any] = {}
-    metrics: dict[str, float] = {}
-    baselines: dict[str, dict[str, float]] = {}
+    metrics: dict[str, Metric] = Field(default_factory=dict, description="NaN (null in JSON): undefined")
+    baselines: dict[str, dict[str, Metric]] = Field(default_factory=dict, description="as metrics, per model")
     gate: dict[str, Any] = Field(
         default_factory=dict, description="The release gate's comparison (online versions); passed: bool"
     )

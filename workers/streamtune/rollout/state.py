@@ -30,7 +30,17 @@ class Release(BaseModel):
     live_version: int = Field(ge=1, description="The version serving everything not in canary")
     canary_version: int | None = None
     canary_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    manifest_sha256: str = ""
+    manifest_sha256: str = Field(
+        "", description="sha256 of the served version's manifest; scorers refuse a record without it"
+    )
+    forced: bool = Field(
+        False,
+        description=(
+            "Released by an operator although its gate rejected it (`adapters promote|canary --force`, "
+            "or a rollback to such a version): scorers serve a version whose manifest is not "
+            "releasable only from a forced record"
+        ),
+    )
     reason: str = ""
     by: str = ""
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
@@ -49,24 +59,37 @@ def in_canary(key: str, fraction: float) -> bool:
     return fraction > 0.0 and canary_bucket(key) < fraction
 
 
-def canary(task: TaskName, version: int, fraction: float, live: int, sha: str, by: str = "") -> Release:
+def canary(
+    task: TaskName, version: int, fraction: float, live: int, sha: str, by: str = "", forced: bool = False
+) -> Release:
     return Release(
         task=task, version=version, stage="canary", live_version=live, canary_version=version,
-        canary_fraction=fraction, manifest_sha256=sha, by=by,
+        canary_fraction=fraction, manifest_sha256=sha, by=by, forced=forced,
     )  # fmt: skip
 
 
-def promote(task: TaskName, version: int, sha: str, by: str = "") -> Release:
-    return Release(task=task, version=version, stage="live", live_version=version, manifest_sha256=sha, by=by)
+def promote(task: TaskName, version: int, sha: str, by: str = "", forced: bool = False) -> Release:
+    return Release(
+        task=task,
+        version=version,
+        stage="live",
+        live_version=version,
+        manifest_sha256=sha,
+        by=by,
+        forced=forced,
+    )
 
 
-def rollback(task: TaskName, bad: int, to: int, sha: str, reason: str = "", by: str = "") -> Release:
+def rollback(
+    task: TaskName, bad: int, to: int, sha: str, reason: str = "", by: str = "", forced: bool = False
+) -> Release:
     return Release(
         task=task,
         version=bad,
         stage="rolled_back",
         live_version=to,
         manifest_sha256=sha,
+        forced=forced,
         reason=reason,
         by=by,
     )

@@ -27,11 +27,12 @@ from streamtune.core.features import SessionState
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import TASKS, TaskKind, TaskSpec
 from streamtune.kafka.app import JSON_TABLE, worker_app
-from streamtune.kafka.compat import attributed_to, leave_pending
+from streamtune.kafka.compat import attributed_to, committed_offset, leave_pending
 from streamtune.kafka.guard import SkipGuard
 from streamtune.kafka.handover import hand_over_cleanly
 from streamtune.kafka.security import async_redis_client
 from streamtune.model.runtime import ModelRuntime
+from streamtune.ops.progress import ProgressWatch, stall_reason
 from streamtune.ops.telemetry import Readiness, ScorerMetrics
 from streamtune.rollout.releases import ReleaseFollower
 from streamtune.scorer.gate import BatchGate
@@ -90,6 +91,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         redis_client,
         score_ttl_s=settings.score_ttl_s,
         session_ttl_s=settings.session_ttl_s,
+        product_ttl_s=settings.product_ttl_s,
         retry_max_s=settings.redis_retry_max_s,
         on_retry=res.metrics.redis_retries.inc,
         cluster=settings.redis_cluster,
@@ -111,6 +113,8 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
 
     skip_guard = SkipGuard(app, on_skip=res.metrics.offset_skips.inc, settings=settings, overlapping=True)
     hand_over_cleanly(app, res.gate, timeout_s=settings.kafka_session_timeout_s / 2)
+
+    overlaps: dict[str, Overlap[Started]] = {}  # per task, the agent's current one (health timer)
 
     def overlap(spec: TaskSpec, events_by_pos: dict[tuple[int, int], Any] | None) -> Overlap[Started]:
         task = spec.name
@@ -139,7 +143,8 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         # Clicks one batch at a time: a batch's session-table updates must not run ahead of a
         # batch before it that may still fail (its retry would see the later clicks applied).
         depth = 1 if spec.kind is TaskKind.SESSION else settings.pipeline_depth
-        return Overlap(depth, steps, res.gate, backoff_s=settings.redis_retry_max_s)
+        overlaps[task] = Overlap(depth, steps, res.gate, backoff_s=settings.redis_retry_max_s)
+        return overlaps[task]
 
     async def run(
         spec: TaskSpec, stream: faust.StreamT, events_by_pos: dict[tuple[int, int], Any] | None
@@ -215,9 +220,16 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
 
     @app.timer(settings.session_sweep_s)
     async def expire_sessions() -> None:
-        """Drop sessions idle longer than ``session_inactivity_s`` (only partitions we own)."""
+        """Drop expired sessions of the partitions we own: idle longer than
+        ``session_inactivity_s`` in event time, or of a partition without a click for
+        ``session_idle_partition_s`` (rules: scorer/sessions.py)."""
         owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == click_topic_name}
-        expired = store.expired(owned, time.time(), settings.session_inactivity_s)
+        expired = store.expired(
+            owned,
+            time.time(),
+            settings.session_inactivity_s,
+            idle_partition_s=settings.session_idle_partition_s,
+        )
         for key, partition in expired:
             sessions.data.pop(key, None)
             sessions.send_changelog(partition, key, None, value_serializer="raw")
@@ -227,13 +239,20 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         res.metrics.sessions_active.set(len(sessions.data))
 
     task_of_topic = {settings.topic(spec.input_topic): name for name, spec in TASKS.items()}
+    progress = ProgressWatch(settings.stall_after_s)
 
     @app.timer(2.0)
     async def health_and_lag() -> None:
-        """Readiness flags for /readyz, and consumer lag per task for autoscaling dashboards."""
+        """Readiness flags for /readyz (stalled partitions included: ops/progress.py), consumer
+        lag per task for autoscaling dashboards, and the age of each task's oldest batch."""
         res.readiness.beat()
         assignment = [tp for tp in app.consumer.assignment() if tp.topic in task_of_topic]
         res.readiness.partitions_assigned = bool(assignment)
+        progress.keep_only(assignment)  # a revoked partition is its new owner's to report
+        now = time.monotonic()
+        for task in TASKS:
+            started = overlaps[task].oldest_started_at() if task in overlaps else None
+            res.metrics.oldest_in_progress.labels(task).set(0.0 if started is None else now - started)
         try:
             await redis_client.ping()
             res.readiness.redis_reachable = True
@@ -248,11 +267,15 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
                 pos = await asyncio.wait_for(app.consumer.position(tp), 5.0)
                 if high is not None and pos is not None:
                     lag[task_of_topic[tp.topic]] += max(0, high - pos)
+                    committed = committed_offset(app, tp)
+                    progress.observe(tp, pos, high, time.monotonic(), committed=committed)
         except Exception as e:  # a rebalance revoked a partition meanwhile (aiokafka:
             # IllegalStateError "not assigned"), or no answer: an exception in a Faust timer
             # crashes the worker, so this round's lag is skipped instead.
             log.info("lag_skipped", error=str(e) or type(e).__name__)
             return
+        finally:  # stalls age on a skipped round too (the watch keeps each partition's clock)
+            res.readiness.problems["progress"] = stall_reason(progress.stalled(time.monotonic()))
         for task, n in lag.items():
             res.metrics.consumer_lag.labels(task).set(n)
 

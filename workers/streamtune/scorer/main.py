@@ -20,11 +20,20 @@ from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.ops.logs import configure_logging
 from streamtune.ops.telemetry import Readiness, ScorerMetrics
-from streamtune.rollout.registry import AdapterStore, registry_for
+from streamtune.rollout.registry import MANIFEST, AdapterStore, registry_for
 from streamtune.rollout.releases import ReleaseFollower, ReleaseLog
 from streamtune.rollout.state import Release, current_states, promote
 from streamtune.scorer.app import ScorerResources, build_app
-from streamtune.scorer.swap import Swapper, build_route
+from streamtune.scorer.swap import (
+    Pending,
+    Refuse,
+    Serve,
+    Swapper,
+    blocks_live,
+    build_route,
+    fallback_candidates,
+    named_versions,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -45,17 +54,17 @@ def check_redis(settings: Settings) -> None:
 
 
 def initial_routes(
-    runtime: ModelRuntime,
-    registry: AdapterStore,
+    swapper: Swapper,
     states: dict[str, Release],
-    releases: ReleaseLog | None,
     prepare_version: Callable[[str, int], object] | None = None,
+    tasks: tuple[str, ...] = TASK_NAMES,
 ) -> None:
-    """Serve what ``adapters.releases`` says. A task never released serves its newest releasable
-    version, and that choice is announced so every scorer (and the CLI) agrees from then on.
-    A broken canary is skipped (logged); a broken live version stops the start.
-    ``prepare_version`` runs first for each version served (exports missing ONNX artifacts)."""
-    for task in TASK_NAMES:
+    """Serve what ``adapters.releases`` says, checked as every release is (``scorer/swap.py``).
+    A task never released serves its newest releasable version, and that choice is announced so
+    every scorer (and the CLI) agrees from then on. ``prepare_version`` runs first for each
+    version on disk that is to serve (exports missing ONNX artifacts)."""
+    runtime, registry = swapper.runtime, swapper.runtime.registry
+    for task in tasks:
         state = states.get(task)
         if state is None:
             version = registry.default_version(task, runtime.backend_for(task))
@@ -65,19 +74,90 @@ def initial_routes(
                     f"run `streamtune train --task {task}`"
                 )
             state = promote(task, version, registry.manifest_sha256(task, version), "scorer")  # type: ignore[arg-type]
-            if releases is not None:
-                releases.publish(state)
+            if swapper.releases is not None:
+                swapper.releases.publish(state)
+        start_route(swapper, state, prepare_version)
+
+
+def start_route(
+    swapper: Swapper, state: Release, prepare_version: Callable[[str, int], object] | None = None
+) -> None:
+    """The first route of a task, from its release ``state``. When the release cannot serve as
+    it is: a canary record whose canary is refused or not on disk serves its live version alone
+    (the refusal is published; a pending canary joins once its files are there). When the live
+    version itself is refused or not on disk, the newest older version that is releasable and
+    verifies here serves instead, loudly (log at error, ``streamtune_adapter_fallback``, a
+    /readyz reason) until a release of the task is applied: the pending one once its files are
+    there, or a newer one. Without such a version the start fails."""
+    runtime, registry = swapper.runtime, swapper.runtime.registry
+    task, live = state.task, state.live_version
+    _prepare(registry, prepare_version, task, named_versions(state))
+    decision = swapper.check(state)
+    route: Route | None = None
+    if isinstance(decision, Serve):
         try:
-            if prepare_version is not None:
-                for version in (state.live_version, state.canary_version):
-                    if version is not None:
-                        prepare_version(task, version)
-            runtime.set_route(task, build_route(runtime, state))
+            route = build_route(runtime, state)
         except AdapterError as e:
-            if state.canary_version is None:
-                raise StartupError(f"{e} (STREAMTUNE_ADAPTER_DIR={registry.root})") from e
-            log.error("canary_skipped_at_start", task=task, version=state.canary_version, reason=str(e))
-            runtime.set_route(task, Route(live=runtime.load(task, state.live_version)))
+            decision = Refuse(str(e))
+    if isinstance(decision, Serve):
+        assert route is not None
+        runtime.set_route(task, route)
+        return
+    if not blocks_live(state, decision):
+        try:
+            route = Route(live=runtime.load(task, live))
+        except AdapterError as e:
+            reason = f"{decision.reason}; {e}" if isinstance(decision, Refuse) else str(e)
+            decision = Refuse(reason, live)
+    if route is None:
+        found = fallback_route(swapper, task, live, prepare_version)
+        if found is None:
+            raise StartupError(
+                f"{decision.reason}; no older releasable version of {task} verifies here to fall back to "
+                f"(STREAMTUNE_ADAPTER_DIR={registry.root})"
+            )
+        route = found
+        swapper.fall_back(task, live, route.live.manifest.version, decision.reason)
+    runtime.set_route(task, route)
+    if isinstance(decision, Pending):
+        swapper.pend(state, decision.reason)
+    else:
+        swapper.refuse(state, decision.reason)
+
+
+def fallback_route(
+    swapper: Swapper, task: str, released: int, prepare_version: Callable[[str, int], object] | None
+) -> Route | None:
+    """The newest version older than ``released`` that is releasable and loads here, alone."""
+    runtime, registry = swapper.runtime, swapper.runtime.registry
+    for version in fallback_candidates(registry.versions(task), released):
+        try:
+            if not registry.manifest(task, version).releasable:
+                continue
+            _prepare(registry, prepare_version, task, (version,))
+            return Route(live=runtime.load(task, version))
+        except AdapterError as e:
+            log.warning("fallback_candidate_refused", task=task, version=version, reason=str(e))
+    return None
+
+
+def _prepare(
+    registry: AdapterStore,
+    prepare_version: Callable[[str, int], object] | None,
+    task: str,
+    versions: tuple[int, ...],
+) -> None:
+    """Run ``prepare_version`` for each version whose manifest is on disk (nothing to export
+    otherwise). A failure is logged: the checks that follow refuse the version or wait for it."""
+    if prepare_version is None:
+        return
+    for version in versions:
+        if not (registry.fetch(task, version) / MANIFEST).is_file():
+            continue
+        try:
+            prepare_version(task, version)
+        except AdapterError as e:
+            log.warning("prepare_version_failed", task=task, version=version, reason=str(e))
 
 
 def prepare(settings: Settings) -> ScorerResources:
@@ -109,16 +189,19 @@ def prepare(settings: Settings) -> ScorerResources:
         ensure_artifact(settings, registry, task, version)
 
     prepare_version = export_missing if settings.export_on_start else None
-    initial_routes(runtime, registry, current_states(records), release_log, prepare_version)
     metrics = ScorerMetrics()
     # One model thread: batches of all tasks run one at a time, and a swap can only
     # happen between them. torch releases the GIL, so consuming and Redis I/O go on meanwhile.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    swapper = Swapper(runtime, executor, metrics, release_log)
+    swapper = Swapper(
+        runtime, executor, metrics, release_log,
+        retry_initial_s=settings.release_retry_initial_s, retry_max_s=settings.release_retry_max_s,
+    )  # fmt: skip
+    initial_routes(swapper, current_states(records), prepare_version)
     for task in TASK_NAMES:
         swapper.publish_route_metrics(task)
     follower = ReleaseFollower(settings, ends, swapper.apply)
-    readiness = Readiness(adapters_loaded=set(runtime.routes) >= set(TASK_NAMES))
+    readiness = Readiness(adapters_loaded=set(runtime.routes) >= set(TASK_NAMES), fallbacks=swapper.fallbacks)
     readiness.extra.append(lambda: None if follower.alive else "release follower stopped")
     metrics.serve(settings.metrics_port, settings.metrics_host, ready=readiness.check)
     return ScorerResources(

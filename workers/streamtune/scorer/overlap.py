@@ -40,12 +40,21 @@ class BatchSteps(Generic[S]):
 class _Batch:
     events: list[Any]
     abandoned: bool = False  # read again because this batch or one before it failed
+    started_at: float = 0.0  # the clock when it was admitted (submit)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class Overlap(Generic[S]):
-    def __init__(self, depth: int, steps: BatchSteps[S], gate: BatchGate, backoff_s: float) -> None:
+    def __init__(
+        self,
+        depth: int,
+        steps: BatchSteps[S],
+        gate: BatchGate,
+        backoff_s: float,
+        clock: Callable[[], float] = time.monotonic,  # admission times (oldest_started_at)
+    ) -> None:
         self.depth = depth
+        self.clock = clock
         self.steps = steps
         self.gate = gate
         self.backoff_s = backoff_s
@@ -57,7 +66,7 @@ class Overlap(Generic[S]):
         failure, also after a back-off pause). Cancelling the caller does not cancel batches."""
         self.gate.begin()  # synchronously: a close from here on waits for this batch
         prev = self._in_flight[-1].task if self._in_flight else None
-        batch = _Batch(events)
+        batch = _Batch(events, started_at=self.clock())
         batch.task = asyncio.create_task(self._run(batch, prev))
         batch.task.add_done_callback(lambda _: self.gate.end())
         self._in_flight.append(batch)
@@ -68,6 +77,12 @@ class Overlap(Generic[S]):
             self._in_flight.pop(0)
         if (pause := self._backoff_until - time.monotonic()) > 0:
             await asyncio.sleep(pause)  # back off after a failed batch before taking more
+
+    def oldest_started_at(self) -> float | None:
+        """When the oldest batch still in progress was admitted (``clock`` time), or None: how
+        long the agent has been stuck on one batch (a metric; finished batches the agent has
+        not popped yet do not count)."""
+        return next((b.started_at for b in self._in_flight if b.task is not None and not b.task.done()), None)
 
     async def wait(self) -> None:
         """Until every batch in progress has ended (tests; stopping uses the gate)."""

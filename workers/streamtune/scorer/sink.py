@@ -1,23 +1,41 @@
 """Redis sink: one pipeline per batch, idempotent aggregates, retry with back-off.
 
-Keys (``{}`` are placeholders)::
+Keys (``<...>`` are placeholders, the braces are literal)::
 
-    streamtune:score:{task}:{event_id}   JSON score record, TTL ``score_ttl_s``
-    streamtune:product:{<product_id>}    hash: reviews, reviews_<sentiment>, mean_positive_probability
-    streamtune:product:{<product_id>}:scored  hash event_id -> "label|p": what each review contributed
-    streamtune:session:{session_id}      hash: page_views, purchase_probability, adapter_version, ...
+    streamtune:v2:score:<task>:{<tag(event_id)>}      JSON score record, TTL ``score_ttl_s``
+    streamtune:v2:product:{<tag(product_id)>}         hash: product_id, reviews, reviews_<sentiment>,
+                                                      mean_positive_probability, ...; TTL ``product_ttl_s``
+    streamtune:v2:product:{<tag(product_id)>}:scored  hash event_id -> "label|p": what each review
+                                                      contributed (the ledger); TTL ``product_ttl_s``
+    streamtune:v2:session:{<tag(session_id)>}         hash: session_id, page_views, purchase_probability,
+                                                      ...; TTL ``session_ttl_s``
 
-The product id sits in literal braces: a Redis Cluster hash tag, so a product's view and its
-ledger, which one script updates together, live in one slot.
+``tag(id)`` is the first 32 hex digits of the SHA-256 of the id's UTF-8 bytes
+(``product_key("1077") == "streamtune:v2:product:{bcce03f625c22998dcb812feb157db59}"``). Ids
+are producers' data: a brace in one would move or empty the Redis Cluster hash tag (an id
+starting with ``}`` gives the empty tag ``{}``, which Redis ignores), so a product's view and its
+ledger, which one script updates together, would fall into two slots and the cluster client
+would refuse the script. The digest has no braces, so the tag is always exactly it: view and
+ledger share a slot on any id, keys are short printable ASCII whatever the id holds (newlines,
+spaces, any script, 128 characters), and ids with a common ``{...}`` part cannot pile their
+keys into one slot. The readable id is kept in the record itself: the ``product_id`` and
+``session_id`` fields of the views, ``event_id`` in the score JSON. The ``v2`` segment keeps
+these keys apart from the earlier ``streamtune:product:{<product_id>}`` ones, so old keys are
+found by a pattern no new key matches (upgrading: docs/operations.md). Readers compute keys with
+:func:`score_key`, :func:`product_key`, :func:`product_ledger_key` and :func:`session_key`.
 
 The product view is updated by a Lua script that first looks up what the event contributed
 before; a re-scored event replaces its contribution instead of adding a second one, so a
-replay after a crash never counts an event twice.
+replay after a crash never counts an event twice. The same script call sets the TTL of both the
+view and its ledger to ``product_ttl_s``: they expire together, ``product_ttl_s`` after the
+product's last scored review, so neither grows without bound and a view never outlives the
+ledger that keeps it exact.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -55,11 +73,19 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 PREFIX = "streamtune"
+KEYSPACE = f"{PREFIX}:v2"  # the key format's version: see the module docstring
+TAG_HEX_DIGITS = 32  # 128 bits of SHA-256: the tag alone names the entity, collisions are moot
 
+# KEYS: view, ledger. ARGV: event_id, label, positive probability, now, ttl_s, product_id.
+# Returns 0 (already counted as is), 1 (counted), 2 (replaced its earlier contribution).
 PRODUCT_SCRIPT = """
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local new = ARGV[2] .. '|' .. ARGV[3]
-if prev == new then return 0 end
+if prev == new then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  return 0
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'reviews', 0, 'reviews_negative', 0, 'reviews_neutral', 0,
              'reviews_positive', 0, 'positive_probability_sum', 0)
@@ -74,26 +100,35 @@ redis.call('HSET', KEYS[2], ARGV[1], new)
 redis.call('HINCRBY', KEYS[1], 'reviews_' .. ARGV[2], 1)
 local n = redis.call('HINCRBY', KEYS[1], 'reviews', 1)
 local s = tonumber(redis.call('HINCRBYFLOAT', KEYS[1], 'positive_probability_sum', ARGV[3]))
-redis.call('HSET', KEYS[1], 'mean_positive_probability', string.format('%.6f', s / n), 'updated_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'mean_positive_probability', string.format('%.6f', s / n), 'updated_at', ARGV[4],
+           'product_id', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 if prev then return 2 end
 return 1
 """
 
 
+def key_tag(entity_id: str) -> str:
+    """The Redis Cluster hash tag of an id: a digest, so no brace in the id can reach the key."""
+    return hashlib.sha256(entity_id.encode("utf-8")).hexdigest()[:TAG_HEX_DIGITS]
+
+
 def score_key(task: str, event_id: str) -> str:
-    return f"{PREFIX}:score:{task}:{event_id}"
+    return f"{KEYSPACE}:score:{task}:{{{key_tag(event_id)}}}"
 
 
 def product_key(product_id: str) -> str:
-    return f"{PREFIX}:product:{{{product_id}}}"
+    return f"{KEYSPACE}:product:{{{key_tag(product_id)}}}"
 
 
 def product_ledger_key(product_id: str) -> str:
-    return f"{PREFIX}:product:{{{product_id}}}:scored"
+    """The product's ledger: the same hash tag as :func:`product_key`, so the same slot."""
+    return f"{product_key(product_id)}:scored"
 
 
 def session_key(session_id: str) -> str:
-    return f"{PREFIX}:session:{session_id}"
+    return f"{KEYSPACE}:session:{{{key_tag(session_id)}}}"
 
 
 class RedisSink:
@@ -105,10 +140,12 @@ class RedisSink:
         retry_max_s: float = 5.0,
         on_retry: Callable[[], None] | None = None,
         cluster: bool = False,
+        product_ttl_s: int = 30 * 24 * 3600,
     ) -> None:
         self.client = client
         self.score_ttl_s = score_ttl_s
         self.session_ttl_s = session_ttl_s
+        self.product_ttl_s = product_ttl_s
         self.retry_max_s = retry_max_s
         self.on_retry = on_retry
         self._product = client.register_script(PRODUCT_SCRIPT)
@@ -128,7 +165,14 @@ class RedisSink:
                 agg = r.aggregate
                 if isinstance(agg, ProductUpdate):
                     keys = [product_key(agg.product_id), product_ledger_key(agg.product_id)]
-                    args = [agg.event_id, agg.label, repr(agg.positive_probability), now_iso]
+                    args = [
+                        agg.event_id,
+                        agg.label,
+                        repr(agg.positive_probability),
+                        now_iso,
+                        str(self.product_ttl_s),
+                        agg.product_id,
+                    ]
                     if self.cluster:  # cluster pipelines refuse scripts: run them beside it
                         scripts.append((keys, args))
                     else:
@@ -138,6 +182,7 @@ class RedisSink:
                     pipe.hset(
                         key,
                         mapping={
+                            "session_id": agg.session_id,
                             "page_views": agg.page_views,
                             "purchase_probability": agg.purchase_probability,
                             "last_event_id": agg.event_id,

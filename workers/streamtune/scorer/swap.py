@@ -1,26 +1,184 @@
 """Hot-swap: apply a release to the running scorer without pausing it for more than a batch.
 
-Off the scoring path (the follower's thread): the release's manifest hash, the manifest, every
-file's checksum and the base model are verified. Then one job on the model thread, where batches
-also run, loads the adapter, runs the smoke pass and swaps the route: the swap therefore lands
-between two batches, a batch never mixes routes, and a refused version leaves the current route
-serving untouched.
+A release is checked where it is served, against this scorer's own disk: :func:`observe` looks
+at each version the record names, :func:`decide` (pure) says serve, refuse or wait. The record
+must carry the served version's manifest sha256 and it must equal the manifest on disk; that
+manifest must be releasable (bootstrap, or its gate passed) unless the record is ``forced`` (an
+operator's ``--force``). A version whose directory, files or ONNX artifact are not on this disk
+yet makes the release *pending*: what serves keeps serving, the release is retried with
+back-off on a thread of its own, and applied once the files are there (a replicated registry or
+volume lags behind the release log). A newer record of the task replaces a pending one.
+
+Then, still off the scoring path (the follower's or the retry thread), every file's checksum
+and the base model are verified. Then one job on the model thread, where batches also run,
+loads the adapter, runs the smoke pass and swaps the route: the swap therefore lands between
+two batches, a batch never mixes routes, and a refused version leaves the current route serving
+untouched. A refusal is logged, counted and published as a ``refused`` record with its reason.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import structlog
 
 from streamtune.core.errors import AdapterError
+from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.ops.telemetry import ScorerMetrics
+from streamtune.rollout.registry import MANIFEST, AdapterStore
 from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import Release
 
 log = structlog.get_logger(__name__)
+
+PENDING_LOG_EVERY_S = 600.0  # a release still pending is logged again at most this often
+Outcome = Literal["applied", "pending", "refused"]
+
+
+# -- the decision: a pure function of the record and of what the disk holds -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OnDisk:
+    """What this scorer's registry holds of one version (presence, not checksums: those are
+    verified once everything is there)."""
+
+    version: int
+    manifest_sha256: str = ""  # of the manifest on disk; "" while there is none
+    releasable: bool = False
+    gate_reason: str = ""
+    missing: str = ""  # what of it is not on disk yet: a reason to wait
+    unreadable: str = ""  # why its manifest or artifact record cannot be read: a reason to refuse
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    """The record checks out and every file is on disk: verify checksums, load, swap."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    reason: str
+    version: int | None = None  # the version at fault; None: the record itself
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    reason: str
+    versions: tuple[int, ...] = ()  # those not (wholly) on disk yet
+
+
+Decision = Serve | Refuse | Pending
+
+
+def served_version(release: Release) -> int | None:
+    """The version a record vouches for: its canary, else its live version."""
+    return release.canary_version if release.stage == "canary" else release.live_version
+
+
+def named_versions(release: Release) -> tuple[int, ...]:
+    """Every version of the route a record describes (what :func:`build_route` loads)."""
+    if release.canary_version is None:
+        return (release.live_version,)
+    return (release.live_version, release.canary_version)
+
+
+def decide(release: Release, disk: Mapping[int, OnDisk]) -> Decision:
+    """Serve, refuse or wait, from the record and ``disk`` (one entry per :func:`named_versions`).
+
+    The served version's manifest hash must be in the record and equal the manifest on disk,
+    and that manifest must be releasable unless the record is ``forced``. The live version of a
+    canary record was vouched for by an earlier record (perhaps a forced one): here it only has
+    to be on disk. A refusal wins over waiting: a record that can never be served is refused at
+    once, even while another of its versions is still missing."""
+    task = release.task
+    served = served_version(release)
+    if served is None:
+        return Refuse(f"{task}: a canary record without a canary version")
+    if not release.manifest_sha256:
+        return Refuse(f"{task} v{served}: the release record carries no manifest sha256 to check it against")
+    for version in named_versions(release):
+        if disk[version].unreadable:
+            return Refuse(disk[version].unreadable, version)
+    here = disk[served]
+    if here.manifest_sha256:
+        if here.manifest_sha256 != release.manifest_sha256:
+            return Refuse(
+                f"{task} v{served}: manifest sha256 {here.manifest_sha256[:12]} differs from the release's "
+                f"{release.manifest_sha256[:12]}",
+                served,
+            )
+        if not here.releasable and not release.forced:
+            return Refuse(
+                f"{task} v{served}: its release gate rejected it ({here.gate_reason}); only a forced "
+                "release serves it (`streamtune adapters promote --force`)",
+                served,
+            )
+    missing = [disk[v] for v in named_versions(release) if disk[v].missing]
+    if missing:
+        return Pending(
+            "; ".join(f"{task} v{d.version}: {d.missing}" for d in missing), tuple(d.version for d in missing)
+        )
+    return Serve()
+
+
+def blocks_live(release: Release, decision: Refuse | Pending) -> bool:
+    """Whether the record's live version cannot serve on its own (start-up). A canary record's
+    live version serves alone while its canary is refused or pending; a live or rolled-back
+    record vouches for its live version itself, so anything wrong with the record blocks it."""
+    if release.stage != "canary":
+        return True
+    if isinstance(decision, Refuse):
+        return decision.version == release.live_version
+    return release.live_version in decision.versions
+
+
+def fallback_candidates(versions: Iterable[int], released: int) -> list[int]:
+    """Versions a scorer may serve while the released live version cannot (start-up), in the
+    order to try them: older ones only, newest first. A newer version was never released as
+    live, or was rolled back."""
+    return sorted((v for v in versions if v < released), reverse=True)
+
+
+def observe(registry: AdapterStore, task: str, version: int, backend: str) -> OnDisk:
+    """What this scorer's disk holds of ``version``: its manifest (hash, gate verdict), whether
+    every file it lists is there, and on an ONNX backend the artifact's record and files."""
+    directory = registry.fetch(task, version)
+    if not (directory / MANIFEST).is_file():
+        return OnDisk(version, missing=f"not on this scorer's disk yet (no {directory / MANIFEST})")
+    try:
+        manifest = registry.manifest(task, version)
+        sha = registry.manifest_sha256(task, version)
+    except AdapterError as e:
+        return OnDisk(version, unreadable=str(e))
+    except OSError as e:
+        return OnDisk(version, unreadable=f"{task} v{version}: manifest unreadable: {e}")
+    seen = OnDisk(version, sha, manifest.releasable, str(manifest.gate.get("reason", "no reason given")))
+    absent = sorted(name for name in manifest.files if not (directory / name).is_file())
+    if absent:
+        return replace(seen, missing=f"file(s) {', '.join(absent)} not on disk yet")
+    if backend in ONNX_BACKENDS:
+        try:
+            art = registry.artifact(task, version, backend)
+        except AdapterError as e:
+            return replace(seen, unreadable=str(e))
+        if art is None:
+            return replace(
+                seen,
+                missing=f"no {backend} artifact yet (`streamtune adapters export --task {task} "
+                f"--version {version} --backend {backend}`)",
+            )
+        art_dir = registry.artifact_dir(task, version, backend)
+        absent = sorted(name for name in art.files if not (art_dir / name).is_file())
+        if art.passed and absent:
+            return replace(seen, missing=f"{backend} artifact file(s) {', '.join(absent)} not on disk yet")
+    return seen
 
 
 def build_route(runtime: ModelRuntime, release: Release) -> Route:
@@ -29,29 +187,110 @@ def build_route(runtime: ModelRuntime, release: Release) -> Route:
     return Route(live=live, canary=canary, fraction=release.canary_fraction if canary else 0.0)
 
 
+# -- applying releases -----------------------------------------------------------------------
+
+
+@dataclass
+class _Waiting:
+    """A pending release and its back-off."""
+
+    release: Release
+    reason: str
+    since: float
+    delay: float
+    next_at: float
+    logged_at: float
+
+
 class Swapper:
+    """Applies releases (the follower thread calls :meth:`apply`), retries pending ones (a
+    thread of its own, started with the first), and keeps the route metrics, the pending gauge
+    and the fallback reasons (``fallbacks``, which the scorer's readiness reads) current.
+
+    Every application and retry runs under one lock, so a retry and a new record of the same
+    task never interleave, and the newest record wins."""
+
     def __init__(
-        self, runtime: ModelRuntime, executor: Executor, metrics: ScorerMetrics, releases: ReleaseLog | None
+        self,
+        runtime: ModelRuntime,
+        executor: Executor,
+        metrics: ScorerMetrics,
+        releases: ReleaseLog | None,
+        retry_initial_s: float = 2.0,
+        retry_max_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
     ) -> None:
         self.runtime = runtime
         self.executor = executor
         self.metrics = metrics
         self.releases = releases
+        self.retry_initial_s = min(retry_initial_s, retry_max_s)
+        self.retry_max_s = retry_max_s
+        self.clock = clock
+        self.background = background  # False: no retry thread (tests call retry_due themselves)
+        # task -> why it serves a version other than the released one (a start-up fallback)
+        self.fallbacks: dict[str, str] = {}
+        self._pending: dict[str, _Waiting] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def publish_route_metrics(self, task: str) -> None:
         route = self.runtime.routes[task]
         self.metrics.adapter_version.labels(task).set(route.live.manifest.version)
         self.metrics.canary_version.labels(task).set(route.canary.manifest.version if route.canary else 0)
         self.metrics.canary_fraction.labels(task).set(route.fraction)
+        self.metrics.releases_pending.labels(task).set(1 if task in self._pending else 0)
+        self.metrics.adapter_fallback.labels(task).set(1 if task in self.fallbacks else 0)
+
+    @property
+    def pending(self) -> dict[str, Release]:
+        """The pending release of each task that has one."""
+        with self._lock:
+            return {task: w.release for task, w in self._pending.items()}
 
     def apply(self, release: Release) -> bool:
-        """Swap to the route ``release`` describes; False (and a refusal record) when refused."""
+        """Swap to the route ``release`` describes. True once it serves; False when it was
+        refused (a refusal record) or is pending (retried until its files are on disk)."""
+        with self._lock:
+            self._pending.pop(release.task, None)  # a newer record replaces a pending one
+            outcome = self._apply(release)
+            self.metrics.releases_pending.labels(release.task).set(1 if release.task in self._pending else 0)
+            return outcome == "applied"
+
+    def check(self, release: Release) -> Decision:
+        """:func:`decide` over what the disk holds and, when it says serve, every checksum, the
+        base model and the artifact (:meth:`ModelRuntime.verify`): all that needs no model.
+        A file gone missing during the checksums (a copy still in progress) makes it pending."""
+        task = release.task
+        backend = self.runtime.backend_for(task)
+
+        def look() -> Decision:
+            disk = {v: observe(self.runtime.registry, task, v, backend) for v in named_versions(release)}
+            return decide(release, disk)
+
+        decision = look()
+        if not isinstance(decision, Serve):
+            return decision
+        for version in named_versions(release):
+            try:
+                self.runtime.verify(task, version)
+            except AdapterError as e:
+                again = look()
+                return again if isinstance(again, Pending) else Refuse(str(e), version)
+        return decision
+
+    def _apply(self, release: Release) -> Outcome:
         started = time.monotonic()
-        try:
-            self.verify(release)
-        except AdapterError as e:
-            self.refuse(release, str(e))
-            return False
+        decision = self.check(release)
+        if isinstance(decision, Pending):
+            self.pend(release, decision.reason)
+            return "pending"
+        if isinstance(decision, Refuse):
+            self.refuse(release, decision.reason)
+            return "refused"
 
         def swap() -> None:
             self.runtime.set_route(release.task, build_route(self.runtime, release))
@@ -60,31 +299,15 @@ class Swapper:
             self.executor.submit(swap).result(timeout=300)
         except AdapterError as e:
             self.refuse(release, str(e))
-            return False
+            return "refused"
+        if self.fallbacks.pop(release.task, None) is not None:
+            log.warning("adapter_fallback_ended", task=release.task, live=release.live_version)
         self.metrics.swap_seconds.labels(release.task).observe(time.monotonic() - started)
         self.publish_route_metrics(release.task)
         log.info("release_applied", task=release.task, stage=release.stage, live=release.live_version,
                  canary=release.canary_version, fraction=release.canary_fraction,
                  seconds=round(time.monotonic() - started, 3))  # fmt: skip
-        return True
-
-    def verify(self, release: Release) -> None:
-        """Everything that needs no model: the record's manifest hash and each version's files."""
-        task = release.task
-        served = release.canary_version if release.stage == "canary" else release.live_version
-        if served is not None and release.manifest_sha256:
-            try:
-                actual = self.runtime.registry.manifest_sha256(task, served)
-            except OSError as e:
-                raise AdapterError(f"{task} v{served}: manifest unreadable: {e}") from e
-            if actual != release.manifest_sha256:
-                raise AdapterError(
-                    f"{task} v{served}: manifest sha256 {actual[:12]} differs from the release's "
-                    f"{release.manifest_sha256[:12]}"
-                )
-        for version in (release.live_version, release.canary_version):
-            if version is not None:
-                self.runtime.verify(task, version)
+        return "applied"
 
     def refuse(self, release: Release, reason: str) -> None:
         """Log and publish the refusal, then count it: once the counter moves, the refusal's
@@ -107,3 +330,90 @@ class Swapper:
                 )
         finally:
             self.metrics.refusals.labels(release.task).inc()
+
+    # -- pending releases ---------------------------------------------------------------------
+
+    def pend(self, release: Release, reason: str) -> None:
+        """Hold ``release`` until its files are on disk: what serves keeps serving, and it is
+        retried after ``retry_initial_s``, then twice as long each time up to ``retry_max_s``.
+        Logged when it starts waiting, when the reason changes, and at most every
+        :data:`PENDING_LOG_EVERY_S` while it waits."""
+        with self._lock:
+            now = self.clock()
+            task = release.task
+            w = self._pending.get(task)
+            if w is None or w.release != release:
+                w = _Waiting(release, reason, now, self.retry_initial_s, now + self.retry_initial_s, now)
+                log.warning("release_pending", task=task, version=release.version, stage=release.stage,
+                            live=release.live_version, canary=release.canary_version, reason=reason,
+                            retry_in_s=w.delay)  # fmt: skip
+            else:
+                w.delay = min(w.delay * 2, self.retry_max_s)
+                w.next_at = now + w.delay
+                if reason != w.reason or now - w.logged_at >= PENDING_LOG_EVERY_S:
+                    log.warning("release_still_pending", task=task, version=release.version, reason=reason,
+                                waited_s=round(now - w.since), retry_in_s=w.delay)  # fmt: skip
+                    w.logged_at = now
+                w.reason = reason
+            self._pending[task] = w
+            self.metrics.releases_pending.labels(task).set(1)
+            if self.background and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="release-retry", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def retry_due(self) -> None:
+        """Retry every pending release whose time has come: applied, refused, or pending again
+        (with a longer wait). The retry thread calls this; tests call it with their own clock."""
+        with self._lock:
+            now = self.clock()
+            for task, w in list(self._pending.items()):
+                if w.next_at > now:
+                    continue
+                try:
+                    outcome = self._apply(w.release)
+                except Exception:  # e.g. the model thread timed out: try again later, never spin
+                    log.exception("release_retry_failed", task=task, version=w.release.version)
+                    w.delay = min(w.delay * 2, self.retry_max_s)
+                    w.next_at = now + w.delay
+                    continue
+                if outcome != "pending":
+                    if self._pending.get(task) is w:
+                        del self._pending[task]
+                    if outcome == "applied":
+                        log.warning("release_pending_applied", task=task, version=w.release.version,
+                                    waited_s=round(self.clock() - w.since, 1))  # fmt: skip
+                self.metrics.releases_pending.labels(task).set(1 if task in self._pending else 0)
+
+    def next_retry_at(self) -> float | None:
+        with self._lock:
+            return min((w.next_at for w in self._pending.values()), default=None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            due = self.next_retry_at()
+            self._wake.wait(None if due is None else max(0.0, due - self.clock()))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.retry_due()
+            except Exception:  # the thread must outlive any one retry
+                log.exception("release_retry_failed")
+
+    def close(self) -> None:
+        """Stop the retry thread (pending releases are dropped with it)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- start-up fallback --------------------------------------------------------------------
+
+    def fall_back(self, task: str, released: int, serving: int, reason: str) -> None:
+        """Record, loudly, that ``task`` serves ``serving`` instead of the released live version
+        (log at error, ``streamtune_adapter_fallback``, a /readyz reason); it ends when a release
+        of the task is applied (a pending one, once its files are there, or a newer one)."""
+        self.fallbacks[task] = f"v{serving} instead of the released v{released} ({reason})"
+        self.metrics.adapter_fallback.labels(task).set(1)
+        log.error("adapter_fallback", task=task, released=released, serving=serving, reason=reason)

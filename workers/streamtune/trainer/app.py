@@ -8,8 +8,9 @@ the agents feed it events, send the tombstones it asks for, and count what it re
   session state so far): what a label joins to. Bounded by event-time window and count.
 * ``joined``  key ``task:id``: one joined label (:class:`~streamtune.training.online.Example`);
   the first label of an input wins, later ones are duplicates. Bounded per task (replay pool).
-* ``pending`` labels that arrived before their input; after ``trainer_label_wait_s`` they are
-  orphans (counted and logged).
+* ``pending`` labels that arrived before their input; once the task's input stream is more
+  than ``trainer_label_wait_s`` past them (event time, every partition) they are orphans, and
+  beyond ``trainer_max_pending`` the oldest arrivals are dropped (both counted and logged).
 
 Which joined labels are fresh is decided by the label offsets recorded in the newest
 trainer-made manifest of the task, so "trained on" lives in the registry, written atomically
@@ -97,6 +98,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         max_inputs=settings.trainer_max_inputs,
         label_wait_s=settings.trainer_label_wait_s,
         replay_max=settings.trainer_replay_max,
+        max_pending=settings.trainer_max_pending,
     )
     joiner = Joiner(inputs, joined, pending, limits, state.watermarks, evict)
 
@@ -108,7 +110,13 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             if not await skip_guard.admit([event]):
                 continue
             src = source(event)
-            decoded = decode(spec.event_model, event.message.value, src)
+            decoded = decode(
+                spec.event_model,
+                event.message.value,
+                src,
+                max_raw_bytes=settings.dlq_max_raw_bytes,
+                max_future_skew_s=settings.max_future_skew_s,
+            )
             if isinstance(decoded, DeadLetter):
                 m.inputs_invalid.labels(task).inc()  # the scorer dead-letters it; here it is skipped
                 continue
@@ -140,7 +148,13 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             if not await skip_guard.admit([event]):
                 continue
             src = source(event)
-            decoded = decode(LabelEvent, event.message.value, src)
+            decoded = decode(
+                LabelEvent,
+                event.message.value,
+                src,
+                max_raw_bytes=settings.dlq_max_raw_bytes,
+                max_future_skew_s=settings.max_future_skew_s,
+            )
             if isinstance(decoded, DeadLetter):
                 m.labels_invalid.inc()
                 log.warning("label_invalid", partition=src.partition, offset=src.offset, error=decoded.error)
@@ -169,8 +183,14 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             log.exception("training_failed", task=task, error=str(e))
             state.retry_after[task] = time.monotonic() + min(settings.trainer_interval_s, 60.0)
         else:
-            state.watermarks[task] = ts.watermark
+            # Only as far as the run got (train_candidate reports it in ts.progress): labels it
+            # never reached, stopped at its time budget, stay fresh for the next run.
+            reached = ts.reached()
+            state.watermarks[task] = reached
             m.runs.labels(task, outcome).inc()
+            if reached < ts.watermark:
+                left = sum(1 for e in ts.fresh if e.seq > reached)
+                log.warning("labels_left_fresh", task=task, joined_seq=reached, fresh=left)
         finally:
             m.training.labels(task).set(0)
             m.run_seconds.labels(task).observe(time.monotonic() - started)
@@ -212,7 +232,13 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         swept = joiner.sweep(time.time())
         for task, n in swept.orphans.items():
             m.labels_orphan.labels(task).inc(n)
-            log.warning("labels_orphaned", task=task, count=n, reason="input never seen or out of the window")
+            m.labels_dropped.labels(task, "orphan").inc(n)
+            why = f"the task's inputs are over {settings.trainer_label_wait_s} s past them"
+            log.warning("labels_orphaned", task=task, count=n, reason=why)
+        for task, n in swept.dropped.items():
+            m.labels_dropped.labels(task, "pending_full").inc(n)
+            why = f"over {settings.trainer_max_pending} labels waiting for their input"
+            log.warning("labels_dropped", task=task, count=n, reason=why)
         m.inputs_held.set(swept.inputs_held)
         m.labels_pending.set(swept.labels_pending)
         if swept.inputs_evicted:

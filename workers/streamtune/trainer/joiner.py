@@ -6,7 +6,8 @@ The trainer keeps three tables (Faust tables with changelogs in production, plai
   session state so far): what a label joins to. Bounded by event-time window and count.
 * ``joined``  key ``task:id``: one joined label (:class:`~streamtune.training.online.Example`);
   the first label of an input wins, later ones are duplicates. Bounded per task (replay pool).
-* ``pending`` labels that arrived before their input; after the label wait they are orphans.
+* ``pending`` labels that arrived before their input; once the input stream has moved past
+  them they are orphans (:meth:`Joiner.sweep`). Bounded by count (the oldest arrival goes).
 
 Every entry records the changelog partition it was written to (``cp``: the partition of the
 event being processed when it was written). Entries are only ever written through the mapping
@@ -15,15 +16,24 @@ removed through the ``evict`` callback with an :class:`Eviction`, which names th
 and the partition its tombstone must go to (a sweep runs outside any event, so the deletion
 cannot go through the mapping).
 
+Time and order come from the streams, never from the wall clock or the producers' timestamps
+alone. *Order* (what is evicted first) is arrival: the trainer's own arrival counter (``a``) for
+inputs and pending labels, the join sequence number for joined labels. *Time* (when a pending
+label is an orphan, when an input is out of the window) is stream time: how far the streams'
+event times have got (:class:`StreamClock`), so a trainer that was down and reads a backlog
+gives up on nothing whose counterpart is still in the backlog.
+
 The stored JSON keeps the one-letter keys of the first trainer release, so changelogs written by
-an older trainer recover in a newer one: an input is ``{"x": text, "t": ts, "cp": p}`` or
-``{"s": session, "t": ts, "cp": p}``, a pending label ``{"label": {"y", "p", "o", "t"},
-"arrived": ts, "cp": p}``, a joined one ``{"ex": Example.to_json(), "cp": p}``.
+an older trainer recover in a newer one: an input is ``{"x": text, "t": ts, "cp": p, "a": n}``
+or ``{"s": session, "t": ts, "cp": p, "a": n}``, a pending label ``{"label": {"y", "p", "o",
+"t"}, "arrived": ts, "cp": p, "a": n}``, a joined one ``{"ex": Example.to_json(), "cp": p}``.
+Entries without ``a`` (written before it) count as the oldest arrivals.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -58,16 +68,17 @@ class TextInput:
     text: str  # "x"
     ts: float  # "t": event time, epoch seconds
     partition: int  # "cp"
+    arrival: int = -1  # "a": the trainer's arrival counter when it was stored (-1: before it)
 
     def model_input(self) -> str:
         return self.text
 
     def to_json(self) -> dict[str, Any]:
-        return {"x": self.text, "t": self.ts, "cp": self.partition}
+        return {"x": self.text, "t": self.ts, "cp": self.partition, "a": self.arrival}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TextInput:
-        return cls(str(d["x"]), float(d["t"]), int(d["cp"]))
+        return cls(str(d["x"]), float(d["t"]), int(d["cp"]), arrival_of(d))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,19 +88,30 @@ class SessionInput:
     state: SessionState  # "s"
     ts: float  # "t": time of the latest click, epoch seconds
     partition: int  # "cp"
+    arrival: int = -1  # "a": arrival counter of the latest click (-1: stored before it)
 
     def model_input(self) -> list[float]:
         return vectorize(session_row(self.state))
 
     def to_json(self) -> dict[str, Any]:
-        return {"s": self.state.model_dump(mode="json"), "t": self.ts, "cp": self.partition}
+        return {
+            "s": self.state.model_dump(mode="json"),
+            "t": self.ts,
+            "cp": self.partition,
+            "a": self.arrival,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SessionInput:
-        return cls(SessionState.model_validate(d["s"]), float(d["t"]), int(d["cp"]))
+        return cls(SessionState.model_validate(d["s"]), float(d["t"]), int(d["cp"]), arrival_of(d))
 
 
 HeldInput = TextInput | SessionInput
+
+
+def arrival_of(d: Mapping[str, Any]) -> int:
+    """The arrival counter of a stored input or pending label (-1: written before there was one)."""
+    return int(d.get("a", -1))
 
 
 def held_input(spec: TaskSpec, d: Mapping[str, Any]) -> HeldInput:
@@ -119,15 +141,21 @@ class PendingLabel:
     """A label waiting for its input."""
 
     label: Label  # "label"
-    arrived: float  # "arrived": wall-clock time it was received, epoch seconds
+    arrived: float  # "arrived": wall-clock time it was received, epoch seconds (for people only)
     partition: int  # "cp"
+    arrival: int = -1  # "a": the trainer's arrival counter when it was received (-1: before it)
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label.to_json(), "arrived": self.arrived, "cp": self.partition}
+        return {
+            "label": self.label.to_json(),
+            "arrived": self.arrived,
+            "cp": self.partition,
+            "a": self.arrival,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> PendingLabel:
-        return cls(Label.from_json(d["label"]), float(d["arrived"]), int(d["cp"]))
+        return cls(Label.from_json(d["label"]), float(d["arrived"]), int(d["cp"]), arrival_of(d))
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,19 +213,42 @@ class LabelOutcome:
 @dataclass(frozen=True)
 class SweepOutcome:
     inputs_evicted: int  # by window or count
-    orphans: dict[str, int]  # pending labels given up, per task
+    orphans: dict[str, int]  # pending labels given up (their task's inputs moved past), per task
     replay_evicted: dict[str, int]  # joined labels beyond the replay pool, per task (non-zero only)
     evictions: list[Eviction] = field(default_factory=list)  # every tombstone, in the order sent
     inputs_held: int = 0  # after the sweep
     labels_pending: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # pending labels beyond max_pending, per task
 
 
 @dataclass(frozen=True, slots=True)
 class JoinLimits:
-    input_window_s: float  # inputs older than this (event time, vs. the sweep's now) go
-    max_inputs: int  # at most this many inputs are held; the oldest go first
-    label_wait_s: float  # a pending label waits this long for its input, then is an orphan
-    replay_max: int  # joined labels already trained on kept per task (the newest by label time)
+    input_window_s: float  # an input goes once the labels stream is this far past it (event time)
+    max_inputs: int  # at most this many inputs are held; the oldest arrivals go first
+    label_wait_s: float  # a pending label is an orphan once its task's inputs are this far past it
+    replay_max: int  # joined labels already trained on kept per task (the latest joined)
+    max_pending: int = 50_000  # at most this many labels wait; the oldest arrivals are dropped
+
+
+class StreamClock:
+    """How far a stream has got in event time: the latest event time seen on each partition.
+
+    The stream is past a time once *every* partition seen is (:meth:`low`: the low watermark).
+    With the maximum over partitions, one partition that caught up would declare past what a
+    lagging one still holds in its backlog. A partition that goes quiet holds the clock back:
+    safe (nothing is given up early), and the tables stay bounded by count meanwhile."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, float] = {}
+
+    def see(self, partition: int, ts: float) -> None:
+        if ts > self.latest.get(partition, -math.inf):
+            self.latest[partition] = ts
+
+    def low(self, cap: float) -> float | None:
+        """The time every partition seen has reached, but not beyond ``cap`` (the wall clock: a
+        producer whose clock runs ahead does not move the stream); None: nothing seen yet."""
+        return min(min(self.latest.values()), cap) if self.latest else None
 
 
 EvictFn = Callable[[Eviction], None]
@@ -209,6 +260,24 @@ class Joiner:
     ``watermarks`` (per task, the highest join sequence already trained on) is read when it is
     needed, so the trainer may update it in place. ``evict`` must remove the key from the table
     and send the tombstone; by default the key is only removed from the mapping (plain dicts).
+
+    Two stream clocks (:class:`StreamClock`, in memory; after a start they begin from what the
+    recovered tables hold) decide when something is given up, in :meth:`sweep`:
+
+    * a pending label is an orphan once the **inputs of its task** are more than
+      ``label_wait_s`` past the label's own time, on every partition seen (a label does not
+      say which input partition its input is on). Its input, made before the label, is then
+      behind the stream on its partition, whichever it is: it was not seen (or is out of
+      order by more than the wait). A trainer that was down reads its backlog in stream order,
+      so a label read ahead of its input waits until the input stream catches up to it, however
+      long that takes on the wall clock;
+    * an input is out of the window once the **labels stream** is more than ``input_window_s``
+      past the input's time on every labels partition seen: the labels that could still come for
+      it would be that late. So inputs read ahead of their labels in a backlog wait for them.
+
+    Both clocks are capped at the sweep's ``now``, so producer clocks running ahead of the
+    trainer's cannot make it give up early; a quiet stream gives up nothing (the count bounds,
+    ``max_inputs`` and ``max_pending``, still hold).
     """
 
     def __init__(
@@ -226,6 +295,9 @@ class Joiner:
         self._tables: dict[TableName, Table] = {"inputs": inputs, "joined": joined, "pending": pending}
         self._evict_fn = evict or self._pop
         self._next_seq: int | None = None  # set from the recovered table at the first join
+        self._next_arrival: int | None = None  # set from the recovered tables at the first arrival
+        self._input_clocks: dict[str, StreamClock] | None = None  # per task; from the tables at first use
+        self._label_clock = StreamClock()
 
     def _pop(self, e: Eviction) -> None:
         self._tables[e.table].pop(e.key, None)
@@ -244,6 +316,30 @@ class Joiner:
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         return seq
 
+    def next_arrival(self) -> int:
+        """The next arrival number (inputs and pending labels): the first after a start continues
+        after the recovered tables."""
+        if self._next_arrival is None:
+            seen = [arrival_of(v) for table in (self.inputs, self.pending) for v in table.values()]
+            self._next_arrival = max([-1, *seen]) + 1
+        n, self._next_arrival = self._next_arrival, self._next_arrival + 1
+        return n
+
+    def _clocks(self) -> dict[str, StreamClock]:
+        """The input clocks, per task; at the first use after a start, the labels clock too, both
+        from what the recovered tables hold (never ahead of what was really seen)."""
+        if self._input_clocks is None:
+            self._input_clocks = {}
+            for key, v in self.inputs.items():
+                self._input_clocks.setdefault(task_of(key), StreamClock()).see(int(v["cp"]), float(v["t"]))
+            for v in self.pending.values():
+                lab = PendingLabel.from_json(v).label
+                self._label_clock.see(lab.partition, lab.ts)
+            for v in self.joined.values():
+                ex = JoinedLabel.from_json(v).example
+                self._label_clock.see(ex.partition, ex.ts)
+        return self._input_clocks
+
     def _join(self, key: str, label: Label, x: str | list[float], partition: int) -> Example:
         ex = Example(key, x, label.y, label.partition, label.offset, label.ts, self.next_seq())
         self.joined[key] = JoinedLabel(ex, partition).to_json()
@@ -257,6 +353,8 @@ class Joiner:
         """Store an input event of the task (read from ``partition`` at ``offset``) and join a
         label that waited for it. None: a re-delivered click, nothing changed."""
         key = join_key(spec, event)
+        ts = event.ts.timestamp()
+        self._clocks().setdefault(spec.name, StreamClock()).see(partition, ts)
         held: HeldInput
         if spec.labels_session:
             assert isinstance(event, ClickEvent)
@@ -265,9 +363,9 @@ class Joiner:
             new, applied = apply_click(prev, event, partition, offset)
             if not applied:
                 return None
-            held = SessionInput(new, event.ts.timestamp(), partition)
+            held = SessionInput(new, ts, partition, self.next_arrival())
         else:
-            held = TextInput(spec.model_text(event), event.ts.timestamp(), partition)
+            held = TextInput(spec.model_text(event), ts, partition, self.next_arrival())
         self.inputs[key] = held.to_json()
         waiting = self.pending.get(key)
         if waiting is None:
@@ -280,15 +378,18 @@ class Joiner:
         return InputAdded(spec.name, key, joined=ex, evicted=evicted)
 
     def add_label(self, label: LabelEvent, partition: int, offset: int, now: float) -> LabelOutcome:
-        """Join a label (read from ``partition`` at ``offset``; ``now``: wall-clock epoch seconds)
-        to its input, or hold it until the input arrives. The first label of an input wins."""
+        """Join a label (read from ``partition`` at ``offset``; ``now``: wall-clock epoch seconds,
+        recorded for people only) to its input, or hold it until the input arrives. The first
+        label of an input wins."""
         key = label_key(label)
         lab = Label(label_name(label), partition, offset, label.ts.timestamp())
+        self._clocks()
+        self._label_clock.see(partition, lab.ts)
         if key in self.joined or key in self.pending:
             return LabelOutcome(LabelStatus.DUPLICATE, label.task, key)
         held = self.held(TASKS[label.task], key)
         if held is None:
-            self.pending[key] = PendingLabel(lab, now, partition).to_json()
+            self.pending[key] = PendingLabel(lab, now, partition, self.next_arrival()).to_json()
             return LabelOutcome(LabelStatus.PENDING, label.task, key)
         ex = self._join(key, lab, held.model_input(), partition)
         return LabelOutcome(LabelStatus.JOINED, label.task, key, ex)
@@ -301,36 +402,57 @@ class Joiner:
         ]
 
     def sweep(self, now: float) -> SweepOutcome:
-        """Bound the tables (``now``: wall-clock epoch seconds): evict inputs out of the window or
-        beyond the count (oldest event time first), give up labels that waited too long (orphans),
-        and trim each task's labels already trained on to the replay pool (oldest label time first;
-        fresh labels are never evicted)."""
+        """Bound the tables, in this order (``now``: wall-clock epoch seconds, only a cap on the
+        stream clocks, see the class):
+
+        * inputs out of the window (the labels stream moved past them) or beyond the count
+          (oldest arrival first);
+        * pending labels whose task's inputs moved past them (orphans), then those beyond
+          ``max_pending`` (oldest arrival first: dropped);
+        * each task's labels already trained on beyond the replay pool (oldest join first;
+          fresh labels are never evicted)."""
+        clocks = self._clocks()
         evictions: list[Eviction] = []
-        cutoff = now - self.limits.input_window_s
-        held = sorted(self.inputs.items(), key=lambda kv: float(kv[1]["t"]))
+        labels_at = self._label_clock.low(now)
+        cutoff = -math.inf if labels_at is None else labels_at - self.limits.input_window_s
+        held = sorted(self.inputs.items(), key=lambda kv: arrival_of(kv[1]))
         excess = max(0, len(held) - self.limits.max_inputs)
-        dropped = 0
+        dropped_inputs = 0
         for i, (key, value) in enumerate(held):
             if i < excess or float(value["t"]) < cutoff:
                 evictions.append(self._evict("inputs", key, int(value["cp"])))
-                dropped += 1
+                dropped_inputs += 1
         orphans: dict[str, int] = {}
-        for key, value in list(self.pending.items()):
-            waiting = PendingLabel.from_json(value)
-            if now - waiting.arrived > self.limits.label_wait_s:
-                evictions.append(self._evict("pending", key, waiting.partition))
-                orphans[task_of(key)] = orphans.get(task_of(key), 0) + 1
+        kept: list[tuple[str, PendingLabel]] = []
+        waiting = sorted(
+            ((k, PendingLabel.from_json(v)) for k, v in self.pending.items()), key=lambda kv: kv[1].arrival
+        )
+        for key, label in waiting:
+            task = task_of(key)
+            clock = clocks.get(task)
+            inputs_at = None if clock is None else clock.low(now)
+            if inputs_at is not None and inputs_at - label.label.ts > self.limits.label_wait_s:
+                evictions.append(self._evict("pending", key, label.partition))
+                orphans[task] = orphans.get(task, 0) + 1
+            else:
+                kept.append((key, label))
+        dropped: dict[str, int] = {}
+        for key, label in kept[: max(0, len(kept) - self.limits.max_pending)]:
+            evictions.append(self._evict("pending", key, label.partition))
+            dropped[task_of(key)] = dropped.get(task_of(key), 0) + 1
         replay: dict[str, int] = {}
         for task in TASKS:
             wm = self.watermarks.get(task, -1)
             prefix = task + ":"
             records = ((k, JoinedLabel.from_json(v)) for k, v in self.joined.items() if k.startswith(prefix))
             old = sorted(
-                ((k, r) for k, r in records if not is_fresh(r.example, wm)), key=lambda kr: kr[1].example.ts
+                ((k, r) for k, r in records if not is_fresh(r.example, wm)), key=lambda kr: kr[1].example.seq
             )
             over = old[: max(0, len(old) - self.limits.replay_max)]
             for key, rec in over:
                 evictions.append(self._evict("joined", key, rec.partition))
             if over:
                 replay[task] = len(over)
-        return SweepOutcome(dropped, orphans, replay, evictions, len(self.inputs), len(self.pending))
+        return SweepOutcome(
+            dropped_inputs, orphans, replay, evictions, len(self.inputs), len(self.pending), dropped
+        )

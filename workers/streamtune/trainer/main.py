@@ -9,7 +9,7 @@ import faust
 import structlog
 import torch
 
-from streamtune.core.errors import StartupError
+from streamtune.core.errors import AdapterError, StartupError
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import TASK_NAMES
 from streamtune.kafka.topics import ensure_topics
@@ -27,9 +27,16 @@ log = structlog.get_logger(__name__)
 
 
 def last_trainer_manifest(registry: AdapterStore, task: str) -> Manifest | None:
-    """The newest version this trainer made (released or not)."""
+    """The newest version this trainer made (released or not).
+
+    A version whose manifest cannot be read is skipped (logged), so one bad version does not
+    stop every restart; the older one recovered instead can only make labels fresh again."""
     for version in reversed(registry.versions(task)):
-        m = registry.manifest(task, version)
+        try:
+            m = registry.manifest(task, version)
+        except AdapterError as e:
+            log.warning("manifest_unreadable_skipped", task=task, version=version, error=str(e))
+            continue
         if m.training.get("source") == "trainer":
             return m
     return None
@@ -105,6 +112,7 @@ class TrainJobRunner:
         return OnlineConfig(
             epochs=s.trainer_epochs, lr=s.trainer_lr, budget_s=s.trainer_budget_s, margin=s.trainer_margin,
             tolerance=s.trainer_reference_tolerance, max_len=s.max_seq_len, seed=s.trainer_seed,
+            alpha=s.trainer_gate_alpha,
         )  # fmt: skip
 
     def __call__(self, task: str, ts: TrainingSet) -> str:

@@ -84,3 +84,147 @@ METRICS: dict[MetricFamily, Callable[[list[int], np.ndarray], dict[str, float]]]
     MetricFamily.TOP_K: topk_metrics,
     MetricFamily.BINARY: binary_metrics,
 }
+
+
+def resample_weights(n: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap resamples of ``n`` rows as counts: row ``b`` of the result says how often each of
+    the ``n`` rows was drawn (with replacement) into resample ``b``. Counts, not index lists, so a
+    metric over every resample is a few matrix products instead of a Python loop."""
+    idx = rng.integers(0, n, size=(resamples, n))
+    flat = (idx + np.arange(resamples)[:, None] * n).ravel()
+    counts: np.ndarray = np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(float)
+    return counts
+
+
+def _hits_top_k(y: np.ndarray, probs: np.ndarray, k: int) -> np.ndarray:
+    # As sklearn's top_k_accuracy_score (multiclass): stable sort, highest first.
+    top = np.argsort(probs, axis=1, kind="mergesort")[:, ::-1][:, :k]
+    hits: np.ndarray = (top == y[:, None]).any(axis=1).astype(float)
+    return hits
+
+
+def _weighted_mean(weights: np.ndarray, per_row: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (weights @ per_row) / weights.sum(axis=1)
+    return out
+
+
+def _weighted_macro_f1(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro-F1 per resample, as sklearn's ``f1_score(average="macro")``: the mean over the classes
+    present in the resample's true or predicted labels of 2·TP / (2·TP + FP + FN)."""
+    eye = np.eye(n_classes)
+    truth, guess = eye[y], eye[pred]  # rows × classes, one-hot
+    return _macro_f1_of_counts(weights @ (truth * guess), weights @ truth, weights @ guess)
+
+
+def _macro_f1_of_counts(tp: np.ndarray, true_n: np.ndarray, pred_n: np.ndarray) -> np.ndarray:
+    # Per class: TP, TP + FN, TP + FP (resamples × classes); classes in neither are left out.
+    denom = true_n + pred_n
+    present = denom > 0
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
+    out: np.ndarray = (f1 * present).sum(axis=1) / present.sum(axis=1)
+    return out
+
+
+def _weighted_roc_auc(weights: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """ROC-AUC per resample, as sklearn's ``roc_auc_score``: the Mann-Whitney probability that a
+    positive scores above a negative, ties counting one half, each row weighted by its count.
+    The rows are sorted once and grouped by equal score, so each resample costs O(rows). NaN for
+    a resample without positives or without negatives (undefined there)."""
+    order = np.argsort(p, kind="mergesort")
+    ps, ys, w = p[order], y[order], weights[:, order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])  # first row of each equal-score group
+    pos = np.add.reduceat(w * (ys == 1), starts, axis=1)
+    neg = np.add.reduceat(w * (ys == 0), starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scoring strictly lower, per group
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    pairs = n_pos * n_neg
+    wins = (pos * (below + 0.5 * neg)).sum(axis=1)
+    out: np.ndarray = np.divide(wins, pairs, out=np.full_like(wins, np.nan), where=pairs > 0)
+    return out
+
+
+def resampled_metric(
+    family: MetricFamily, metric: str, y_true: list[int], probs: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """``metric`` of ``family`` on every resample in ``weights`` (resamples × rows, counts from
+    :func:`resample_weights`), the same number :data:`METRICS` gives on the resampled rows.
+
+    Vectorised for the gate metrics (accuracy, top-k, macro-F1, ROC-AUC: 1000 resamples of 500
+    rows in milliseconds); any other metric is recomputed resample by resample with
+    :data:`METRICS` (correct, slower). NaN where the metric is undefined on a resample."""
+    y = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=float)
+    if family is MetricFamily.BINARY and probs.ndim == 2:
+        probs = probs[:, -1]
+    if family is MetricFamily.CLASSIFICATION and metric == "accuracy":
+        return _weighted_mean(weights, (probs.argmax(axis=1) == y).astype(float))
+    if family is MetricFamily.CLASSIFICATION and metric == "macro_f1":
+        return _weighted_macro_f1(weights, y, probs.argmax(axis=1), probs.shape[1])
+    if family is MetricFamily.TOP_K and metric in ("top1", "top3"):
+        return _weighted_mean(weights, _hits_top_k(y, probs, int(metric[3:])))
+    if family is MetricFamily.BINARY and metric == "roc_auc":
+        return _weighted_roc_auc(weights, y, probs)
+    out = np.full(len(weights), np.nan)
+    rows = np.arange(len(y))
+    for b, counts in enumerate(weights.astype(int)):
+        idx = np.repeat(rows, counts)
+        try:
+            out[b] = METRICS[family](list(y[idx]), probs[idx]).get(metric, np.nan)
+        except ValueError:  # undefined on this resample
+            continue
+    return out
+
+
+def swapped_metric(
+    family: MetricFamily,
+    metric: str,
+    y_true: list[int],
+    probs_a: np.ndarray,
+    probs_b: np.ndarray,
+    swaps: np.ndarray,
+) -> np.ndarray:
+    """``metric`` of a model that answers each row with ``probs_a``, except the rows marked in a
+    row of ``swaps`` (resamples × rows, booleans), which it answers with ``probs_b``: one value
+    per row of ``swaps``. With :func:`resampled_metric`'s vectorised metrics; any other metric
+    is recomputed swap by swap with :data:`METRICS`. NaN where undefined."""
+    y = np.asarray(y_true, dtype=int)
+    pa, pb = np.asarray(probs_a, dtype=float), np.asarray(probs_b, dtype=float)
+    if family is MetricFamily.BINARY and pa.ndim == 2:
+        pa, pb = pa[:, -1], pb[:, -1]
+    s = swaps.astype(float)
+    n = len(y)
+
+    def mixed_mean(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # per-row values a, b
+        out: np.ndarray = (a.sum() + s @ (b - a)) / n
+        return out
+
+    if family is MetricFamily.CLASSIFICATION and metric == "accuracy":
+        return mixed_mean((pa.argmax(axis=1) == y).astype(float), (pb.argmax(axis=1) == y).astype(float))
+    if family is MetricFamily.TOP_K and metric in ("top1", "top3"):
+        k = int(metric[3:])
+        return mixed_mean(_hits_top_k(y, pa, k), _hits_top_k(y, pb, k))
+    if family is MetricFamily.CLASSIFICATION and metric == "macro_f1":
+        eye = np.eye(pa.shape[1])
+        truth, ga, gb = eye[y], eye[pa.argmax(axis=1)], eye[pb.argmax(axis=1)]
+        tp = (truth * ga).sum(axis=0) + s @ (truth * (gb - ga))
+        pred_n = ga.sum(axis=0) + s @ (gb - ga)
+        return _macro_f1_of_counts(tp, np.broadcast_to(truth.sum(axis=0), tp.shape), pred_n)
+    if family is MetricFamily.BINARY and metric == "roc_auc":
+        from scipy.stats import rankdata
+
+        scores = np.where(swaps, pb, pa)
+        ranks = rankdata(scores, axis=1)  # ties: average rank, i.e. half a win each
+        n_pos = int((y == 1).sum())
+        n_neg = n - n_pos
+        if n_pos == 0 or n_neg == 0:
+            return np.full(len(swaps), np.nan)
+        auc: np.ndarray = (ranks[:, y == 1].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        return auc
+    out = np.full(len(swaps), np.nan)
+    for b, row in enumerate(swaps):
+        mixed = np.where(row if pa.ndim == 1 else row[:, None], pb, pa)
+        try:
+            out[b] = METRICS[family](list(y), mixed).get(metric, np.nan)
+        except ValueError:  # undefined
+            continue
+    return out

@@ -178,7 +178,11 @@ def swap(
                 f"{TASK} v{new_version}: {art.backend} artifact refused by its gate ({art.agreement:.4f})"
             )
         released_at = time.time()
-        releases.publish(promote(TASK, new_version, reg.manifest_sha256(TASK, new_version), by="bench"))  # type: ignore[arg-type]
+        # The swap is measured whatever the gate said: a rejected candidate is released forced,
+        # as an operator would (`adapters promote --force`); scorers refuse it otherwise.
+        forced = not reg.manifest(TASK, new_version).releasable
+        sha = reg.manifest_sha256(TASK, new_version)
+        releases.publish(promote(TASK, new_version, sha, by="bench", forced=forced))  # type: ignore[arg-type]
         scorer.wait_for(
             lambda: sum(1 for r in list(results) if r[1] == new_version) >= cfg.swap_results,
             600,
