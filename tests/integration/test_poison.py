@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -19,6 +18,7 @@ from kafka import KafkaProducer
 
 from streamtune.core.settings import Settings
 from streamtune.devtools.demo.replay import Outgoing, plan, replay
+from streamtune.devtools.poison import HOSTILE_PRODUCTS, hostile_reviews, poison_records
 from streamtune.kafka.topics import ensure_topics
 from streamtune.scorer.sink import product_key, score_key
 from support import ScorerProcess, read_topic, wait_until
@@ -26,37 +26,10 @@ from support import ScorerProcess, read_topic, wait_until
 pytestmark = pytest.mark.integration
 
 TASKS = ["review_sentiment", "query_class", "purchase_intent"]
-HOSTILE_PRODUCTS = ["}evil{", "{}", "a:b\nc", "产品-42", "{tag}-1"]
 
 
 def event_id(out: Outgoing) -> str:
     return str(json.loads(out.value)["event_id"])
-
-
-def poison(outs: list[Outgoing]) -> tuple[list[tuple[str, bytes | None, bytes, str]], list[dict]]:  # type: ignore[type-arg]
-    """(topic, key, value, expected stage) of each poison record, and the valid hostile reviews."""
-    click = json.loads(next(o for o in outs if o.task == "purchase_intent").value)
-    review = json.loads(next(o for o in outs if o.task == "review_sentiment").value)
-    now = datetime.now(UTC)
-    records: list[tuple[str, bytes | None, bytes, str]] = []
-    big = dict(click, event_id="poison-big", page_value=1e39)
-    records.append(("events.click", click["session_id"].encode(), json.dumps(big).encode(), "validate"))
-    inf = json.dumps(dict(click, event_id="poison-inf", page_value=0.0)).replace(
-        '"page_value": 0.0', '"page_value": Infinity'
-    )
-    records.append(("events.click", click["session_id"].encode(), inf.encode(), "validate"))
-    old = dict(review, event_id="poison-old", ts="0001-01-01T00:00:00")
-    records.append(("events.review", b"p", json.dumps(old).encode(), "validate"))
-    ahead = dict(review, event_id="poison-ahead", ts=(now + timedelta(days=10)).isoformat())
-    records.append(("events.review", b"p", json.dumps(ahead).encode(), "validate"))
-    huge = b'{"event_id": "poison-huge", "query": "' + b"x" * 900_000  # not even JSON
-    records.append(("events.search", b"s", huge, "decode"))
-    hostile = [
-        dict(review, event_id=f"hostile-{i}-{n}", product_id=pid, ts=now.isoformat())
-        for i, pid in enumerate(HOSTILE_PRODUCTS)
-        for n in range(2)
-    ]
-    return records, hostile
 
 
 def test_poison_in_a_normal_stream_is_dead_lettered_once_and_the_rest_flows(
@@ -64,11 +37,11 @@ def test_poison_in_a_normal_stream_is_dead_lettered_once_and_the_rest_flows(
 ) -> None:
     ensure_topics(settings)
     outs = list(plan(settings.data_dir, TASKS, 60, 0.0, 11))
-    bad, hostile = poison(outs)
+    bad, hostile = poison_records(outs), hostile_reviews(outs)
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=2_000_000)
     try:
-        for topic, key, value, _ in bad:
-            producer.send(settings.topic(topic), key=key, value=value)
+        for p in bad:
+            producer.send(settings.topic(p.topic), key=p.key, value=p.value)
         for rev in hostile:
             producer.send(
                 settings.topic("events.review"),
@@ -93,7 +66,7 @@ def test_poison_in_a_normal_stream_is_dead_lettered_once_and_the_rest_flows(
     letters = [json.loads(m.value) for m in read_topic(settings, "events.dlq")]
     assert len(letters) == len(bad), [d["error"][:80] for d in letters]
     by_stage = Counter(d["stage"] for d in letters)
-    assert by_stage == Counter(stage for *_, stage in bad)
+    assert by_stage == Counter(p.stage for p in bad)
     for d in letters:
         assert d["source_topic"].endswith(("events.click", "events.review", "events.search"))
         assert d["partition"] >= 0 and d["offset"] >= 0 and d["error"]

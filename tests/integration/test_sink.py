@@ -10,7 +10,8 @@ import redis.asyncio as aioredis
 
 from streamtune.core.encode import ProductUpdate, Result, SessionUpdate
 from streamtune.core.events import AdapterRef, ClickScore, ReviewScore
-from streamtune.scorer.sink import RedisSink, product_key, score_key, session_key
+from streamtune.scorer.isolation import is_transient
+from streamtune.scorer.sink import RedisSink, product_key, product_ledger_key, score_key, session_key
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 
@@ -84,3 +85,23 @@ def test_session_view_holds_latest_values(redis_client: redis.Redis, stack) -> N
     view = redis_client.hgetall(session_key("s1"))
     assert view["page_views"] == "2" and float(view["purchase_probability"]) == 0.3
     assert 0 < redis_client.ttl(session_key("s1")) <= 100
+
+
+def test_a_product_view_of_the_wrong_type_fails_every_time_and_writes_no_ledger_entry(
+    redis_client: redis.Redis,
+    stack,  # type: ignore[no-untyped-def]
+) -> None:
+    """Someone (or something) left a string where a product view belongs: the write must fail
+    the same way on every retry (so the scorer isolates the record), never half-succeed and
+    then pass on the retry with the event missing from the view."""
+    redis_client.set(product_key("p-wrong"), "not a hash")
+    for _ in range(2):
+        try:
+            _write(stack.redis_url, [review("e-wrong", "p-wrong", "positive", 0.9)])
+        except Exception as e:  # the type is what the scorer classifies, checked below
+            assert not is_transient(e), e
+            assert "WRONGTYPE" in str(e)
+        else:
+            raise AssertionError("a write onto a product view that is not a hash succeeded")
+    assert redis_client.hlen(product_ledger_key("p-wrong")) == 0
+    assert redis_client.get(product_key("p-wrong")) == "not a hash"

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from streamtune.core.settings import Settings
+from streamtune.kafka.read import read_to_end
 
 
 def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float = 120) -> list[Any]:
@@ -36,24 +37,13 @@ def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float 
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 60) -> list[Any]:
     """Every record a topic holds now: each partition read from its start to its end offset."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None
     )
     try:
-        name = settings.topic(topic)
-        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            assert time.monotonic() < deadline, f"could not read {name} to its end within {timeout_s} s"
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
+        return read_to_end(consumer, settings.topic(topic), timeout_s, poll_ms=500)[0]
     finally:
         consumer.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -468,6 +469,138 @@ def test_replay_pool_keeps_the_latest_joined_used_labels_and_every_fresh_one() -
     assert sorted(e.seq for e in t.joiner.examples("review_sentiment")) == [2, 3, 4, 5]
     assert len(t.joiner.examples("query_class")) == 4
     assert t.joiner.sweep(NOW).evictions == []
+
+
+# --- sweep: bytes ----------------------------------------------------------------------------
+
+ROOMY = JoinLimits(input_window_s=1e9, max_inputs=100, label_wait_s=60.0, replay_max=100)
+
+
+def size(value: Any) -> int:
+    """What an entry weighs for the byte bounds: its compact JSON in UTF-8 (computed here)."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def test_inputs_over_the_bytes_go_oldest_arrival_first() -> None:
+    t = Tables()
+    for i, title in enumerate(["A much longer title than the others", None, "Short", None]):
+        t.joiner.add_input(REVIEW, review(i, title=title), partition=i, offset=i)
+    keys = [f"review_sentiment:r{i}" for i in range(4)]
+    newest = size(t.inputs[keys[2]]) + size(t.inputs[keys[3]])
+    t.joiner.limits = replace(ROOMY, max_input_bytes=newest + size(t.inputs[keys[1]]) - 1)
+    swept = t.joiner.sweep(NOW)
+    assert swept.evictions == t.sent == [Eviction("inputs", keys[0], 0), Eviction("inputs", keys[1], 1)]
+    assert swept.inputs_evicted == 2 and list(t.inputs) == keys[2:]  # the newest stay, under the count
+    assert swept.inputs_bytes == newest == t.joiner.bytes_held()["inputs"]
+    assert t.joiner.sweep(NOW).evictions == []
+
+
+def test_pending_labels_over_the_bytes_are_dropped_oldest_arrival_first() -> None:
+    t = Tables()
+    t.joiner.add_label(query_label(0, ts=at(30)), partition=0, offset=0, now=NOW)
+    t.joiner.add_label(click_label("s1", ts=at(20)), partition=1, offset=1, now=NOW)
+    t.joiner.add_label(query_label(2, ts=at(0)), partition=2, offset=2, now=NOW)
+    t.joiner.add_label(query_label(3, ts=at(10)), partition=3, offset=3, now=NOW)
+    kept = size(t.pending["query_class:q2"]) + size(t.pending["query_class:q3"])
+    t.joiner.limits = replace(ROOMY, max_pending_bytes=kept)  # exactly at the bound: kept
+    swept = t.joiner.sweep(NOW)
+    assert swept.evictions == [
+        Eviction("pending", "query_class:q0", 0),
+        Eviction("pending", "purchase_intent:s1", 1),
+    ]
+    assert swept.dropped == {"query_class": 1, "purchase_intent": 1} and swept.orphans == {}
+    assert sorted(t.pending) == ["query_class:q2", "query_class:q3"] and swept.labels_pending == 2
+    assert swept.pending_bytes == kept
+    assert t.joiner.sweep(NOW).evictions == []
+
+
+def test_replay_pool_over_the_bytes_evicts_the_oldest_trained_on_and_never_a_fresh_label() -> None:
+    t = Tables(ROOMY)
+    keys = []
+    for i in range(3):  # seqs: r0 0, q0 1, r1 2, q1 3, r2 4, q2 5
+        t.joiner.add_input(REVIEW, review(i), partition=0, offset=i)
+        t.joiner.add_label(review_label(i), partition=0, offset=2 * i, now=NOW)
+        t.joiner.add_input(QUERY, search(i), partition=0, offset=i)
+        t.joiner.add_label(query_label(i), partition=1, offset=2 * i + 1, now=NOW)
+        keys += [f"review_sentiment:r{i}", f"query_class:q{i}"]
+    total = sum(size(v) for v in t.joined.values())
+    oldest = size(t.joined[keys[0]]) + size(t.joined[keys[1]])
+    t.watermarks.update({"review_sentiment": 2, "query_class": 1})  # trained on: r0, q0, r1
+    t.joiner.limits = replace(ROOMY, max_replay_bytes=total - oldest)
+    swept = t.joiner.sweep(NOW)  # the count keeps all: the bytes evict the two oldest joins
+    assert swept.evictions == [Eviction("joined", keys[0], 0), Eviction("joined", keys[1], 1)]
+    assert swept.replay_evicted == {"review_sentiment": 1, "query_class": 1}
+    assert swept.joined_bytes == total - oldest == t.joiner.bytes_held()["joined"]
+
+    t.joiner.limits = replace(ROOMY, max_replay_bytes=1)  # the fresh labels alone are over it
+    swept = t.joiner.sweep(NOW)
+    assert swept.evictions == [Eviction("joined", keys[2], 0)]  # the last one trained on
+    assert swept.replay_evicted == {"review_sentiment": 1}
+    assert sorted(t.joined) == sorted(keys[3:])  # every fresh label stays
+    assert swept.joined_bytes == sum(size(v) for v in t.joined.values()) > 1
+    assert t.joiner.sweep(NOW).evictions == []
+
+
+def test_the_tally_of_recovered_tables_is_their_fresh_computation() -> None:
+    t = Tables()
+    t.inputs["review_sentiment:old"] = {"x": "écrit avant", "t": T0.timestamp(), "cp": 1}  # no "a"
+    t.joiner.add_input(REVIEW, review(1, title="Très bien"), partition=0, offset=0)  # not ASCII
+    t.joiner.add_input(CLICK, click("s1", 0), partition=1, offset=0)
+    t.joiner.add_input(CLICK, click("s1", 1), partition=1, offset=1)
+    t.joiner.add_label(review_label(1), partition=0, offset=0, now=NOW)
+    t.joiner.add_label(query_label(4), partition=2, offset=1, now=NOW)
+    again = Joiner(t.inputs, t.joined, t.pending, ROOMY, {})  # the same tables, after a restart
+    tables = {"inputs": t.inputs, "joined": t.joined, "pending": t.pending}
+    expected = {name: {k: size(v) for k, v in table.items()} for name, table in tables.items()}
+    assert again.sizes() == expected == t.joiner.sizes()
+    assert again.bytes_held() == {name: sum(sizes.values()) for name, sizes in expected.items()}
+    compact = f'{{"x":"Très bien. text 1","t":{T0.timestamp()},"cp":0,"a":0}}'
+    assert expected["inputs"]["review_sentiment:r1"] == len(compact.encode()) == len(compact) + 1  # UTF-8
+
+    total = sum(expected["inputs"].values())
+    again.limits = replace(ROOMY, max_input_bytes=total - 1)  # one byte over: the oldest arrival goes
+    swept = again.sweep(NOW)
+    assert swept.evictions == [Eviction("inputs", "review_sentiment:old", 1)]  # no arrival: the oldest
+    assert swept.inputs_bytes == total - expected["inputs"]["review_sentiment:old"]
+
+
+def test_a_sweep_sizes_entries_written_or_removed_outside_the_joiner() -> None:
+    t = Tables()
+    for i in range(3):
+        t.joiner.add_input(QUERY, search(i), partition=0, offset=i)
+    del t.inputs["query_class:q1"]  # e.g. partitions moving in a rebalance
+    t.inputs["query_class:q9"] = {"x": "query 9", "t": T0.timestamp(), "cp": 2, "a": 99}
+    fresh = {k: size(v) for k, v in t.inputs.items()}
+    t.joiner.limits = replace(ROOMY, max_input_bytes=sum(fresh.values()) - 1)
+    swept = t.joiner.sweep(NOW)
+    assert swept.evictions == [Eviction("inputs", "query_class:q0", 0)]
+    assert t.joiner.sizes()["inputs"] == {k: n for k, n in fresh.items() if k != "query_class:q0"}
+    assert swept.inputs_bytes == sum(fresh.values()) - fresh["query_class:q0"]
+
+
+def test_a_session_rewritten_by_later_clicks_is_counted_once_at_its_latest_size() -> None:
+    t = Tables(ROOMY)
+    key = "purchase_intent:s1"
+    t.joiner.add_input(CLICK, click("s1", 0), partition=0, offset=0)
+    first = size(t.inputs[key])
+    t.joiner.add_input(CLICK, click("s2", 0), partition=0, offset=1)
+    t.joiner.add_input(CLICK, click("s1", 1), partition=0, offset=2)
+    t.joiner.add_input(CLICK, click("s1", 2), partition=0, offset=3)  # s1: the newest arrival now
+    latest = size(t.inputs[key])
+    assert latest != first  # the session grew
+    assert t.joiner.sizes()["inputs"] == {
+        key: latest,
+        "purchase_intent:s2": size(t.inputs["purchase_intent:s2"]),
+    }
+    both = latest + size(t.inputs["purchase_intent:s2"])
+    t.joiner.limits = replace(ROOMY, max_input_bytes=both)
+    assert t.joiner.sweep(NOW).evictions == [] and t.joiner.bytes_held()["inputs"] == both
+
+    t.joiner.add_input(CLICK, click("s3", 0), partition=2, offset=4)
+    swept = t.joiner.sweep(NOW)
+    assert swept.evictions == [Eviction("inputs", "purchase_intent:s2", 0)]  # the oldest arrival
+    assert swept.inputs_bytes == latest + size(t.inputs["purchase_intent:s3"]) <= both
+    assert sorted(t.inputs) == [key, "purchase_intent:s3"]
 
 
 def test_sweep_evicts_in_order_inputs_orphans_dropped_replay() -> None:

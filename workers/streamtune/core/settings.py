@@ -251,6 +251,30 @@ class Settings(BaseSettings):
             " (streamtune_trainer_labels_dropped_total, reason pending_full)"
         ),
     )
+    trainer_max_input_bytes: int = Field(
+        256 << 20,
+        ge=1024,
+        description=(
+            "Most bytes of inputs held (each counted as its compact JSON); beyond it the oldest"
+            " arrivals go first (streamtune_trainer_store_bytes, table inputs)"
+        ),
+    )
+    trainer_max_pending_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description=(
+            "Most bytes of labels waiting for their input (compact JSON); beyond it the oldest arrivals"
+            " are dropped (streamtune_trainer_labels_dropped_total, reason pending_full)"
+        ),
+    )
+    trainer_max_replay_bytes: int = Field(
+        64 << 20,
+        ge=1024,
+        description=(
+            "Most bytes of joined labels held (compact JSON); beyond it the oldest labels already"
+            " trained on go first (fresh labels are never evicted)"
+        ),
+    )
     # --- issue 11: session expiry in stream time (to be grouped)
     session_idle_partition_s: float = Field(
         6 * 3600.0,

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import subprocess
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +30,21 @@ import redis
 import structlog
 
 from streamtune.core.errors import AdapterError, StreamtuneError
+from streamtune.core.events import LabelEvent
 from streamtune.core.settings import Settings
+from streamtune.core.tasks import LABELS_TOPIC
+from streamtune.datasets import loaders as data
 from streamtune.devtools.audit import Audit, audit, event_id
-from streamtune.devtools.demo.replay import Outgoing, plan, replay
+from streamtune.devtools.demo.replay import Outgoing, plan, replay, review_events
+from streamtune.devtools.poison import hostile_reviews, poison_records
 from streamtune.devtools.stack import EmbeddedKafka, EmbeddedRedis, KafkaCluster, find_free_port
 from streamtune.devtools.workers import Worker
+from streamtune.kafka.read import read_to_end
 from streamtune.kafka.topics import DLQ_TOPIC, ensure_topics
 from streamtune.rollout.registry import LocalRegistry, Manifest
-from streamtune.scorer.sink import score_key
+from streamtune.rollout.releases import ReleaseLog
+from streamtune.rollout.state import promote
+from streamtune.scorer.sink import product_key, score_key
 
 log = structlog.get_logger(__name__)
 
@@ -88,8 +98,9 @@ class Run:
     """One scenario's world: settings with their own topics and group, workers, a producer."""
 
     def __init__(
-        self, root: Path, bootstrap: str, redis_url: str, base: Settings, replication: int = 1
-    ) -> None:
+        self, root: Path, bootstrap: str, redis_url: str, base: Settings, replication: int = 1,
+        **overrides: Any,
+    ) -> None:  # fmt: skip
         tag = uuid.uuid4().hex[:8]
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -103,6 +114,7 @@ class Run:
                 "state_dir": root / "state",
                 "kafka_session_timeout_s": 10.0,
                 "log_json": True,
+                **overrides,
             }
         )
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -110,22 +122,27 @@ class Run:
         self._producer: threading.Thread | None = None
         self._produce_error: list[BaseException] = []
         self._stop = threading.Event()
+        self.produced: Any = None  # the replay's report once it is done
+        self.timeout_s = 120.0
 
     def scorer(self, name: str, **overrides: Any) -> Worker:
+        return self.worker("scorer", name, **overrides)
+
+    def worker(self, command: str, name: str, **overrides: Any) -> Worker:
         s = self.settings.model_copy(update={"metrics_port": find_free_port(), **overrides})
-        w = Worker("scorer", s, self.root / f"{name}.log").wait_ready()
+        w = Worker(command, s, self.root / f"{name}.log").wait_ready()
         self.workers.append(w)
         return w
 
     def plan(self, per_task: int, malformed: float, seed: int) -> list[Outgoing]:
         return list(plan(self.settings.data_dir, TASKS, per_task, malformed, seed))
 
-    def produce(self, per_task: int, rate: float, malformed: float, seed: int) -> None:
+    def produce(self, per_task: int, rate: float, malformed: float, seed: int, labels: bool = False) -> None:
         def run() -> None:
             try:
-                replay(
+                self.produced = replay(
                     self.settings, TASKS, limit=per_task, rate=rate, malformed_share=malformed, seed=seed,
-                    should_stop=self._stop.is_set,
+                    should_stop=self._stop.is_set, labels=labels, label_delay_s=1.0 if labels else 0.0,
                 )  # fmt: skip
             except BaseException as e:  # reported by wait_produced
                 self._produce_error.append(e)
@@ -167,6 +184,32 @@ class Run:
         return self.wait(
             lambda: self.scored(outs) > before, timeout_s, "a first result after the fault", alive
         )
+
+    def read(self, topic: str) -> list[Any]:
+        """Every record ``topic`` holds now."""
+        from kafka import KafkaConsumer
+
+        c = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None)
+        try:
+            return read_to_end(c, self.settings.topic(topic), self.timeout_s)[0]
+        finally:
+            c.close()
+
+    def lag(self, group: str, topics: list[str]) -> int:
+        """Records of ``topics`` that ``group`` has not committed yet."""
+        from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+        admin = KafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
+        c = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None)
+        try:
+            names = [self.settings.topic(t) for t in topics]
+            tps = [TopicPartition(n, p) for n in names for p in c.partitions_for_topic(n) or []]
+            committed = admin.list_consumer_group_offsets(group)
+            ends = c.end_offsets(tps)
+            return sum(max(0, ends[tp] - (committed[tp].offset if tp in committed else 0)) for tp in tps)
+        finally:
+            c.close()
+            admin.close()
 
     def dead_letters(self) -> int:
         from kafka import KafkaConsumer, TopicPartition
@@ -248,11 +291,11 @@ def stream_with_fault(
 def _single(
     root: Path, base: Settings, cfg: ChaosConfig, report: ScenarioReport, seed: int, scorers: list[str],
     inject: Callable[[Run, list[Worker], EmbeddedKafka, EmbeddedRedis], list[Worker]],
-    persist_redis: bool = False,
+    persist_redis: bool = False, overrides: dict[str, Any] | None = None,
 ) -> ScenarioReport:  # fmt: skip
     """A scenario on one broker and one Redis of its own."""
     with single_stack(root, persist_redis) as (kafka, red):
-        run = Run(root / "run", kafka.bootstrap_servers, red.url, base)
+        run = Run(root / "run", kafka.bootstrap_servers, red.url, base, **(overrides or {}))
         try:
             stream_with_fault(report, run, cfg, seed, scorers, lambda r, ws: inject(r, ws, kafka, red))
         finally:
@@ -467,6 +510,312 @@ def broker_failure_cluster(root: Path, base: Settings, cfg: ChaosConfig) -> Scen
     return report
 
 
+def metric(w: Worker, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels`` (0 when it has none yet)."""
+    total = 0.0
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in w.metrics().splitlines():
+        if line.startswith((name + "{", name + " ")) and all(x in line for x in want):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def poison_mix(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport:
+    """Every kind of hostile record in one full-rate stream of all three tasks: out-of-range
+    values and times, a 900 kB invalid record, ids that break Redis Cluster hash tags, and a
+    product whose view in Redis holds a string (its reviews fail at the sink while Redis answers:
+    retried, then isolated by bisection). Each poison record must be dead-lettered exactly once
+    with its stage, every other event scored once, no result published twice."""
+    report = ScenarioReport(
+        "poison_mix",
+        "poison at full rate: 1e39/Infinity/year-1/10-days-ahead values, 900 kB invalid, cluster-breaking "
+        "ids, a product view of the wrong type in Redis",
+    )
+    with single_stack(root) as (kafka, red):
+        run = Run(root / "run", kafka.bootstrap_servers, red.url, base)
+        try:
+            ensure_topics(run.settings)
+            outs = run.plan(cfg.events, 0.0, seed=39)
+            bad = poison_records(outs)
+            hostile = [
+                Outgoing("review_sentiment", str(r["product_id"]), json.dumps(r).encode(), valid=True)
+                for r in hostile_reviews(outs)
+            ]
+            reviews = [o for o in outs if o.task == "review_sentiment"]
+            victim = str(json.loads(reviews[len(reviews) // 2].value)["product_id"])
+            run.redis.set(product_key(victim), "not a hash")
+            sunk = [o for o in reviews if json.loads(o.value)["product_id"] == victim]
+            clean = [o for o in outs if o not in sunk] + hostile
+            from kafka import KafkaProducer
+
+            scorer = run.scorer("scorer")
+            started = time.monotonic()
+            p = KafkaProducer(bootstrap_servers=run.settings.bootstrap_servers, max_request_size=2_000_000)
+            try:
+                for rec in bad:
+                    p.send(run.settings.topic(rec.topic), key=rec.key, value=rec.value)
+                for o in hostile:
+                    p.send(run.settings.topic("events.review"), key=o.key.encode(), value=o.value)
+                p.flush(30)
+            finally:
+                p.close(10)
+            run.produce(cfg.events, 0.0, 0.0, seed=39)
+            run.wait_produced(cfg.timeout_s)
+            finish(report, run, clean, cfg, [scorer])
+            seconds = time.monotonic() - started
+            letters = [json.loads(m.value) for m in run.read(DLQ_TOPIC)]
+            stages = dict(sorted(Counter(d["stage"] for d in letters).items()))
+            expected = dict(sorted(Counter([r.stage for r in bad] + ["sink"] * len(sunk)).items()))
+            twice = 0
+            for topic in ("scores.review", "scores.search", "scores.click"):
+                ids = Counter(json.loads(m.value)["event_id"] for m in run.read(topic))
+                twice += sum(1 for n in ids.values() if n > 1)
+            report.dead_letters = len(letters)
+            report.extra = {
+                "poison_sent": len(bad) + len(sunk),
+                "dead_letters_by_stage": stages,
+                "published_twice": twice,
+                "isolated": metric(scorer, "streamtune_isolated_records_total"),
+                "batch_retries": metric(scorer, "streamtune_batch_retries_total"),
+                "seconds_to_all_scored": round(seconds, 1),
+            }
+            if stages != expected or twice:
+                report.passed = False
+                report.detail += (
+                    f" dead letters by stage {stages} (expected {expected}); {twice} published twice"
+                )
+        finally:
+            run.close()
+    return report
+
+
+def redis_outage_past_session_timeout(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport:
+    """Redis away for twice the session inactivity: session expiry follows the stream's event
+    time, so sessions in flight when Redis went are still live when it is back (a view going
+    backwards would show as an undercount in the audit)."""
+    inactivity = 15.0 if cfg.quick else 30.0
+    outage = 2 * inactivity
+
+    def inject(run: Run, ws: list[Worker], kafka: EmbeddedKafka, red: EmbeddedRedis) -> list[Worker]:
+        red.stop()
+        time.sleep(outage)  # the fault's duration, not a wait for a condition
+        ws[0].check_alive()
+        red.start()
+        return ws
+
+    report = ScenarioReport(
+        "redis_outage_past_session_timeout",
+        f"Redis stopped for {outage:.0f} s, twice the session inactivity ({inactivity:.0f} s)",
+    )
+    _single(root, base, cfg, report, 41, ["scorer"], inject, persist_redis=True,
+            overrides={"session_inactivity_s": inactivity})  # fmt: skip
+    return report
+
+
+def trainer_down(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport:
+    """The trainer killed (SIGKILL) while events and labels flow, restarted after three times
+    the label wait: the labels whose inputs are in the backlog must all join (orphan timing is
+    stream time, not the wall clock), none is left pending."""
+    wait_s = 4.0
+    down = 3 * wait_s if cfg.quick else 60.0
+    report = ScenarioReport(
+        "trainer_down", f"trainer killed while traffic and labels flow, restarted {down:.0f} s later"
+    )
+    with single_stack(root) as (kafka, red):
+        run = Run(
+            root / "run", kafka.bootstrap_servers, red.url, base,
+            trainer_min_labels=1_000_000,  # the join is under test, not the training
+            trainer_label_wait_s=wait_s, trainer_check_s=0.5,
+        )  # fmt: skip
+        group = f"{run.settings.group_id}-trainer"
+        run.settings = run.settings.model_copy(update={"trainer_group_id": group})
+        try:
+            ensure_topics(run.settings)
+            first = run.worker("trainer", "trainer-1")
+            run.produce(cfg.events, cfg.events_per_s, 0.0, seed=42, labels=True)
+            quarter = cfg.events * len(TASKS) / 4
+            run.wait(lambda: metric(first, "streamtune_trainer_labels_joined_total") >= quarter,
+                     cfg.timeout_s, "a quarter of the labels joined", [first])  # fmt: skip
+            orphans_before = metric(first, "streamtune_trainer_labels_orphan_total")
+            _kill(run, first)
+            time.sleep(down)  # the fault's duration: traffic and labels go on meanwhile
+            second = run.worker("trainer", "trainer-2")
+            run.wait_produced(cfg.timeout_s)
+            topics = ["events.review", "events.search", "events.click", LABELS_TOPIC]
+            run.wait(lambda: run.lag(group, topics) == 0, cfg.timeout_s, "the trainer through its backlog",
+                     [second])  # fmt: skip
+            run.wait(lambda: metric(second, "streamtune_trainer_labels_pending") == 0, 30.0,
+                     "no label waiting", [second])  # fmt: skip
+            orphans = metric(second, "streamtune_trainer_labels_orphan_total")
+            dropped = metric(second, "streamtune_trainer_labels_dropped_total")
+            labels = int(run.produced.labels) if run.produced else 0
+            report.events_in = labels
+            report.lost = int(orphans + dropped)
+            report.extra = {
+                "labels_sent": labels,
+                "orphans_before_kill": orphans_before,
+                "orphans_after_restart": orphans,
+                "joined_after_restart": metric(second, "streamtune_trainer_labels_joined_total"),
+                "duplicates_after_restart": metric(second, "streamtune_trainer_labels_duplicate_total"),
+            }
+            report.passed = orphans == 0 and dropped == 0 and orphans_before == 0
+            if not report.passed:
+                report.detail = f"{orphans_before + orphans} orphans, {dropped} dropped"
+        finally:
+            run.close()
+    return report
+
+
+def _copy_version(src: Path, dst: Path, version: int, parent: int) -> None:
+    """A new immutable version with the parent's weights (the rollout is under test, not training)."""
+    shutil.copytree(src / str(parent), dst / str(version), ignore=shutil.ignore_patterns("artifacts"))
+    m = json.loads((dst / str(version) / "manifest.json").read_text())
+    m.update(version=version, parent_version=parent)
+    (dst / str(version) / "manifest.json").write_text(json.dumps(m))
+
+
+def release_late_files(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport:
+    """Two scorers with registries of their own; a release is announced whose files reach the
+    second one late (a slow sync). It must hold the release as pending (live keeps serving), then
+    serve it within the retry bound once the files are there; nothing is lost meanwhile."""
+    delay = 10.0 if cfg.quick else 120.0
+    task = "review_sentiment"
+    report = ScenarioReport(
+        "release_late_files", f"a release whose files reach one of two scorers {delay:.0f} s late"
+    )
+    with single_stack(root) as (kafka, red):
+        run = Run(root / "run", kafka.bootstrap_servers, red.url, base)
+        try:
+            regs = [root / "registry-a", root / "registry-b"]
+            for reg in regs:
+                shutil.copytree(base.adapter_dir, reg)
+            ensure_topics(run.settings)
+            outs = run.plan(cfg.events, 0.0, seed=43)
+            a, b = (run.scorer(f"scorer-{n}", adapter_dir=reg) for n, reg in zip("ab", regs, strict=True))
+            run.produce(cfg.events, cfg.events_per_s, 0.0, seed=43)
+            run.wait(lambda: run.scored(outs) >= len(outs) // 4, cfg.timeout_s, "a quarter scored", [a, b])
+            live = LocalRegistry(regs[0]).latest(task)
+            assert live is not None
+            new = live + 1
+            _copy_version(regs[0] / task, regs[0] / task, new, live)
+            sha = LocalRegistry(regs[0]).manifest_sha256(task, new)
+            ReleaseLog(run.settings).publish(promote("review_sentiment", new, sha))
+            run.wait(lambda: metric(a, "streamtune_adapter_version", task=task) == new, cfg.timeout_s,
+                     "scorer a serving the release", [a, b])  # fmt: skip
+            run.wait(lambda: metric(b, "streamtune_releases_pending", task=task) == 1, cfg.timeout_s,
+                     "scorer b holding the release as pending", [a, b])  # fmt: skip
+            time.sleep(delay)  # the fault's duration: the files are late
+            served_live = metric(b, "streamtune_adapter_version", task=task)
+            staging = root / "sync"
+            _copy_version(regs[0] / task, staging, new, new)
+            (staging / str(new)).rename(regs[1] / task / str(new))  # arrives whole, as a sync tool renames
+            arrived = time.monotonic()
+            run.wait(lambda: metric(b, "streamtune_adapter_version", task=task) == new, cfg.timeout_s,
+                     "scorer b serving the release once its files are there", [a, b])  # fmt: skip
+            report.recovery_s = round(time.monotonic() - arrived, 2)
+            run.wait_produced(cfg.timeout_s)
+            finish(report, run, outs, cfg, [a, b])
+            report.extra = {
+                "served_while_pending": served_live,
+                "served_after_files_s": report.recovery_s,
+                "retry_bound_s": run.settings.release_retry_max_s,
+            }
+            if served_live != live:
+                report.passed = False
+                report.detail += f" scorer b served v{served_live:.0f} while the files were missing"
+        finally:
+            run.close()
+    return report
+
+
+def label_poisoning(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport:
+    """Labels poisoned at the source: a third flipped, a tenth dated minutes ahead (valid, but
+    they must not own the holdout), a few dated a day ahead (invalid: dead-lettered). The real
+    trainer fine-tunes on them; the gate must refuse the candidate and the registry keep its
+    versions."""
+    task = "review_sentiment"
+    n = 60 if cfg.quick else 200
+    report = ScenarioReport(
+        "label_poisoning", "30 % flipped review labels, 10 % dated minutes ahead, 3 dated a day ahead"
+    )
+    with single_stack(root) as (kafka, red):
+        registry = root / "registry"
+        shutil.copytree(base.adapter_dir, registry)
+        run = Run(
+            root / "run", kafka.bootstrap_servers, red.url, base,
+            adapter_dir=registry, trainer_min_labels=n // 2, trainer_interval_s=3600.0,
+            trainer_label_wait_s=20.0, trainer_budget_s=30.0, trainer_epochs=1,
+            trainer_reference_rows=30, trainer_check_s=0.5, max_seq_len=64,
+        )  # fmt: skip
+        run.settings = run.settings.model_copy(
+            update={"trainer_group_id": f"{run.settings.group_id}-trainer"}
+        )
+        try:
+            ensure_topics(run.settings)
+            before = LocalRegistry(registry).versions(task)
+            trainer = run.worker("trainer", "trainer")
+            pct = data.HELD_OUT_PERCENT[task]
+            rows = [
+                (ev, lab)
+                for ev, lab in review_events(base.data_dir)
+                if not data.is_held_out(ev.event_id.removeprefix("review-"), pct)
+            ][:n]
+            rng = random.Random(44)
+            flip = {1: 5, 2: 5, 3: 1, 4: 1, 5: 1}
+            now = datetime.now(UTC)
+            from kafka import KafkaProducer
+
+            p = KafkaProducer(bootstrap_servers=run.settings.bootstrap_servers, acks="all")
+            flipped = ahead = far = 0
+            try:
+                for ev, _ in rows:
+                    p.send(run.settings.topic("events.review"), key=ev.product_id.encode(),
+                           value=ev.model_dump_json().encode())  # fmt: skip
+                p.flush(30)
+                for i, (ev, lab) in enumerate(rows):
+                    label: LabelEvent = lab
+                    if rng.random() < 0.3:
+                        label = label.model_copy(update={"label": flip[int(label.label)]})
+                        flipped += 1
+                    if i < 3:
+                        label = label.model_copy(update={"ts": now + timedelta(days=1)})
+                        far += 1
+                    elif rng.random() < 0.1:
+                        label = label.model_copy(update={"ts": now + timedelta(minutes=2)})
+                        ahead += 1
+                    p.send(run.settings.topic(LABELS_TOPIC), key=ev.event_id.encode(),
+                           value=label.model_dump_json().encode())  # fmt: skip
+                p.flush(30)
+            finally:
+                p.close(10)
+
+            def ran() -> bool:
+                return metric(trainer, "streamtune_trainer_runs_total", task=task) > 0
+
+            run.wait(ran, cfg.timeout_s, "a training run on the poisoned labels", [trainer])
+            outcomes = {
+                o: metric(trainer, "streamtune_trainer_runs_total", task=task, outcome=o)
+                for o in ("released", "rejected", "skipped", "failed", "artifact_refused")
+            }
+            after = LocalRegistry(registry).versions(task)
+            invalid = metric(trainer, "streamtune_trainer_labels_invalid_total")
+            report.events_in = len(rows)
+            report.extra = {
+                "labels": len(rows), "flipped": flipped, "minutes_ahead": ahead, "day_ahead": far,
+                "labels_invalid": invalid, "runs": {k: v for k, v in outcomes.items() if v},
+                "versions_before": before, "versions_after": after,
+            }  # fmt: skip
+            report.passed = outcomes["rejected"] >= 1 and outcomes["released"] == 0 and after == before
+            if invalid != far:
+                report.passed = False
+                report.detail += f" {invalid:.0f} labels refused as invalid for {far} dated a day ahead"
+            if not report.passed:
+                report.detail += f" run outcomes {outcomes}, versions {before} -> {after}"
+        finally:
+            run.close()
+    return report
+
+
 SCENARIOS: dict[str, Callable[[Path, Settings, ChaosConfig], ScenarioReport]] = {
     "scorer_sigkill": scorer_sigkill,
     "redis_outage": redis_outage,
@@ -475,6 +824,11 @@ SCENARIOS: dict[str, Callable[[Path, Settings, ChaosConfig], ScenarioReport]] = 
     "malformed_flood": malformed_flood,
     "registry_full": registry_full,
     "broker_failure_cluster": broker_failure_cluster,
+    "poison_mix": poison_mix,
+    "redis_outage_past_session_timeout": redis_outage_past_session_timeout,
+    "trainer_down": trainer_down,
+    "release_late_files": release_late_files,
+    "label_poisoning": label_poisoning,
 }
 
 

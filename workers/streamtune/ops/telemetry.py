@@ -225,13 +225,22 @@ class TrainerMetrics:
         self.labels_dropped = Counter(
             "streamtune_trainer_labels_dropped",
             "Valid labels given up without joining, by reason: pending_full (more than"
-            " STREAMTUNE_TRAINER_MAX_PENDING waiting; the oldest arrival goes), orphan (the input"
+            " STREAMTUNE_TRAINER_MAX_PENDING or STREAMTUNE_TRAINER_MAX_PENDING_BYTES waiting; the"
+            " oldest arrival goes), orphan (the input"
             " stream moved past the label; also counted in labels_orphan)",
             ["task", "reason"],
             registry=r,
         )
         self.labels_pending = Gauge(
             "streamtune_trainer_labels_pending", "Labels waiting for their input", registry=r
+        )
+        self.store_bytes = Gauge(
+            "streamtune_trainer_store_bytes",
+            "Bytes held in each trainer table (inputs, pending, joined), each entry counted as its"
+            " compact JSON; bounded by STREAMTUNE_TRAINER_MAX_INPUT_BYTES, _MAX_PENDING_BYTES and"
+            " _MAX_REPLAY_BYTES",
+            ["table"],
+            registry=r,
         )
         self.fresh_labels = Gauge(
             "streamtune_trainer_fresh_labels", "Joined labels not yet trained on", ["task"], registry=r

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import structlog
@@ -14,6 +13,7 @@ from pydantic import ValidationError
 from streamtune.core.errors import StartupError
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import RELEASES_TOPIC
+from streamtune.kafka.read import TopicReadTimeout, read_to_end
 from streamtune.kafka.security import kafka_client_kwargs
 from streamtune.rollout.state import Release, current_states
 
@@ -44,23 +44,12 @@ class ReleaseLog:
         """Every record up to the current end, and the end offsets (to follow from there)."""
         consumer = self._consumer()
         try:
-            parts = consumer.partitions_for_topic(self.topic) or set()
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
-            if not tps:
-                return [], {}
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
-            end = consumer.end_offsets(tps)
-            records: list[Release] = []
-            deadline = time.monotonic() + timeout_s
-            while any(consumer.position(tp) < end[tp] for tp in tps):
-                if time.monotonic() > deadline:
-                    raise StartupError(f"timed out reading {self.topic}")
-                for batch in consumer.poll(timeout_ms=200).values():
-                    records += [r for msg in batch if (r := parse(msg.value)) is not None]
-            return records, end
+            msgs, end = read_to_end(consumer, self.topic, timeout_s)
+        except TopicReadTimeout as e:
+            raise StartupError(str(e)) from e
         finally:
             consumer.close()
+        return [r for msg in msgs if (r := parse(msg.value)) is not None], end
 
     def states(self) -> dict[str, Release]:
         return current_states(self.read_all()[0])

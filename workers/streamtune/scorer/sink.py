@@ -78,7 +78,17 @@ TAG_HEX_DIGITS = 32  # 128 bits of SHA-256: the tag alone names the entity, coll
 
 # KEYS: view, ledger. ARGV: event_id, label, positive probability, now, ttl_s, product_id.
 # Returns 0 (already counted as is), 1 (counted), 2 (replaced its earlier contribution).
+# Both keys' types are checked before anything is written: a script that fails halfway keeps
+# what it wrote, so a ledger entry written before a failing view update would make the retry
+# see the event as counted and skip it (the view would silently miss it). Failing first makes
+# the record fail the same way on every retry, and the scorer isolates it (stage ``sink``).
 PRODUCT_SCRIPT = """
+for i = 1, 2 do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'none' and t ~= 'hash' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a hash')
+  end
+end
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local new = ARGV[2] .. '|' .. ARGV[3]
 if prev == new then

@@ -5,12 +5,16 @@ What the tables hold and how labels join inputs is :mod:`streamtune.trainer.join
 the agents feed it events, send the tombstones it asks for, and count what it reports.
 
 * ``inputs``  key ``task:event_id`` (text tasks) or ``task:session_id`` (session tasks: the
-  session state so far): what a label joins to. Bounded by event-time window and count.
+  session state so far): what a label joins to. Bounded by event-time window, count and bytes
+  (``trainer_max_input_bytes``).
 * ``joined``  key ``task:id``: one joined label (:class:`~streamtune.training.online.Example`);
-  the first label of an input wins, later ones are duplicates. Bounded per task (replay pool).
+  the first label of an input wins, later ones are duplicates. Bounded per task (replay pool)
+  and in bytes (``trainer_max_replay_bytes``: only labels already trained on go).
 * ``pending`` labels that arrived before their input; once the task's input stream is more
   than ``trainer_label_wait_s`` past them (event time, every partition) they are orphans, and
-  beyond ``trainer_max_pending`` the oldest arrivals are dropped (both counted and logged).
+  beyond ``trainer_max_pending`` or ``trainer_max_pending_bytes`` the oldest arrivals are
+  dropped (both counted and logged). ``streamtune_trainer_store_bytes`` reports each table's
+  bytes.
 
 Which joined labels are fresh is decided by the label offsets recorded in the newest
 trainer-made manifest of the task, so "trained on" lives in the registry, written atomically
@@ -99,6 +103,9 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         label_wait_s=settings.trainer_label_wait_s,
         replay_max=settings.trainer_replay_max,
         max_pending=settings.trainer_max_pending,
+        max_input_bytes=settings.trainer_max_input_bytes,
+        max_pending_bytes=settings.trainer_max_pending_bytes,
+        max_replay_bytes=settings.trainer_max_replay_bytes,
     )
     joiner = Joiner(inputs, joined, pending, limits, state.watermarks, evict)
 
@@ -237,10 +244,16 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             log.warning("labels_orphaned", task=task, count=n, reason=why)
         for task, n in swept.dropped.items():
             m.labels_dropped.labels(task, "pending_full").inc(n)
-            why = f"over {settings.trainer_max_pending} labels waiting for their input"
+            why = (
+                f"over {settings.trainer_max_pending} labels or {settings.trainer_max_pending_bytes}"
+                " bytes waiting for their input"
+            )
             log.warning("labels_dropped", task=task, count=n, reason=why)
         m.inputs_held.set(swept.inputs_held)
         m.labels_pending.set(swept.labels_pending)
+        m.store_bytes.labels("inputs").set(swept.inputs_bytes)
+        m.store_bytes.labels("pending").set(swept.pending_bytes)
+        m.store_bytes.labels("joined").set(swept.joined_bytes)
         if swept.inputs_evicted:
             log.info("inputs_evicted", count=swept.inputs_evicted, held=swept.inputs_held)
 

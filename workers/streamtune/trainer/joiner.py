@@ -3,11 +3,19 @@
 The trainer keeps three tables (Faust tables with changelogs in production, plain dicts in tests):
 
 * ``inputs``  key ``task:event_id`` (text tasks) or ``task:session_id`` (session tasks: the
-  session state so far): what a label joins to. Bounded by event-time window and count.
+  session state so far): what a label joins to. Bounded by event-time window, count and bytes
+  (the oldest arrivals go).
 * ``joined``  key ``task:id``: one joined label (:class:`~streamtune.training.online.Example`);
-  the first label of an input wins, later ones are duplicates. Bounded per task (replay pool).
+  the first label of an input wins, later ones are duplicates. The labels already trained on
+  (the replay pool) are bounded per task by count and over the whole table by bytes (the oldest
+  joins go); fresh labels are never evicted.
 * ``pending`` labels that arrived before their input; once the input stream has moved past
-  them they are orphans (:meth:`Joiner.sweep`). Bounded by count (the oldest arrival goes).
+  them they are orphans (:meth:`Joiner.sweep`). Bounded by count and bytes (the oldest arrivals
+  go).
+
+The byte bounds count an entry as its compact JSON (:func:`entry_bytes`, about what the
+changelog and the in-memory table hold of it; the key is not counted). The joiner keeps the
+size of every entry in a tally, so a sweep never serialises the tables again.
 
 Every entry records the changelog partition it was written to (``cp``: the partition of the
 event being processed when it was written). Entries are only ever written through the mapping
@@ -33,6 +41,7 @@ Entries without ``a`` (written before it) count as the oldest arrivals.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -50,6 +59,11 @@ Table = MutableMapping[str, Any]
 def task_of(key: str) -> str:
     """The task a table key belongs to (keys are ``task:id``)."""
     return key.split(":", 1)[0]
+
+
+def entry_bytes(value: Any) -> int:
+    """The size of a table entry for the byte bounds: its compact JSON, UTF-8 encoded."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def join_key(spec: TaskSpec, event: Any) -> str:
@@ -212,13 +226,18 @@ class LabelOutcome:
 
 @dataclass(frozen=True)
 class SweepOutcome:
-    inputs_evicted: int  # by window or count
+    inputs_evicted: int  # by window, count or bytes
     orphans: dict[str, int]  # pending labels given up (their task's inputs moved past), per task
-    replay_evicted: dict[str, int]  # joined labels beyond the replay pool, per task (non-zero only)
+    # joined labels beyond the replay pool (count or bytes), per task (non-zero only)
+    replay_evicted: dict[str, int]
     evictions: list[Eviction] = field(default_factory=list)  # every tombstone, in the order sent
     inputs_held: int = 0  # after the sweep
     labels_pending: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)  # pending labels beyond max_pending, per task
+    # pending labels beyond max_pending or max_pending_bytes, per task
+    dropped: dict[str, int] = field(default_factory=dict)
+    inputs_bytes: int = 0  # bytes held (entry_bytes) after the sweep, per table
+    pending_bytes: int = 0
+    joined_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +247,12 @@ class JoinLimits:
     label_wait_s: float  # a pending label is an orphan once its task's inputs are this far past it
     replay_max: int  # joined labels already trained on kept per task (the latest joined)
     max_pending: int = 50_000  # at most this many labels wait; the oldest arrivals are dropped
+    # Byte bounds (entry_bytes summed over a table); the oldest go first, as for the counts:
+    max_input_bytes: int = 256 << 20  # inputs: the oldest arrivals go
+    max_pending_bytes: int = 16 << 20  # pending labels: the oldest arrivals are dropped
+    # The joined table: labels already trained on go, oldest join first, while it is over; fresh
+    # labels are never evicted, so the table stays over while the fresh ones alone are.
+    max_replay_bytes: int = 64 << 20
 
 
 class StreamClock:
@@ -236,7 +261,7 @@ class StreamClock:
     The stream is past a time once *every* partition seen is (:meth:`low`: the low watermark).
     With the maximum over partitions, one partition that caught up would declare past what a
     lagging one still holds in its backlog. A partition that goes quiet holds the clock back:
-    safe (nothing is given up early), and the tables stay bounded by count meanwhile."""
+    safe (nothing is given up early), and the tables stay bounded by count and bytes meanwhile."""
 
     def __init__(self) -> None:
         self.latest: dict[int, float] = {}
@@ -277,7 +302,14 @@ class Joiner:
 
     Both clocks are capped at the sweep's ``now``, so producer clocks running ahead of the
     trainer's cannot make it give up early; a quiet stream gives up nothing (the count bounds,
-    ``max_inputs`` and ``max_pending``, still hold).
+    ``max_inputs`` and ``max_pending``, and the byte bounds still hold).
+
+    The byte bounds (:class:`JoinLimits`) read a tally of every entry's size
+    (:func:`entry_bytes`), per table and key: built from the (recovered) tables at first use, then
+    kept up to date by every write the joiner makes (:meth:`_put`) and every eviction. Each sweep
+    first reconciles it with the tables' keys, sizing only entries it does not know (written
+    outside the joiner, e.g. a rebalance recovering partitions into the tables after the first
+    use) and forgetting keys that are gone.
     """
 
     def __init__(
@@ -298,12 +330,53 @@ class Joiner:
         self._next_arrival: int | None = None  # set from the recovered tables at the first arrival
         self._input_clocks: dict[str, StreamClock] | None = None  # per task; from the tables at first use
         self._label_clock = StreamClock()
+        self._sizes: dict[TableName, dict[str, int]] | None = None  # from the tables at first use
+        self._totals: dict[TableName, int] = {"inputs": 0, "joined": 0, "pending": 0}
+
+    def _tally(self) -> dict[TableName, dict[str, int]]:
+        """Every entry's size, per table and key; at the first use, from the (recovered) tables."""
+        if self._sizes is None:
+            self._sizes = {
+                name: {k: entry_bytes(v) for k, v in t.items()} for name, t in self._tables.items()
+            }
+            self._totals = {name: sum(sizes.values()) for name, sizes in self._sizes.items()}
+        return self._sizes
+
+    def _reconcile(self) -> None:
+        """Size the entries the tally does not know and forget the keys no longer in the tables
+        (both only where something bypassed the joiner); known entries are not serialised again."""
+        for name, sizes in self._tally().items():
+            table = self._tables[name]
+            for key in [k for k in sizes if k not in table]:
+                self._totals[name] -= sizes.pop(key)
+            for key in [k for k in table if k not in sizes]:
+                sizes[key] = n = entry_bytes(table[key])
+                self._totals[name] += n
+
+    def bytes_held(self) -> dict[TableName, int]:
+        """Bytes held per table (the tally's totals)."""
+        self._tally()
+        return dict(self._totals)
+
+    def sizes(self) -> dict[TableName, dict[str, int]]:
+        """A copy of the tally: every entry's size, per table and key."""
+        return {name: dict(sizes) for name, sizes in self._tally().items()}
+
+    def _put(self, table: TableName, key: str, value: dict[str, Any]) -> None:
+        """Write an entry (through the mapping: its change goes to the current event's changelog
+        partition) and its size to the tally, in place of the size of what it replaces."""
+        sizes = self._tally()[table]
+        self._tables[table][key] = value
+        n = entry_bytes(value)
+        self._totals[table] += n - sizes.get(key, 0)
+        sizes[key] = n
 
     def _pop(self, e: Eviction) -> None:
         self._tables[e.table].pop(e.key, None)
 
     def _evict(self, table: TableName, key: str, partition: int) -> Eviction:
         e = Eviction(table, key, partition)
+        self._totals[table] -= self._tally()[table].pop(key, 0)
         self._evict_fn(e)
         return e
 
@@ -342,7 +415,7 @@ class Joiner:
 
     def _join(self, key: str, label: Label, x: str | list[float], partition: int) -> Example:
         ex = Example(key, x, label.y, label.partition, label.offset, label.ts, self.next_seq())
-        self.joined[key] = JoinedLabel(ex, partition).to_json()
+        self._put("joined", key, JoinedLabel(ex, partition).to_json())
         return ex
 
     def held(self, spec: TaskSpec, key: str) -> HeldInput | None:
@@ -366,7 +439,7 @@ class Joiner:
             held = SessionInput(new, ts, partition, self.next_arrival())
         else:
             held = TextInput(spec.model_text(event), ts, partition, self.next_arrival())
-        self.inputs[key] = held.to_json()
+        self._put("inputs", key, held.to_json())
         waiting = self.pending.get(key)
         if waiting is None:
             return InputAdded(spec.name, key)
@@ -389,7 +462,7 @@ class Joiner:
             return LabelOutcome(LabelStatus.DUPLICATE, label.task, key)
         held = self.held(TASKS[label.task], key)
         if held is None:
-            self.pending[key] = PendingLabel(lab, now, partition, self.next_arrival()).to_json()
+            self._put("pending", key, PendingLabel(lab, now, partition, self.next_arrival()).to_json())
             return LabelOutcome(LabelStatus.PENDING, label.task, key)
         ex = self._join(key, lab, held.model_input(), partition)
         return LabelOutcome(LabelStatus.JOINED, label.task, key, ex)
@@ -406,22 +479,35 @@ class Joiner:
         stream clocks, see the class):
 
         * inputs out of the window (the labels stream moved past them) or beyond the count
-          (oldest arrival first);
+          (oldest arrival first), then the oldest arrivals while the inputs are over
+          ``max_input_bytes``;
         * pending labels whose task's inputs moved past them (orphans), then those beyond
-          ``max_pending`` (oldest arrival first: dropped);
+          ``max_pending`` (oldest arrival first: dropped), then the oldest arrivals while the
+          pending labels are over ``max_pending_bytes`` (dropped);
         * each task's labels already trained on beyond the replay pool (oldest join first;
-          fresh labels are never evicted)."""
+          fresh labels are never evicted), then, over all tasks, the oldest joined labels already
+          trained on while the joined table is over ``max_replay_bytes``."""
         clocks = self._clocks()
+        self._reconcile()
+        lim = self.limits
         evictions: list[Eviction] = []
         labels_at = self._label_clock.low(now)
-        cutoff = -math.inf if labels_at is None else labels_at - self.limits.input_window_s
+        cutoff = -math.inf if labels_at is None else labels_at - lim.input_window_s
         held = sorted(self.inputs.items(), key=lambda kv: arrival_of(kv[1]))
-        excess = max(0, len(held) - self.limits.max_inputs)
+        excess = max(0, len(held) - lim.max_inputs)
         dropped_inputs = 0
+        kept_inputs: list[tuple[str, Any]] = []
         for i, (key, value) in enumerate(held):
             if i < excess or float(value["t"]) < cutoff:
                 evictions.append(self._evict("inputs", key, int(value["cp"])))
                 dropped_inputs += 1
+            else:
+                kept_inputs.append((key, value))
+        for key, value in kept_inputs:  # oldest arrival first, while over the bytes
+            if self._totals["inputs"] <= lim.max_input_bytes:
+                break
+            evictions.append(self._evict("inputs", key, int(value["cp"])))
+            dropped_inputs += 1
         orphans: dict[str, int] = {}
         kept: list[tuple[str, PendingLabel]] = []
         waiting = sorted(
@@ -431,16 +517,20 @@ class Joiner:
             task = task_of(key)
             clock = clocks.get(task)
             inputs_at = None if clock is None else clock.low(now)
-            if inputs_at is not None and inputs_at - label.label.ts > self.limits.label_wait_s:
+            if inputs_at is not None and inputs_at - label.label.ts > lim.label_wait_s:
                 evictions.append(self._evict("pending", key, label.partition))
                 orphans[task] = orphans.get(task, 0) + 1
             else:
                 kept.append((key, label))
         dropped: dict[str, int] = {}
-        for key, label in kept[: max(0, len(kept) - self.limits.max_pending)]:
+        beyond = max(0, len(kept) - lim.max_pending)
+        for i, (key, label) in enumerate(kept):
+            if i >= beyond and self._totals["pending"] <= lim.max_pending_bytes:
+                break  # within the count and the bytes
             evictions.append(self._evict("pending", key, label.partition))
             dropped[task_of(key)] = dropped.get(task_of(key), 0) + 1
         replay: dict[str, int] = {}
+        pool: list[tuple[str, JoinedLabel]] = []  # labels already trained on that the count keeps
         for task in TASKS:
             wm = self.watermarks.get(task, -1)
             prefix = task + ":"
@@ -448,11 +538,26 @@ class Joiner:
             old = sorted(
                 ((k, r) for k, r in records if not is_fresh(r.example, wm)), key=lambda kr: kr[1].example.seq
             )
-            over = old[: max(0, len(old) - self.limits.replay_max)]
-            for key, rec in over:
+            cut = max(0, len(old) - lim.replay_max)
+            for key, rec in old[:cut]:
                 evictions.append(self._evict("joined", key, rec.partition))
-            if over:
-                replay[task] = len(over)
+            if cut:
+                replay[task] = cut
+            pool.extend(old[cut:])
+        for key, rec in sorted(pool, key=lambda kr: kr[1].example.seq):  # oldest join first, over bytes
+            if self._totals["joined"] <= lim.max_replay_bytes:
+                break
+            evictions.append(self._evict("joined", key, rec.partition))
+            replay[task_of(key)] = replay.get(task_of(key), 0) + 1
         return SweepOutcome(
-            dropped_inputs, orphans, replay, evictions, len(self.inputs), len(self.pending), dropped
+            dropped_inputs,
+            orphans,
+            replay,
+            evictions,
+            len(self.inputs),
+            len(self.pending),
+            dropped,
+            inputs_bytes=self._totals["inputs"],
+            pending_bytes=self._totals["pending"],
+            joined_bytes=self._totals["joined"],
         )
