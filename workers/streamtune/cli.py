@@ -281,7 +281,7 @@ def chaos(
     from pathlib import Path
 
     from streamtune.core.settings import REPO_ROOT
-    from streamtune.devtools.chaos import ChaosConfig, markdown, run_scenarios
+    from streamtune.devtools.chaos import ChaosConfig, markdown, merge_reports, run_scenarios
     from streamtune.ops.logs import configure_logging
 
     s = _settings()
@@ -289,13 +289,16 @@ def chaos(
     cfg = ChaosConfig(quick=quick)
     reports = run_scenarios(s, cfg, REPO_ROOT / "var" / "chaos", scenario or None)
     target = Path(out) if out else (None if quick else REPO_ROOT / "docs")
+    failed = [r.name for r in reports if not r.passed and not r.extra.get("skipped")]
+    if target is not None and scenario and (target / "chaos.json").exists():
+        # Some scenarios: their rows replace the earlier ones, the rest of the report stays.
+        reports = merge_reports(json.loads((target / "chaos.json").read_text()), reports)
     text = markdown(reports, cfg)
     if target is not None:
         target.mkdir(parents=True, exist_ok=True)
         (target / "chaos.json").write_text(json.dumps([asdict(r) for r in reports], indent=2) + "\n")
         (target / "chaos.md").write_text(text)
     print(text)
-    failed = [r.name for r in reports if not r.passed and not r.extra.get("skipped")]
     if failed:
         raise typer.Exit(1)
 

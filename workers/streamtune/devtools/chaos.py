@@ -39,6 +39,7 @@ from streamtune.devtools.demo.replay import Outgoing, plan, replay, review_event
 from streamtune.devtools.poison import hostile_reviews, poison_records
 from streamtune.devtools.stack import EmbeddedKafka, EmbeddedRedis, KafkaCluster, find_free_port
 from streamtune.devtools.workers import Worker
+from streamtune.kafka.group_offsets import GroupStartOffsets
 from streamtune.kafka.read import read_to_end
 from streamtune.kafka.topics import DLQ_TOPIC, ensure_topics
 from streamtune.rollout.registry import LocalRegistry, Manifest
@@ -92,6 +93,10 @@ class ScenarioReport:
     passed: bool = False
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # False for the trainer's scenarios: their events are labels, nothing is scored or audited
+    # in Redis ("in" counts the labels, "lost" the labels orphaned or dropped).
+    audited: bool = True
+    measured: str = ""  # the day the scenario ran (UTC, ISO date)
 
 
 class Run:
@@ -197,19 +202,19 @@ class Run:
 
     def lag(self, group: str, topics: list[str]) -> int:
         """Records of ``topics`` that ``group`` has not committed yet."""
-        from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+        from kafka import KafkaConsumer, TopicPartition
 
-        admin = KafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
         c = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None)
         try:
             names = [self.settings.topic(t) for t in topics]
             tps = [TopicPartition(n, p) for n in names for p in c.partitions_for_topic(n) or []]
-            committed = admin.list_consumer_group_offsets(group)
+            starts = GroupStartOffsets(self.settings, group).starts_sync(
+                {(tp.topic, tp.partition) for tp in tps}
+            )
             ends = c.end_offsets(tps)
-            return sum(max(0, ends[tp] - (committed[tp].offset if tp in committed else 0)) for tp in tps)
+            return sum(max(0, ends[tp] - starts[(tp.topic, tp.partition)]) for tp in tps)
         finally:
             c.close()
-            admin.close()
 
     def dead_letters(self) -> int:
         from kafka import KafkaConsumer, TopicPartition
@@ -619,8 +624,9 @@ def trainer_down(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport
     wait_s = 4.0
     down = 3 * wait_s if cfg.quick else 60.0
     report = ScenarioReport(
-        "trainer_down", f"trainer killed while traffic and labels flow, restarted {down:.0f} s later"
-    )
+        "trainer_down", f"trainer killed while traffic and labels flow, restarted {down:.0f} s later",
+        audited=False,
+    )  # fmt: skip
     with single_stack(root) as (kafka, red):
         run = Run(
             root / "run", kafka.bootstrap_servers, red.url, base,
@@ -706,9 +712,9 @@ def release_late_files(root: Path, base: Settings, cfg: ChaosConfig) -> Scenario
                      "scorer b holding the release as pending", [a, b])  # fmt: skip
             time.sleep(delay)  # the fault's duration: the files are late
             served_live = metric(b, "streamtune_adapter_version", task=task)
-            staging = root / "sync"
-            _copy_version(regs[0] / task, staging, new, new)
-            (staging / str(new)).rename(regs[1] / task / str(new))  # arrives whole, as a sync tool renames
+            staging = root / "sync" / str(new)
+            shutil.copytree(regs[0] / task / str(new), staging)
+            staging.rename(regs[1] / task / str(new))  # arrives whole, as a sync tool renames
             arrived = time.monotonic()
             run.wait(lambda: metric(b, "streamtune_adapter_version", task=task) == new, cfg.timeout_s,
                      "scorer b serving the release once its files are there", [a, b])  # fmt: skip
@@ -730,14 +736,15 @@ def release_late_files(root: Path, base: Settings, cfg: ChaosConfig) -> Scenario
 
 def label_poisoning(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport:
     """Labels poisoned at the source: a third flipped, a tenth dated minutes ahead (valid, but
-    they must not own the holdout), a few dated a day ahead (invalid: dead-lettered). The real
-    trainer fine-tunes on them; the gate must refuse the candidate and the registry keep its
-    versions."""
+    they must not own the holdout), a few dated three days ahead (beyond the default one-day
+    skew: invalid, dead-lettered). The real trainer fine-tunes on them; the gate must refuse the
+    candidate: it is kept in the registry as not releasable, and nothing is released."""
     task = "review_sentiment"
     n = 60 if cfg.quick else 200
     report = ScenarioReport(
-        "label_poisoning", "30 % flipped review labels, 10 % dated minutes ahead, 3 dated a day ahead"
-    )
+        "label_poisoning", "30 % flipped review labels, 10 % dated minutes ahead, 3 dated three days ahead",
+        audited=False,
+    )  # fmt: skip
     with single_stack(root) as (kafka, red):
         registry = root / "registry"
         shutil.copytree(base.adapter_dir, registry)
@@ -778,7 +785,7 @@ def label_poisoning(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioRep
                         label = label.model_copy(update={"label": flip[int(label.label)]})
                         flipped += 1
                     if i < 3:
-                        label = label.model_copy(update={"ts": now + timedelta(days=1)})
+                        label = label.model_copy(update={"ts": now + timedelta(days=3)})
                         far += 1
                     elif rng.random() < 0.1:
                         label = label.model_copy(update={"ts": now + timedelta(minutes=2)})
@@ -797,20 +804,32 @@ def label_poisoning(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioRep
                 o: metric(trainer, "streamtune_trainer_runs_total", task=task, outcome=o)
                 for o in ("released", "rejected", "skipped", "failed", "artifact_refused")
             }
-            after = LocalRegistry(registry).versions(task)
+            reg = LocalRegistry(registry)
+            after = reg.versions(task)
+            releasable = [v for v in after if v not in before and reg.manifest(task, v).releasable]
+            record = ReleaseLog(run.settings).states().get(task)  # None: nothing was ever released
+            live = before[-1] if record is None else record.live_version
             invalid = metric(trainer, "streamtune_trainer_labels_invalid_total")
             report.events_in = len(rows)
             report.extra = {
                 "labels": len(rows), "flipped": flipped, "minutes_ahead": ahead, "day_ahead": far,
                 "labels_invalid": invalid, "runs": {k: v for k, v in outcomes.items() if v},
-                "versions_before": before, "versions_after": after,
+                "versions_before": before, "versions_after": after, "new_releasable": releasable,
+                "live_after": live,
             }  # fmt: skip
-            report.passed = outcomes["rejected"] >= 1 and outcomes["released"] == 0 and after == before
+            report.passed = (
+                outcomes["rejected"] >= 1
+                and outcomes["released"] == 0
+                and not releasable
+                and live == before[-1]
+            )
             if invalid != far:
                 report.passed = False
-                report.detail += f" {invalid:.0f} labels refused as invalid for {far} dated a day ahead"
+                report.detail += f" {invalid:.0f} labels refused as invalid for {far} dated days ahead"
             if not report.passed:
-                report.detail += f" run outcomes {outcomes}, versions {before} -> {after}"
+                report.detail += (
+                    f" run outcomes {outcomes}, releasable new versions {releasable}, live v{live}"
+                )
         finally:
             run.close()
     return report
@@ -850,9 +869,28 @@ def run_scenarios(
             detail = f"could not complete: {type(e).__name__}: {e}"
             report = ScenarioReport(name, "", passed=False, detail=detail)
         report.seconds = round(time.monotonic() - started, 1)
+        report.measured = datetime.now(UTC).date().isoformat()
         log.info("chaos_scenario_done", **{k: v for k, v in asdict(report).items() if k != "extra"})
         reports.append(report)
     return reports
+
+
+FIRST_FULL_RUN = "2026-11-29"  # the day of the first full run, whose records do not say it
+
+
+def merge_reports(previous: list[dict[str, Any]], new: list[ScenarioReport]) -> list[ScenarioReport]:
+    """The reports of a run of some scenarios over those of an earlier full run (``chaos.json``):
+    scenarios run now replace their earlier rows, the others keep theirs (with the day they were
+    measured); in the suite's order."""
+    by_name: dict[str, ScenarioReport] = {}
+    for d in previous:
+        known = {k: v for k, v in d.items() if k in ScenarioReport.__dataclass_fields__}
+        r = ScenarioReport(**known)
+        r.measured = r.measured or FIRST_FULL_RUN
+        by_name[r.name] = r
+    by_name.update({r.name: r for r in new})
+    order = {name: i for i, name in enumerate(SCENARIOS)}
+    return sorted(by_name.values(), key=lambda r: order.get(r.name, len(order)))
 
 
 def markdown(reports: list[ScenarioReport], cfg: ChaosConfig) -> str:
@@ -862,16 +900,21 @@ def markdown(reports: list[ScenarioReport], cfg: ChaosConfig) -> str:
         f"`streamtune chaos{' --quick' if cfg.quick else ''}`: {cfg.events} events per task at "
         f"{cfg.events_per_s:.0f} events/s, real Apache Kafka, Redis and scorer processes on this machine.",
         "A scenario passes when every valid event has a result and no entity view counts an event "
-        "twice (or misses one).",
+        'twice (or misses one). The trainer\'s scenarios (no "out") count labels: "lost" is '
+        "labels orphaned or dropped.",
         "",
-        "| scenario | fault | in | out | lost | double counted | longest gap (s) | recovery (s) | passed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | fault | in | out | lost | double counted | longest gap (s) | recovery (s) | passed "
+        "| measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         rec = "" if r.recovery_s is None else f"{r.recovery_s:.2f}"
+        out, twice, gap = (
+            (r.results_out, r.double_counted, f"{r.longest_gap_s:.2f}") if r.audited else ("", "", "")
+        )
         lines.append(
-            f"| {r.name} | {r.fault} | {r.events_in} | {r.results_out} | {r.lost} | {r.double_counted} | "
-            f"{r.longest_gap_s:.2f} | {rec} | {'yes' if r.passed else 'NO'} |"
+            f"| {r.name} | {r.fault} | {r.events_in} | {out} | {r.lost} | {twice} | "
+            f"{gap} | {rec} | {'yes' if r.passed else 'NO'} | {r.measured} |"
         )
     notes = [
         f"- **{r.name}**: {r.detail.strip()} {json.dumps(r.extra) if r.extra else ''}".rstrip()
