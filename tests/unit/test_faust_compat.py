@@ -15,7 +15,7 @@ import re
 import signal
 import socket
 import tomllib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -266,17 +266,15 @@ def test_leave_pending_pins_the_message_and_stops_tracking_it(app: faust.App) ->
 
 
 HOOKS = [
-    pytest.param(compat.run_before_assignment, "on_partitions_assigned", ({TP0}, 3), id="assignment"),
-    pytest.param(compat.run_before_revocation, "on_partitions_revoked", ({TP0},), id="revocation"),
+    pytest.param("on_partitions_assigned", ({TP0}, 3), id="assignment"),
+    pytest.param("on_partitions_assigned", ({TP0},), id="assignment-no-generation"),
+    pytest.param("on_partitions_revoked", ({TP0},), id="revocation"),
 ]
 
 
-@pytest.mark.parametrize(("install", "handler", "args"), HOOKS)
+@pytest.mark.parametrize(("handler", "args"), HOOKS)
 def test_ours_runs_before_faust_handler_also_when_it_raises_and_installs_once(
-    app: faust.App,
-    install: Callable[[faust.App, Callable[[Any], Awaitable[None]], str], None],
-    handler: str,
-    args: tuple[Any, ...],
+    app: faust.App, handler: compat.RebalanceHandler, args: tuple[Any, ...]
 ) -> None:
     consumer = _consumer(app)
     calls: list[tuple[Any, ...]] = []
@@ -291,10 +289,10 @@ def test_ours_runs_before_faust_handler_also_when_it_raises_and_installs_once(
             raise RuntimeError("a bug in our hook")
 
     setattr(consumer, handler, faust_handler)
-    install(app, ours, "compat_test")
+    compat.run_before(app, handler, ours, "compat_test")
     wrapped = getattr(consumer, handler)
     assert wrapped is not faust_handler
-    install(app, ours, "compat_test")  # once per consumer: the second call changes nothing
+    compat.run_before(app, handler, ours, "compat_test")  # once per consumer: the second call changes nothing
     assert getattr(consumer, handler) is wrapped
     assert consumer._streamtune_compat_test is True
 
@@ -306,7 +304,7 @@ def test_ours_runs_before_faust_handler_also_when_it_raises_and_installs_once(
     assert calls == [("ours", args[0]), ("faust", *args)]  # Faust's handler runs all the same
 
     other = faust.App("compat-test-2", broker="kafka://127.0.0.1:1", store="memory://", loop=app.loop)
-    install(other, ours, "compat_test")  # the marker is per consumer, not global
+    compat.run_before(other, handler, ours, "compat_test")  # the marker is per consumer, not global
     assert _consumer(other)._streamtune_compat_test is True
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -110,8 +111,9 @@ def search_results(events: list[SearchEvent], scored: Scored, now: datetime) -> 
 
 
 def click_results(
-    events: list[ClickEvent], page_views: list[int], scored: Scored, now: datetime
+    events: list[ClickEvent], scored: Scored, now: datetime, page_views: Sequence[int]
 ) -> list[Result]:
+    """``page_views[i]``: the session's page views after ``events[i]`` (from the session state)."""
     out = []
     for ev, views, p, ref in zip(events, page_views, scored.probs[:, 0], _refs(scored), strict=True):
         prob = round(float(p), 6)

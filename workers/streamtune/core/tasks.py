@@ -109,16 +109,18 @@ class TaskSpec:
         return self.text_of(event)
 
 
-def _review_results(events: list[Any], scored: Scored, now: datetime, _: Sequence[int]) -> list[Any]:
-    return encode.review_results(events, scored, now)
+def _text_results(encoder: Callable[[list[Any], Scored, datetime], list[encode.Result]]) -> ResultEncoder:
+    """A text task's encoder (``encode.review_results``, ``encode.search_results``) as a
+    :data:`ResultEncoder`: text events carry no page views (the pipeline passes an empty
+    sequence), so the encoder does not take them and the fourth argument is dropped here.
+    Session tasks' encoders take the page views and are used as they are."""
 
+    def results(
+        events: list[Any], scored: Scored, now: datetime, page_views: Sequence[int]
+    ) -> list[encode.Result]:
+        return encoder(events, scored, now)
 
-def _search_results(events: list[Any], scored: Scored, now: datetime, _: Sequence[int]) -> list[Any]:
-    return encode.search_results(events, scored, now)
-
-
-def _click_results(events: list[Any], scored: Scored, now: datetime, views: Sequence[int]) -> list[Any]:
-    return encode.click_results(events, list(views), scored, now)
+    return results
 
 
 REVIEW = TaskSpec(
@@ -135,7 +137,7 @@ REVIEW = TaskSpec(
     labels=SENTIMENTS,
     label_of=_sentiment_label,
     check_label=_check_sentiment,
-    results=_review_results,
+    results=_text_results(encode.review_results),
     metric_family=MetricFamily.CLASSIFICATION,
     data_file="womens_clothing_reviews.csv",
     text_of=ReviewEvent.model_text,
@@ -154,7 +156,7 @@ QUERY = TaskSpec(
     labels=None,
     label_of=str,
     check_label=_check_class,
-    results=_search_results,
+    results=_text_results(encode.search_results),
     metric_family=MetricFamily.TOP_K,
     data_file="wands_queries.tsv",
     prototype_head=True,  # 188 classes, some with few or no training queries
@@ -174,7 +176,7 @@ CLICK = TaskSpec(
     labels=CLICK_LABELS,
     label_of=lambda label: CLICK_LABELS[int(label)],
     check_label=_check_purchase,
-    results=_click_results,
+    results=encode.click_results,
     metric_family=MetricFamily.BINARY,
     data_file="online_shoppers_intention.csv",
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -37,6 +38,26 @@ class Audit:
         return not (self.missing or self.double_counted or self.undercounted)
 
 
+def _compare_counts(
+    r: redis.Redis,
+    result: Audit,
+    expected: Mapping[str, int],
+    key_of: Callable[[str], str],
+    counter: str,
+    message: str,
+) -> None:
+    """Compare the ``counter`` field of each entity's Redis hash (``key_of(entity)``) with the
+    number of its scored events, ``expected[entity]``: a higher count goes to ``double_counted``,
+    a lower one to ``undercounted``, as ``message`` formatted with ``entity``, ``counted`` and
+    ``n`` (the expected count)."""
+    for entity, n in expected.items():
+        counted = int(r.hget(key_of(entity), counter) or 0)
+        if counted > n:
+            result.double_counted.append(message.format(entity=entity, counted=counted, n=n))
+        elif counted < n:
+            result.undercounted.append(message.format(entity=entity, counted=counted, n=n))
+
+
 def audit(r: redis.Redis, outs: list[Outgoing]) -> Audit:
     """Check Redis against the valid events in ``outs`` (all of them are expected scored)."""
     valid = [o for o in outs if o.valid]
@@ -56,18 +77,12 @@ def audit(r: redis.Redis, outs: list[Outgoing]) -> Audit:
             by_product[rec["product_id"]] += 1
         elif o.task == "purchase_intent":
             by_session[o.key] += 1
-    for product, n in by_product.items():
-        counted = int(r.hget(product_key(product), "reviews") or 0)
-        if counted > n:
-            result.double_counted.append(f"product {product}: {counted} for {n} reviews")
-        elif counted < n:
-            result.undercounted.append(f"product {product}: {counted} for {n} reviews")
-    for session, n in by_session.items():
-        counted = int(r.hget(session_key(session), "page_views") or 0)
-        if counted > n:
-            result.double_counted.append(f"session {session}: {counted} page views for {n} clicks")
-        elif counted < n:
-            result.undercounted.append(f"session {session}: {counted} page views for {n} clicks")
+    views = (  # (expected count per entity, its Redis hash, the field counting, the report line)
+        (by_product, product_key, "reviews", "product {entity}: {counted} for {n} reviews"),
+        (by_session, session_key, "page_views", "session {entity}: {counted} page views for {n} clicks"),
+    )
+    for expected, key_of, counter, message in views:
+        _compare_counts(r, result, expected, key_of, counter, message)
     times.sort()
     result.longest_gap_s = max(((b - a).total_seconds() for a, b in itertools.pairwise(times)), default=0.0)
     return result

@@ -16,7 +16,7 @@ import contextlib
 import signal
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import faust
 import structlog
@@ -103,48 +103,42 @@ async def force_commit(app: faust.App) -> bool:
 # --- 4. our code before Faust's rebalance handlers -------------------------------------------
 
 
-def run_before_assignment(app: faust.App, before: Callable[[Any], Awaitable[None]], marker: str) -> None:
-    """Run ``before(assigned)`` ahead of the consumer's own ``on_partitions_assigned``, which
-    recovers the tables and starts fetching. Faust's handler always runs afterwards, also when
-    ``before`` raises (without it the assignment is never fetched, silently: aiokafka only logs).
-    Installed once per consumer (``marker`` names the workaround); call it from the first
-    revocation signal, which comes before any record of the first join."""
+RebalanceHandler = Literal["on_partitions_assigned", "on_partitions_revoked"]
+
+
+def run_before(
+    app: faust.App, handler: RebalanceHandler, before: Callable[[Any], Awaitable[None]], marker: str
+) -> None:
+    """Run ``before(partitions)`` ahead of the consumer's own rebalance ``handler``, wrapped on
+    the consumer instance (Faust builds its consumer class itself). Faust's handler always runs
+    afterwards, with the arguments it was called with, also when ``before`` raises: the exception
+    is logged as ``<marker>_failed``. Installed once per consumer (``marker`` names the workaround
+    and the flag ``_streamtune_<marker>`` set on the consumer); call it from the first revocation
+    signal, which comes before any record of the first join.
+
+    Why each handler needs our code first:
+
+    * ``on_partitions_assigned`` recovers the tables and starts fetching, so whatever must be
+      known before a record of the assignment is handed out goes before it. It must run whatever
+      ``before`` does: without it the assignment is never fetched, silently (aiokafka only logs).
+    * ``on_partitions_revoked`` throws away the acknowledgements not yet committed
+      (``Consumer.on_partitions_revoked`` drops ``_acked`` for every revoked partition; with the
+      eager protocol that is all of them) before it waits for streams, so batches in progress
+      must be finished and committed before it runs."""
     consumer: Any = app.consumer
     flag = f"_streamtune_{marker}"
     if getattr(consumer, flag, False):
         return
-    original = consumer.on_partitions_assigned
+    original = getattr(consumer, handler)
 
-    async def on_partitions_assigned(assigned: Any, generation_id: int = 0) -> None:
+    async def wrapped(partitions: Any, *rest: Any) -> None:
         try:
-            await before(assigned)
-        except Exception:
+            await before(partitions)
+        except Exception:  # Faust's own handler must run whatever happened here
             log.exception(f"{marker}_failed")
-        await original(assigned, generation_id)
+        await original(partitions, *rest)
 
-    consumer.on_partitions_assigned = on_partitions_assigned
-    setattr(consumer, flag, True)
-
-
-def run_before_revocation(app: faust.App, before: Callable[[Any], Awaitable[None]], marker: str) -> None:
-    """Run ``before(revoked)`` ahead of the consumer's own ``on_partitions_revoked``, which
-    throws away the acknowledgements not yet committed (``Consumer.on_partitions_revoked`` drops
-    ``_acked`` for every revoked partition; with the eager protocol that is all of them) before it
-    waits for streams. Faust's handler always runs afterwards. Installed once per consumer."""
-    consumer: Any = app.consumer
-    flag = f"_streamtune_{marker}"
-    if getattr(consumer, flag, False):
-        return
-    original = consumer.on_partitions_revoked
-
-    async def on_partitions_revoked(revoked: Any) -> None:
-        try:
-            await before(revoked)
-        except Exception:  # Faust's own revocation must run whatever happened here
-            log.exception(f"{marker}_failed")
-        await original(revoked)
-
-    consumer.on_partitions_revoked = on_partitions_revoked
+    setattr(consumer, handler, wrapped)
     setattr(consumer, flag, True)
 
 

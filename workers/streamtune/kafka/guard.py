@@ -73,7 +73,7 @@ class SkipGuard:
             if not self.app.should_stop:
                 await self._learn_starts(assigned)
 
-        compat.run_before_assignment(self.app, learn, marker="resume_offsets")
+        compat.run_before(self.app, "on_partitions_assigned", learn, marker="resume_offsets")
 
     def _input_topics(self) -> set[str]:
         return {

@@ -40,7 +40,7 @@ def hand_over_cleanly(app: faust.App, gate: BatchGate, timeout_s: float) -> None
     every revoked partition; with the eager protocol that is all of them) and only then waits
     for streams, a wait that does not see batches taken with ``take_events`` anyway. So the
     consumer's handler is wrapped, once, when the first (empty) revocation of the first join
-    comes by (:func:`streamtune.kafka.compat.run_before_revocation`)."""
+    comes by (:func:`streamtune.kafka.compat.run_before`)."""
 
     async def finish_then_commit(revoked: Any) -> None:
         if app.consumer.assignment():
@@ -51,7 +51,7 @@ def hand_over_cleanly(app: faust.App, gate: BatchGate, timeout_s: float) -> None
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _wrap(app: faust.App, revoked: Any, **_: Any) -> None:
-        compat.run_before_revocation(app, finish_then_commit, marker="handover")
+        compat.run_before(app, "on_partitions_revoked", finish_then_commit, marker="handover")
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _reopen(app: faust.App, assigned: Any, **_: Any) -> None:
