@@ -18,12 +18,14 @@ from streamtune.training.online import Example, select
 
 @pytest.fixture
 def registry(tmp_path: Path) -> LocalRegistry:
-    shutil.copytree(Settings().adapter_dir, tmp_path / "adapters")
+    shutil.copytree(Settings().model.adapter_dir, tmp_path / "adapters")
     return LocalRegistry(tmp_path / "adapters")
 
 
 def review_examples(n: int) -> list[Example]:
-    reviews = [r for r in data.load_reviews(Settings().data_dir) if not data.is_held_out(r.review_id, 10)]
+    reviews = [
+        r for r in data.load_reviews(Settings().model.data_dir) if not data.is_held_out(r.review_id, 10)
+    ]
     return [
         Example(f"review_sentiment:{r.review_id}", r.model_text(), r.label, 0, i, 1000.0 + i, i)
         for i, r in enumerate(reviews[-n:])
@@ -32,10 +34,10 @@ def review_examples(n: int) -> list[Example]:
 
 def test_review_candidate_warm_starts_from_live_and_records_its_gate(registry: LocalRegistry) -> None:
     s = Settings()
-    reference = reference_set("review_sentiment", s.data_dir, rows=40)
+    reference = reference_set("review_sentiment", s.model.data_dir, rows=40)
     ts = select(review_examples(48), -1, holdout_fraction=0.25, replay_ratio=0.0, seed=1)
     cfg = OnlineConfig(epochs=1, budget_s=60, margin=-1.0, tolerance=1.0, max_len=64)
-    out = train_candidate("review_sentiment", 1, ts, reference, registry, s.base_model, cfg)
+    out = train_candidate("review_sentiment", 1, ts, reference, registry, s.model.base_model, cfg)
     m = out.manifest
     assert out.verdict.passed and m.gate["passed"] is True
     assert (m.version, m.parent_version, m.kind) == (2, 1, "text-lora")
@@ -54,7 +56,9 @@ def test_review_candidate_warm_starts_from_live_and_records_its_gate(registry: L
 
 def test_a_candidate_that_misses_the_margin_is_published_but_not_releasable(registry: LocalRegistry) -> None:
     s = Settings()
-    rows = [r for r in data.load_sessions(s.data_dir) if not data.is_held_out(r["session_id"], 20)][:400]
+    rows = [r for r in data.load_sessions(s.model.data_dir) if not data.is_held_out(r["session_id"], 20)][
+        :400
+    ]
     exs = [
         Example(f"purchase_intent:{r['session_id']}", vectorize(r), "purchase" if r["Revenue"] == "1" else
                 "no_purchase", 1, i, 50.0 + i, i)
@@ -62,8 +66,8 @@ def test_a_candidate_that_misses_the_margin_is_published_but_not_releasable(regi
     ]  # fmt: skip
     ts = select(exs, -1, holdout_fraction=0.25, replay_ratio=0.0, seed=1)
     cfg = OnlineConfig(epochs=1, budget_s=30, margin=1.0, tolerance=0.0)
-    reference = reference_set("purchase_intent", s.data_dir, 200)
-    out = train_candidate("purchase_intent", 1, ts, reference, registry, s.base_model, cfg)
+    reference = reference_set("purchase_intent", s.model.data_dir, 200)
+    out = train_candidate("purchase_intent", 1, ts, reference, registry, s.model.base_model, cfg)
     assert not out.verdict.passed and "margin" in out.verdict.reason
     m = registry.manifest("purchase_intent", 2)
     assert m.gate["passed"] is False and not m.releasable

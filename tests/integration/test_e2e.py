@@ -31,7 +31,7 @@ OUT_SCHEMA = {
 
 
 def expected(settings: Settings, limit: int, malformed: float, seed: int) -> list[Outgoing]:
-    return list(plan(settings.data_dir, TASKS, limit, malformed, seed))
+    return list(plan(settings.model.data_dir, TASKS, limit, malformed, seed))
 
 
 def event_id(out: Outgoing) -> str:
@@ -114,7 +114,7 @@ def test_replay_scores_everything_and_dead_letters_the_rest(
     for m in dlq:
         dl = json.loads(m.value)
         validator.validate(dl)
-        assert dl["error"] and dl["source_topic"].startswith(settings.topic_prefix + "events.")
+        assert dl["error"] and dl["source_topic"].startswith(settings.kafka.topic_prefix + "events.")
         assert dl["raw"] is not None or dl["raw_b64"] is not None
     check_aggregates(redis_client, outs)
 
@@ -122,7 +122,7 @@ def test_replay_scores_everything_and_dead_letters_the_rest(
     assert 'streamtune_dead_letters_total{task="review_sentiment"}' in metrics
     # Micro-batches never exceed the configured bound.
     for task in TASKS:
-        le = f'streamtune_batch_size_bucket{{le="{float(settings.batch_max_events)}",task="{task}"}}'
+        le = f'streamtune_batch_size_bucket{{le="{float(settings.scorer.batch_max_events)}",task="{task}"}}'
         count = f'streamtune_batch_size_count{{task="{task}"}}'
         values = {
             line.split(" ")[0]: float(line.split(" ")[1])
@@ -192,9 +192,7 @@ def test_idle_sessions_expire_from_the_table(
 ) -> None:
     # The replay stops after its clicks, so no later click moves the event-time watermark: the
     # last sessions expire by the partition-idle rule (scorer/sessions.py), set small here too.
-    s = settings.model_copy(
-        update={"session_inactivity_s": 2.0, "session_sweep_s": 0.5, "session_idle_partition_s": 2.0}
-    )
+    s = settings.replace(session_inactivity_s=2.0, session_sweep_s=0.5, session_idle_partition_s=2.0)
     ensure_topics(s)
     outs = [o for o in expected(s, limit=30, malformed=0.0, seed=11) if o.task == "purchase_intent"]
     sessions = {o.key for o in outs}
@@ -225,16 +223,14 @@ def test_onnx_backends_score_end_to_end_with_per_task_batch_bounds(
     """A scorer on ONNX Runtime (reviews int8, queries fp32): it exports the artifacts it lacks at
     start (gate included), scores every event, and honours a per-task batch bound."""
     registry = tmp_path / "adapters"
-    shutil.copytree(settings.adapter_dir, registry, ignore=shutil.ignore_patterns("artifacts"))
-    s = settings.model_copy(
-        update={
-            "adapter_dir": registry,
-            "backend": "onnx-int8",
-            "task_backends": {"query_class": "onnx-fp32"},
-            "task_batch_max_events": {"query_class": 4},
-            "export_eval_rows": 80,
-            "onnx_min_agreement": 0.9,  # 80 rows: the gate's resolution is 1.25 %
-        }
+    shutil.copytree(settings.model.adapter_dir, registry, ignore=shutil.ignore_patterns("artifacts"))
+    s = settings.replace(
+        adapter_dir=registry,
+        backend="onnx-int8",
+        task_backends={"query_class": "onnx-fp32"},
+        task_batch_max_events={"query_class": 4},
+        export_eval_rows=80,
+        onnx_min_agreement=0.9,  # 80 rows: the gate's resolution is 1.25 %
     )
     ensure_topics(s)
     outs = expected(s, limit=40, malformed=0.0, seed=21)

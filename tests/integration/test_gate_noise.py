@@ -26,20 +26,22 @@ from streamtune.training.online import Example, select
 
 SHIPPED = Settings()
 GATE = OnlineConfig(
-    margin=SHIPPED.trainer_margin,
-    tolerance=SHIPPED.trainer_reference_tolerance,
-    alpha=SHIPPED.trainer_gate_alpha,
+    margin=SHIPPED.trainer.margin,
+    tolerance=SHIPPED.trainer.reference_tolerance,
+    alpha=SHIPPED.trainer.gate_alpha,
 )
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> LocalRegistry:
-    shutil.copytree(SHIPPED.adapter_dir, tmp_path / "adapters")
+    shutil.copytree(SHIPPED.model.adapter_dir, tmp_path / "adapters")
     return LocalRegistry(tmp_path / "adapters")
 
 
 def session_examples(n: int) -> list[Example]:
-    rows = [r for r in data.load_sessions(SHIPPED.data_dir) if not data.is_held_out(r["session_id"], 20)][:n]
+    rows = [
+        r for r in data.load_sessions(SHIPPED.model.data_dir) if not data.is_held_out(r["session_id"], 20)
+    ][:n]
     return [
         Example(f"purchase_intent:{r['session_id']}", vectorize(r), "purchase" if r["Revenue"] == "1" else
                 "no_purchase", 1, i, 50.0 + i, i)
@@ -48,7 +50,7 @@ def session_examples(n: int) -> list[Example]:
 
 
 def review_examples(n: int) -> list[Example]:
-    reviews = [r for r in data.load_reviews(SHIPPED.data_dir) if not data.is_held_out(r.review_id, 10)]
+    reviews = [r for r in data.load_reviews(SHIPPED.model.data_dir) if not data.is_held_out(r.review_id, 10)]
     return [
         Example(f"review_sentiment:{r.review_id}", r.model_text(), r.label, 0, i, 1000.0 + i, i)
         for i, r in enumerate(reviews[-n:])
@@ -56,7 +58,7 @@ def review_examples(n: int) -> list[Example]:
 
 
 def test_ten_candidates_trained_on_shuffled_labels_never_pass(registry: LocalRegistry) -> None:
-    reference = reference_set("purchase_intent", SHIPPED.data_dir, SHIPPED.trainer_reference_rows)
+    reference = reference_set("purchase_intent", SHIPPED.model.data_dir, SHIPPED.trainer.reference_rows)
     examples = session_examples(800)
     verdicts = []
     for seed in range(10):
@@ -64,7 +66,7 @@ def test_ten_candidates_trained_on_shuffled_labels_never_pass(registry: LocalReg
         random.Random(seed).shuffle(ys)  # same labels, no longer tied to their sessions
         ts = select([replace(e, y=y) for e, y in zip(examples, ys, strict=True)], -1, 0.25, 0.0, seed=seed)
         cfg = replace(GATE, epochs=2, budget_s=30, seed=seed)
-        out = train_candidate("purchase_intent", 1, ts, reference, registry, SHIPPED.base_model, cfg)
+        out = train_candidate("purchase_intent", 1, ts, reference, registry, SHIPPED.model.base_model, cfg)
         assert out.manifest.parent_version == 1 and out.manifest.gate["holdout"]["rows"] == 200
         verdicts.append(out.verdict)
     assert [v.passed for v in verdicts] == [False] * 10, [v.reason for v in verdicts if v.passed]
@@ -76,7 +78,7 @@ def test_ten_candidates_trained_on_shuffled_labels_never_pass(registry: LocalReg
 
 
 def test_a_candidate_trained_on_30_percent_flipped_review_labels_is_refused(registry: LocalRegistry) -> None:
-    reference = reference_set("review_sentiment", SHIPPED.data_dir, rows=100)
+    reference = reference_set("review_sentiment", SHIPPED.model.data_dir, rows=100)
     examples = review_examples(200)
     rng = random.Random(30)
     flip = set(rng.sample(range(len(examples)), k=60))  # 30 %, each to another class
@@ -86,7 +88,7 @@ def test_a_candidate_trained_on_30_percent_flipped_review_labels_is_refused(regi
     ]
     ts = select(noisy, -1, holdout_fraction=0.25, replay_ratio=0.0, seed=1)
     cfg = replace(GATE, epochs=1, budget_s=60, max_len=64)
-    out = train_candidate("review_sentiment", 1, ts, reference, registry, SHIPPED.base_model, cfg)
+    out = train_candidate("review_sentiment", 1, ts, reference, registry, SHIPPED.model.base_model, cfg)
     assert not out.verdict.passed, out.verdict.reason
     m = registry.manifest("review_sentiment", 2)
     assert m.gate["passed"] is False and not m.releasable
@@ -98,14 +100,14 @@ def test_a_run_from_a_later_version_is_held_to_the_first_versions_reference_scor
 ) -> None:
     # v2 passes a loose gate and becomes the parent of v3; v3's gate compares with v1's score on
     # the same reference rows, which v1's manifest does not hold: v1 is scored again for it.
-    reference = reference_set("purchase_intent", SHIPPED.data_dir, 200)
+    reference = reference_set("purchase_intent", SHIPPED.model.data_dir, 200)
     ts = select(session_examples(400), -1, 0.25, 0.0, seed=1)
     loose = OnlineConfig(epochs=1, budget_s=30, margin=-1.0, tolerance=1.0)
-    v2 = train_candidate("purchase_intent", 1, ts, reference, registry, SHIPPED.base_model, loose)
+    v2 = train_candidate("purchase_intent", 1, ts, reference, registry, SHIPPED.model.base_model, loose)
     assert v2.verdict.passed and v2.manifest.version == 2
     first = v2.manifest.gate["reference"]
     assert first["first_version"] == 1 and first["first"] == first["live"]  # live was v1
-    v3 = train_candidate("purchase_intent", 2, ts, reference, registry, SHIPPED.base_model, loose)
+    v3 = train_candidate("purchase_intent", 2, ts, reference, registry, SHIPPED.model.base_model, loose)
     g = v3.manifest.gate["reference"]
     assert v3.manifest.parent_version == 2 and g["first_version"] == 1
     assert g["live"] == pytest.approx(v2.manifest.gate["reference"]["candidate"])  # v2 as live

@@ -16,8 +16,8 @@ from streamtune.kafka.group_offsets import GroupOffsetsError, GroupStartOffsets
 
 def test_resume_offset_is_the_commit_else_the_log_start(settings: Settings) -> None:
     topic = settings.topic("group-offsets")
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
     try:
         admin.create_topics([NewTopic(topic, 3, 1)])
         for p in range(3):
@@ -27,7 +27,7 @@ def test_resume_offset_is_the_commit_else_the_log_start(settings: Settings) -> N
         t0, t1, t2 = (TopicPartition(topic, p) for p in range(3))
         admin.delete_records({t2: 2})  # retention moved partition 2's log start to 2
         group = "g-offsets"
-        committer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
+        committer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=group)
         try:
             # partition 1: a commit; partition 2: a commit below the log start (retention)
             committer.commit({t1: OffsetAndMetadata(3, "", -1), t2: OffsetAndMetadata(1, "", -1)})
@@ -36,7 +36,7 @@ def test_resume_offset_is_the_commit_else_the_log_start(settings: Settings) -> N
         starts = GroupStartOffsets(settings, group)
         found = asyncio.run(starts.starts({(topic, 0), (topic, 1), (topic, 2)}))
         # a committed 0 is a commit too (Faust's cache maps it to "none")
-        committer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
+        committer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=group)
         try:
             committer.commit({t0: OffsetAndMetadata(0, "", -1)})
         finally:
@@ -52,7 +52,7 @@ def test_resume_offset_is_the_commit_else_the_log_start(settings: Settings) -> N
 
 
 def test_an_unreachable_broker_is_a_clear_error(settings: Settings) -> None:
-    bad = settings.model_copy(update={"bootstrap_servers": "127.0.0.1:9"})
+    bad = settings.replace(bootstrap_servers="127.0.0.1:9")
     starts = GroupStartOffsets(bad, "g", timeout_s=2)
     with pytest.raises(GroupOffsetsError, match="group g"):
         starts.starts_sync({("t", 0)})
@@ -81,7 +81,7 @@ def test_a_lookup_without_answer_is_abandoned_and_the_next_one_starts_afresh(
 
     monkeypatch.setattr(starts, "starts_sync", first_call_wedges)
     topic = settings.topic("group-offsets-wedged")
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
     try:
         admin.create_topics([NewTopic(topic, 1, 1)])
         with pytest.raises(GroupOffsetsError, match=r"no answer in 0\.5 s"):
@@ -104,7 +104,7 @@ def test_the_assignment_handler_runs_once_whatever_the_lookup_does(settings: Set
 
     from streamtune.kafka.guard import SkipGuard
 
-    app = faust.App("wrap-test", broker=f"kafka://{settings.bootstrap_servers}")
+    app = faust.App("wrap-test", broker=f"kafka://{settings.kafka.bootstrap_servers}")
     topic = app.topic("in")
 
     @app.agent(topic, name="a")

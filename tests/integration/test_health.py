@@ -30,7 +30,7 @@ def test_scorer_is_live_then_ready_and_exports_lag(
 ) -> None:
     ensure_topics(settings)
     scorer = scorer_factory(settings).start()
-    port = settings.metrics_port
+    port = settings.ops.metrics_port
     assert get(port, "/healthz") == (200, "ok\n")
     wait_until(lambda: get(port, "/readyz") == (200, "ready\n"), 120, "readiness", guard=scorer.assert_alive)
     wait_until(lambda: "streamtune_consumer_lag{" in get(port, "/metrics")[1], 60, "the lag gauge")
@@ -38,15 +38,13 @@ def test_scorer_is_live_then_ready_and_exports_lag(
 
 
 def test_trainer_readiness(settings: Settings, tmp_path: Path) -> None:
-    shutil.copytree(Settings().adapter_dir, tmp_path / "adapters")
-    s = settings.model_copy(
-        update={"adapter_dir": tmp_path / "adapters", "trainer_group_id": f"tr-{settings.group_id}"}
-    )
+    shutil.copytree(Settings().model.adapter_dir, tmp_path / "adapters")
+    s = settings.replace(adapter_dir=tmp_path / "adapters", trainer_group_id=f"tr-{settings.kafka.group_id}")
     ensure_topics(s)
     trainer = ScorerProcess(s, tmp_path / "trainer.log", command="trainer").start()
     try:
-        assert get(s.metrics_port, "/healthz")[0] == 200
-        wait_until(lambda: get(s.metrics_port, "/readyz") == (200, "ready\n"), 120, "readiness",
+        assert get(s.ops.metrics_port, "/healthz")[0] == 200
+        wait_until(lambda: get(s.ops.metrics_port, "/readyz") == (200, "ready\n"), 120, "readiness",
                    guard=trainer.assert_alive)  # fmt: skip
     finally:
         assert trainer.stop() == 0

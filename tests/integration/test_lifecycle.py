@@ -50,7 +50,7 @@ def test_rolling_restart_of_two_scorers_loses_nothing_and_redoes_nothing(
 
     def own_port() -> Settings:
         # DEBUG: each batch's offsets are in the logs a failure prints
-        return settings.model_copy(update={"metrics_port": find_free_port(), "log_level": "DEBUG"})
+        return settings.replace(metrics_port=find_free_port(), log_level="DEBUG")
 
     a = scorer_factory(own_port()).start()
     b = scorer_factory(own_port()).start()

@@ -23,7 +23,7 @@ TASK = "query_class"
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
     root = tmp_path_factory.mktemp("onnx") / "adapters"
-    shutil.copytree(Settings().adapter_dir, root, ignore=shutil.ignore_patterns("artifacts"))
+    shutil.copytree(Settings().model.adapter_dir, root, ignore=shutil.ignore_patterns("artifacts"))
     return LocalRegistry(root)
 
 
@@ -38,7 +38,7 @@ def fp32_artifact(settings: Settings, reg: LocalRegistry) -> Artifact:
 
 
 def _queries(settings: Settings) -> list[str]:
-    return [str(x) for x in reference_set(TASK, settings.data_dir, 40, seed=5).x]
+    return [str(x) for x in reference_set(TASK, settings.model.data_dir, 40, seed=5).x]
 
 
 def test_fp32_export_passes_its_gate_and_scores_like_torch(
@@ -51,8 +51,8 @@ def test_fp32_export_passes_its_gate_and_scores_like_torch(
     assert sorted(p.name for p in stored.iterdir()) == ["artifact.json", "model.onnx"]
     assert art.files["model.onnx"] == sha256_file(stored / "model.onnx")
     queries = _queries(settings)
-    torch_rt = ModelRuntime(settings.base_model, reg, threads=1, backend="torch")
-    onnx_rt = ModelRuntime(settings.base_model, reg, threads=1, backend="onnx-fp32")
+    torch_rt = ModelRuntime(settings.model.base_model, reg, threads=1, backend="torch")
+    onnx_rt = ModelRuntime(settings.model.base_model, reg, threads=1, backend="onnx-fp32")
     assert onnx_rt._base is None  # ONNX only: no torch encoder held in memory
     for rt in (torch_rt, onnx_rt):
         rt.activate(rt.load(TASK, 1))
@@ -71,11 +71,11 @@ def test_a_passed_artifact_is_immutable_and_ensure_reuses_it(
     # All text tasks in ONNX Runtime: the click MLP follows (fp32), so the scorer needs no torch.
     click = ensure_artifact(settings, reg, "purchase_intent", 1)
     assert click is not None and click.backend == "onnx-fp32" and click.passed and click.agreement == 1.0
-    mixed = settings.model_copy(update={"task_backends": {"review_sentiment": "torch"}})
+    mixed = settings.replace(task_backends={"review_sentiment": "torch"})
     assert ensure_artifact(mixed, reg, "purchase_intent", 1) is None  # a torch text task: click in torch too
-    rows = reference_set("purchase_intent", settings.data_dir, 30).x
-    torch_rt = ModelRuntime(settings.base_model, reg, threads=1, backend="torch")
-    onnx_rt = ModelRuntime(settings.base_model, reg, threads=1, backend="onnx-fp32")
+    rows = reference_set("purchase_intent", settings.model.data_dir, 30).x
+    torch_rt = ModelRuntime(settings.model.base_model, reg, threads=1, backend="torch")
+    onnx_rt = ModelRuntime(settings.model.base_model, reg, threads=1, backend="onnx-fp32")
     for rt in (torch_rt, onnx_rt):
         rt.activate(rt.load("purchase_intent", 1))
     np.testing.assert_allclose(
@@ -96,7 +96,7 @@ def _version_2(reg: LocalRegistry) -> Path:
 def test_hot_swap_refuses_a_bad_artifact_and_the_live_version_keeps_serving(
     settings: Settings, reg: LocalRegistry, fp32_artifact: Artifact
 ) -> None:
-    rt = ModelRuntime(settings.base_model, reg, threads=1, backend="onnx-fp32")
+    rt = ModelRuntime(settings.model.base_model, reg, threads=1, backend="onnx-fp32")
     rt.activate(rt.load(TASK, 1))
     v2 = _version_2(reg)
     with pytest.raises(AdapterError, match="no onnx-fp32 artifact"):
@@ -120,7 +120,7 @@ def test_hot_swap_refuses_a_bad_artifact_and_the_live_version_keeps_serving(
 def test_int8_gate_records_agreement_and_refuses_below_the_threshold(
     settings: Settings, reg: LocalRegistry
 ) -> None:
-    strict = settings.model_copy(update={"onnx_min_agreement": 1.0})
+    strict = settings.replace(onnx_min_agreement=1.0)
     art = export_for(strict, reg, TASK, 1, "onnx-int8")
     plans = art.details["plans_tried"]
     assert plans[0]["plan"] == "all-int8" and 0 < art.agreement <= 1
@@ -130,11 +130,11 @@ def test_int8_gate_records_agreement_and_refuses_below_the_threshold(
         return
     assert len(plans) == 3 and art.files == {}  # every plan tried; no model file is stored
     assert not (reg.artifact_dir(TASK, 1, "onnx-int8") / "model.onnx").exists()
-    rt = ModelRuntime(settings.base_model, reg, threads=1, backend="onnx-int8")
+    rt = ModelRuntime(settings.model.base_model, reg, threads=1, backend="onnx-int8")
     with pytest.raises(AdapterError, match="refused by its gate"):
         rt.load(TASK, 1)
     # A refused record may be replaced by a new export (here with a gate it can pass).
-    lenient = settings.model_copy(update={"onnx_min_agreement": 0.0})
+    lenient = settings.replace(onnx_min_agreement=0.0)
     again = export_for(lenient, reg, TASK, 1, "onnx-int8")
     assert again.passed and (reg.artifact_dir(TASK, 1, "onnx-int8") / "model.onnx").is_file()
     rt.activate(rt.load(TASK, 1))
@@ -153,7 +153,7 @@ def test_backend_settings_are_validated() -> None:
 
 def test_torch_and_bf16_cannot_share_the_base(reg: LocalRegistry) -> None:
     with pytest.raises(StartupError, match="share one base"):
-        ModelRuntime(Settings().base_model, reg, backend="torch", task_backends={TASK: "torch-bf16"})
+        ModelRuntime(Settings().model.base_model, reg, backend="torch", task_backends={TASK: "torch-bf16"})
 
 
 def test_a_swapped_out_onnx_version_releases_its_session(
@@ -166,7 +166,7 @@ def test_a_swapped_out_onnx_version_releases_its_session(
     m.update(version=3, parent_version=1)
     (dst / "manifest.json").write_text(json.dumps(m))
     export_for(settings, reg, TASK, 3, "onnx-fp32")
-    rt = ModelRuntime(settings.base_model, reg, threads=1, backend="onnx-fp32")
+    rt = ModelRuntime(settings.model.base_model, reg, threads=1, backend="onnx-fp32")
     rt.activate(rt.load(TASK, 1))
     assert (TASK, 1) in rt._loaded
     rt.activate(rt.load(TASK, 3))

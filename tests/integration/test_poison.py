@@ -36,9 +36,9 @@ def test_poison_in_a_normal_stream_is_dead_lettered_once_and_the_rest_flows(
     settings: Settings, redis_client: redis.Redis, scorer_factory: Callable[[Settings], ScorerProcess]
 ) -> None:
     ensure_topics(settings)
-    outs = list(plan(settings.data_dir, TASKS, 60, 0.0, 11))
+    outs = list(plan(settings.model.data_dir, TASKS, 60, 0.0, 11))
     bad, hostile = poison_records(outs), hostile_reviews(outs)
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, max_request_size=2_000_000)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, max_request_size=2_000_000)
     try:
         for p in bad:
             producer.send(settings.topic(p.topic), key=p.key, value=p.value)

@@ -31,7 +31,7 @@ def cluster(tmp_path: Path) -> Iterator[RedisClusterStack]:
 def test_scoring_against_a_redis_cluster_is_exact(
     settings: Settings, cluster: RedisClusterStack, scorer_factory: Callable[[Settings], ScorerProcess]
 ) -> None:
-    s = settings.model_copy(update={"redis_url": cluster.url, "redis_cluster": True})
+    s = settings.replace(redis_url=cluster.url, redis_cluster=True)
     client = RedisCluster.from_url(cluster.url, decode_responses=True)
     assert len(client.get_primaries()) == 3
     # A product's view and its ledger are updated by one script: one hash slot.

@@ -31,7 +31,7 @@ TASK = "review_sentiment"
 
 def new_version(settings: Settings, src: int, dst: int) -> None:
     """A new immutable version with v1's weights (the rollout, not the training, is under test)."""
-    root = settings.adapter_dir / TASK
+    root = settings.model.adapter_dir / TASK
     # without derived artifacts: those of src were made for src's manifest
     shutil.copytree(root / str(src), root / str(dst), ignore=shutil.ignore_patterns("artifacts"))
     m = json.loads((root / str(dst) / "manifest.json").read_text())
@@ -42,8 +42,8 @@ def new_version(settings: Settings, src: int, dst: int) -> None:
 @pytest.fixture
 def rsettings(settings: Settings, tmp_path: Path) -> Settings:
     registry = tmp_path / "adapters"
-    shutil.copytree(Settings().adapter_dir, registry)
-    s = settings.model_copy(update={"adapter_dir": registry})
+    shutil.copytree(Settings().model.adapter_dir, registry)
+    s = settings.replace(adapter_dir=registry)
     ensure_topics(s)
     return s
 
@@ -77,7 +77,7 @@ def test_promote_mid_stream_swaps_between_batches_and_refuses_a_corrupt_release(
     rsettings: Settings, redis_client: redis.Redis, scorer_factory: Callable[[Settings], ScorerProcess]
 ) -> None:
     s = rsettings
-    outs = [o for o in plan(s.data_dir, [TASK], 240) if o.valid]
+    outs = [o for o in plan(s.model.data_dir, [TASK], 240) if o.valid]
     keys = [score_key(TASK, event_id(o)) for o in outs]
     scorer = scorer_factory(s).start()
     producer = threading.Thread(
@@ -92,9 +92,9 @@ def test_promote_mid_stream_swaps_between_batches_and_refuses_a_corrupt_release(
 
     # A release of a corrupt version (written after any CLI check) is refused; v2 keeps serving.
     new_version(s, 1, 3)
-    weights = s.adapter_dir / TASK / "3" / "adapter_model.safetensors"
+    weights = s.model.adapter_dir / TASK / "3" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    registry = LocalRegistry(s.adapter_dir)
+    registry = LocalRegistry(s.model.adapter_dir)
     ReleaseLog(s).publish(promote(TASK, 3, registry.manifest_sha256(TASK, 3)))
     wait_until(lambda: metric(scorer, 'streamtune_adapter_refusals_total{task="review_sentiment"}') == 1, 60,
                "the refusal", 0.1, scorer.assert_alive)  # fmt: skip
@@ -132,7 +132,7 @@ def test_canary_share_is_stable_per_entity_and_rollback_ends_it(
     backend: str,
 ) -> None:
     """Canary routing, hot-swaps and rollback, the same on torch and on ONNX Runtime."""
-    s = rsettings.model_copy(update={"backend": backend, "export_eval_rows": 100})
+    s = rsettings.replace(backend=backend, export_eval_rows=100)
     new_version(s, 1, 2)
     if backend != "torch":  # a release needs its artifact: exported ahead, as operators do
         for v in ("1", "2"):
@@ -141,7 +141,7 @@ def test_canary_share_is_stable_per_entity_and_rollback_ends_it(
     cli(s, "adapters", "canary", TASK, "2", "--fraction", "0.3")
     scorer = scorer_factory(s).start()  # a new scorer reads the current rollout state on start
     assert metric(scorer, 'streamtune_canary_version{task="review_sentiment"}') == 2
-    outs = [o for o in plan(s.data_dir, [TASK], 300) if o.valid]
+    outs = [o for o in plan(s.model.data_dir, [TASK], 300) if o.valid]
     replay(s, [TASK], limit=300)
     keys = [score_key(TASK, event_id(o)) for o in outs]
     wait_until(
@@ -164,7 +164,7 @@ def test_canary_share_is_stable_per_entity_and_rollback_ends_it(
     cli(s, "adapters", "rollback", TASK)
     wait_until(lambda: metric(scorer, 'streamtune_canary_version{task="review_sentiment"}') == 0, 60,
                "the rollback to reach the scorer", 0.1, scorer.assert_alive)  # fmt: skip
-    more = [o for o in plan(s.data_dir, [TASK], 60, skip=400) if o.valid]
+    more = [o for o in plan(s.model.data_dir, [TASK], 60, skip=400) if o.valid]
     replay(s, [TASK], limit=60, skip=400)
     more_keys = [score_key(TASK, event_id(o)) for o in more]
     wait_until(lambda: redis_client.exists(*more_keys) == len(more_keys), 120, "post-rollback results", 0.3,

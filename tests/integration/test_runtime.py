@@ -25,14 +25,14 @@ REVIEWS = [
 @pytest.fixture(scope="module")
 def registry_copy(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
     root = tmp_path_factory.mktemp("registry") / "adapters"
-    shutil.copytree(Settings().adapter_dir, root)
+    shutil.copytree(Settings().model.adapter_dir, root)
     return LocalRegistry(root)
 
 
 @pytest.fixture(scope="module")
 def runtime(registry_copy: LocalRegistry) -> Iterator[ModelRuntime]:
     s = Settings()
-    rt = ModelRuntime(s.base_model, registry_copy, max_len=128, threads=1)
+    rt = ModelRuntime(s.model.base_model, registry_copy, max_len=128, threads=1)
     rt.load_latest(TASK_NAMES)
     yield rt
 
@@ -90,9 +90,11 @@ def test_tokens_match_the_transformers_tokenizer() -> None:
     from streamtune.model.tokens import TextBatcher
 
     s = Settings()
-    texts = [r.model_text() for r in data.load_reviews(s.data_dir)[:60]] + ["", "ÉLÉGANT dress!!! 😀"]
-    expected = AutoTokenizer.from_pretrained(s.base_model)(texts, truncation=True, max_length=64)["input_ids"]
-    for rows, ids, mask in TextBatcher(s.base_model, 64).chunks(texts, 16):
+    texts = [r.model_text() for r in data.load_reviews(s.model.data_dir)[:60]] + ["", "ÉLÉGANT dress!!! 😀"]
+    expected = AutoTokenizer.from_pretrained(s.model.base_model)(texts, truncation=True, max_length=64)[
+        "input_ids"
+    ]
+    for rows, ids, mask in TextBatcher(s.model.base_model, 64).chunks(texts, 16):
         for r, i in enumerate(rows):
             assert ids[r, : int(mask[r].sum())].tolist() == expected[i]
 
@@ -138,7 +140,7 @@ def test_click_model_scores_session_features(runtime: ModelRuntime) -> None:
     from streamtune.core.features import vectorize
     from streamtune.datasets.loaders import load_sessions
 
-    rows = load_sessions(Settings().data_dir)[:200]
+    rows = load_sessions(Settings().model.data_dir)[:200]
     scored = runtime.score("purchase_intent", [vectorize(r) for r in rows])
     p = scored.probs[:, 0]
     assert scored.version == 1 and p.shape == (200,)
@@ -151,7 +153,7 @@ def test_click_model_scores_session_features(runtime: ModelRuntime) -> None:
 def test_length_sorted_chunks_return_results_in_input_order(runtime: ModelRuntime) -> None:
     from streamtune.datasets import loaders as data
 
-    texts = [r.model_text() for r in data.load_reviews(Settings().data_dir)[:40]]
+    texts = [r.model_text() for r in data.load_reviews(Settings().model.data_dir)[:40]]
     runtime.batch_size = 8
     try:
         together = runtime.score("review_sentiment", texts).probs

@@ -38,14 +38,12 @@ def test_scorer_authenticates_over_sasl_and_a_wrong_password_is_refused(
     redis_client: redis.Redis,
     scorer_factory: Callable[[Settings], ScorerProcess],
 ) -> None:
-    s = settings.model_copy(
-        update={
-            "bootstrap_servers": sasl_kafka.sasl_bootstrap_servers,
-            "kafka_security_protocol": "SASL_PLAINTEXT",
-            "kafka_sasl_mechanism": "PLAIN",
-            "kafka_sasl_username": "streamtune",
-            "kafka_sasl_password": SecretStr(SECRET),
-        }
+    s = settings.replace(
+        bootstrap_servers=sasl_kafka.sasl_bootstrap_servers,
+        kafka_security_protocol="SASL_PLAINTEXT",
+        kafka_sasl_mechanism="PLAIN",
+        kafka_sasl_username="streamtune",
+        kafka_sasl_password=SecretStr(SECRET),
     )
     ensure_topics(s)
     outs = expected(s, limit=20, malformed=0.0, seed=17)
@@ -56,7 +54,7 @@ def test_scorer_authenticates_over_sasl_and_a_wrong_password_is_refused(
     assert scorer.stop() == 0
     assert SECRET not in scorer.log()
 
-    wrong = s.model_copy(update={"kafka_sasl_password": SecretStr("not-the-password"), "metrics_port": 0})
+    wrong = s.replace(kafka_sasl_password=SecretStr("not-the-password"), metrics_port=0)
     done = subprocess.run(
         [sys.executable, "-m", "streamtune.cli", "scorer"],
         env=settings_env(wrong),

@@ -31,14 +31,14 @@ def last_line(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_broker_unreachable(settings: Settings) -> None:
-    s = settings.model_copy(update={"bootstrap_servers": f"127.0.0.1:{find_free_port()}"})
+    s = settings.replace(bootstrap_servers=f"127.0.0.1:{find_free_port()}")
     proc = run_scorer(s)
     assert proc.returncode == 2
     assert last_line(proc).startswith("error: cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS=")
 
 
 def test_redis_unreachable(settings: Settings) -> None:
-    s = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{find_free_port()}/0"})
+    s = settings.replace(redis_url=f"redis://127.0.0.1:{find_free_port()}/0")
     proc = run_scorer(s)
     assert proc.returncode == 2
     assert last_line(proc).startswith("error: cannot reach Redis at STREAMTUNE_REDIS_URL=")
@@ -47,7 +47,7 @@ def test_redis_unreachable(settings: Settings) -> None:
 def test_adapter_directory_empty(settings: Settings, tmp_path: Path, stack: Stack) -> None:
     empty = tmp_path / "empty-registry"
     empty.mkdir()
-    proc = run_scorer(settings.model_copy(update={"adapter_dir": empty}))
+    proc = run_scorer(settings.replace(adapter_dir=empty))
     assert proc.returncode == 2
     line = last_line(proc)
     assert line.startswith("error: no adapter for task review_sentiment in STREAMTUNE_ADAPTER_DIR=")
@@ -70,9 +70,9 @@ def test_signing_key_refuses_unsigned_adapters_and_is_never_logged(
     import shutil
 
     registry = tmp_path / "adapters"
-    shutil.copytree(Settings().adapter_dir, registry)
+    shutil.copytree(Settings().model.adapter_dir, registry)
     secret = "planted-secret-7f3a"
-    s = settings.model_copy(update={"adapter_dir": registry, "manifest_hmac_key": secret})
+    s = settings.replace(adapter_dir=registry, manifest_hmac_key=secret)
     proc = run_scorer(s)
     assert proc.returncode == 2
     assert "manifest is not signed" in last_line(proc)
@@ -81,14 +81,14 @@ def test_signing_key_refuses_unsigned_adapters_and_is_never_logged(
 
 def test_credentials_never_reach_error_output(settings: Settings) -> None:
     redis_secret, sasl_secret = "planted-redis-pw-91", "planted-sasl-pw-42"
-    s = settings.model_copy(update={"redis_url": f"redis://:{redis_secret}@127.0.0.1:{find_free_port()}/0"})
+    s = settings.replace(redis_url=f"redis://:{redis_secret}@127.0.0.1:{find_free_port()}/0")
     proc = run_scorer(s)
     assert proc.returncode == 2
     assert "STREAMTUNE_REDIS_URL=redis://:***@127.0.0.1" in last_line(proc)
     assert redis_secret not in proc.stdout + proc.stderr
-    sasl = settings.model_copy(
-        update={"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_sasl_username": "svc",
-                "kafka_sasl_password": sasl_secret}
+    sasl = settings.replace(
+        kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_username="svc",
+                kafka_sasl_password=sasl_secret
     )  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "streamtune.cli", "topics"], env=settings_env(sasl), capture_output=True,

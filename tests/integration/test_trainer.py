@@ -27,22 +27,20 @@ TASK = "review_sentiment"
 
 @pytest.fixture
 def tsettings(settings: Settings, tmp_path: Path) -> Settings:
-    shutil.copytree(Settings().adapter_dir, tmp_path / "adapters")
-    s = settings.model_copy(
-        update={
-            "adapter_dir": tmp_path / "adapters",
-            "trainer_group_id": f"trainer-{settings.group_id}",
-            "trainer_min_labels": 40,
-            "trainer_interval_s": 3600.0,
-            "trainer_label_wait_s": 20.0,
-            "trainer_budget_s": 30.0,
-            "trainer_epochs": 1,
-            "trainer_reference_rows": 30,
-            "trainer_check_s": 0.5,
-            "trainer_release_stage": "canary",
-            "trainer_canary_fraction": 0.25,
-            "max_seq_len": 64,
-        }
+    shutil.copytree(Settings().model.adapter_dir, tmp_path / "adapters")
+    s = settings.replace(
+        adapter_dir=tmp_path / "adapters",
+        trainer_group_id=f"trainer-{settings.kafka.group_id}",
+        trainer_min_labels=40,
+        trainer_interval_s=3600.0,
+        trainer_label_wait_s=20.0,
+        trainer_budget_s=30.0,
+        trainer_epochs=1,
+        trainer_reference_rows=30,
+        trainer_check_s=0.5,
+        trainer_release_stage="canary",
+        trainer_canary_fraction=0.25,
+        max_seq_len=64,
     )
     ensure_topics(s)
     return s
@@ -52,20 +50,20 @@ def reviews(skip: int, n: int) -> list[ReviewEvent]:
     """Training-split reviews (the reference set is drawn from the held-out split)."""
     rows = (
         ev
-        for ev, _ in review_events(Settings().data_dir)
+        for ev, _ in review_events(Settings().model.data_dir)
         if not data.is_held_out(ev.event_id.removeprefix("review-"), data.HELD_OUT_PERCENT[TASK])
     )
     return list(islice(rows, skip, skip + n))
 
 
 def rating_of(event_id: str) -> int:
-    return {f"review-{r.review_id}": r.rating for r in data.load_reviews(Settings().data_dir)}[event_id]
+    return {f"review-{r.review_id}": r.rating for r in data.load_reviews(Settings().model.data_dir)}[event_id]
 
 
 class Producer:
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.p = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
+        self.p = KafkaProducer(bootstrap_servers=s.kafka.bootstrap_servers, acks="all")
 
     def events(self, evs: list[ReviewEvent]) -> None:
         for ev in evs:
@@ -134,14 +132,14 @@ def metric(proc: ScorerProcess, name: str) -> float:
 
 
 def versions(s: Settings) -> list[int]:
-    return LocalRegistry(s.adapter_dir).versions(TASK)
+    return LocalRegistry(s.model.adapter_dir).versions(TASK)
 
 
 def test_trainer_joins_late_duplicate_and_orphan_labels_gates_and_releases(
     tsettings: Settings, producer: Producer, trainers: list[ScorerProcess], tmp_path: Path
 ) -> None:
     # Round 1, an impossible margin: the candidate is trained and published, never released.
-    s1 = tsettings.model_copy(update={"trainer_margin": 1.0, "trainer_min_labels": 50})
+    s1 = tsettings.replace(trainer_margin=1.0, trainer_min_labels=50)
     first = reviews(0, 50)
     ids = [e.event_id for e in first]
     producer.labels(ids[:3])  # labels that arrive before their input wait for it...
@@ -152,11 +150,13 @@ def test_trainer_joins_late_duplicate_and_orphan_labels_gates_and_releases(
     producer.labels(ids[3:])  # late labels
     producer.labels(ids[10:20])  # duplicates
     producer.labels(["review-no-such-event-1", "review-no-such-event-2"], rating=5)  # orphans, once
-    producer.events_ahead(reviews(95, s1.topic_partitions), s1.trainer_label_wait_s + 5)  # reviews move on
+    producer.events_ahead(
+        reviews(95, s1.kafka.topic_partitions), s1.trainer.label_wait_s + 5
+    )  # reviews move on
     producer.raw_label(b'{"task": "review_sentiment", "label": 9}')  # invalid: dead-lettered
 
     wait_until(lambda: 2 in versions(s1), 240, "the first candidate", guard=trainer.assert_alive)
-    m2 = LocalRegistry(s1.adapter_dir).manifest(TASK, 2)
+    m2 = LocalRegistry(s1.model.adapter_dir).manifest(TASK, 2)
     assert m2.gate["passed"] is False and "margin" in m2.gate["reason"]
     assert m2.parent_version == 1
     assert m2.training["fresh_labels"] + m2.training["holdout_labels"] == 50
@@ -173,15 +173,13 @@ def test_trainer_joins_late_duplicate_and_orphan_labels_gates_and_releases(
 
     # Round 2, a restarted trainer with a permissive gate: it recovers its tables (the round-1
     # labels come back as replay), trains only on the new labels, and releases a canary.
-    s2 = tsettings.model_copy(
-        update={"trainer_margin": -1.0, "trainer_reference_tolerance": 1.0, "trainer_min_labels": 45}
-    )
+    s2 = tsettings.replace(trainer_margin=-1.0, trainer_reference_tolerance=1.0, trainer_min_labels=45)
     second = reviews(50, 45)
     producer.events(second)
     producer.labels([e.event_id for e in second])
     trainer = start_trainer(s2, trainers, tmp_path)
     wait_until(lambda: 3 in versions(s2), 240, "the second candidate", guard=trainer.assert_alive)
-    m3 = LocalRegistry(s2.adapter_dir).manifest(TASK, 3)
+    m3 = LocalRegistry(s2.model.adapter_dir).manifest(TASK, 3)
     assert m3.gate["passed"] is True and m3.parent_version == 1  # warm start from live, not from v2
     assert m3.training["fresh_labels"] + m3.training["holdout_labels"] == 45
     assert m3.training["replay_labels"] > 0  # recovered from the changelog
@@ -195,9 +193,7 @@ def test_trainer_joins_late_duplicate_and_orphan_labels_gates_and_releases(
 def test_trainer_killed_mid_training_publishes_nothing_and_recovers(
     tsettings: Settings, producer: Producer, trainers: list[ScorerProcess], tmp_path: Path
 ) -> None:
-    slow = tsettings.model_copy(
-        update={"trainer_budget_s": 600.0, "trainer_epochs": 50, "trainer_min_labels": 48}
-    )
+    slow = tsettings.replace(trainer_budget_s=600.0, trainer_epochs=50, trainer_min_labels=48)
     evs = reviews(100, 48)
     producer.events(evs)
     producer.labels([e.event_id for e in evs])
@@ -207,20 +203,18 @@ def test_trainer_killed_mid_training_publishes_nothing_and_recovers(
     )
     trainer.kill()  # SIGKILL, mid-training
     assert versions(slow) == [1]
-    assert not [p for p in (slow.adapter_dir / TASK).iterdir() if p.name != "1"]  # no partial version
+    assert not [p for p in (slow.model.adapter_dir / TASK).iterdir() if p.name != "1"]  # no partial version
     assert TASK not in ReleaseLog(slow).states()
 
-    fast = slow.model_copy(
-        update={
-            "trainer_margin": -1.0,
-            "trainer_reference_tolerance": 1.0,
-            "trainer_epochs": 1,
-            "trainer_budget_s": 30.0,
-        }
+    fast = slow.replace(
+        trainer_margin=-1.0,
+        trainer_reference_tolerance=1.0,
+        trainer_epochs=1,
+        trainer_budget_s=30.0,
     )
     trainer = start_trainer(fast, trainers, tmp_path)
     wait_until(lambda: 2 in versions(fast), 240, "the candidate after restart", guard=trainer.assert_alive)
-    m = LocalRegistry(fast.adapter_dir).manifest(TASK, 2)
+    m = LocalRegistry(fast.model.adapter_dir).manifest(TASK, 2)
     assert m.training["fresh_labels"] + m.training["holdout_labels"] == 48  # every label, once
     state = wait_until(lambda: ReleaseLog(fast).states().get(TASK), 60, "the release")
     assert state.canary_version == 2

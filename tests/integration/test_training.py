@@ -21,8 +21,8 @@ def _weights(reg: LocalRegistry, task: str, version: int) -> dict[str, str]:
 def test_same_seed_same_weights(task: str, tmp_path: Path) -> None:
     s = Settings()
     a, b = LocalRegistry(tmp_path / "a"), LocalRegistry(tmp_path / "b")
-    ma = train_task(task, s.base_model, s.data_dir, a, SMALL)
-    mb = train_task(task, s.base_model, s.data_dir, b, SMALL)
+    ma = train_task(task, s.model.base_model, s.model.data_dir, a, SMALL)
+    mb = train_task(task, s.model.base_model, s.model.data_dir, b, SMALL)
     assert ma.version == mb.version == 1
     assert _weights(a, task, 1) == _weights(b, task, 1)
     assert ma.metrics == mb.metrics
@@ -32,7 +32,7 @@ def test_same_seed_same_weights(task: str, tmp_path: Path) -> None:
 def test_query_class_trains_and_reports_baselines(tmp_path: Path) -> None:
     s = Settings()
     reg = LocalRegistry(tmp_path)
-    m = train_task("query_class", s.base_model, s.data_dir, reg, SMALL)
+    m = train_task("query_class", s.model.base_model, s.model.data_dir, reg, SMALL)
     assert set(m.metrics) == {"top1", "top3"}
     assert set(m.baselines) == {"majority", "tfidf_logreg"}
     assert m.metrics["top3"] >= m.metrics["top1"]
@@ -40,6 +40,6 @@ def test_query_class_trains_and_reports_baselines(tmp_path: Path) -> None:
     # Held-out rows are never trained on: the split is a property of the row id.
     from streamtune.datasets.loaders import is_held_out, load_queries
 
-    held = {q.query_id for q in load_queries(s.data_dir) if is_held_out(q.query_id, 20)}
+    held = {q.query_id for q in load_queries(s.model.data_dir) if is_held_out(q.query_id, 20)}
     assert 60 < len(held) < 140
     assert reg.latest("query_class") == 1

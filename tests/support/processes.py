@@ -43,7 +43,7 @@ class ScorerProcess:
         return self
 
     def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        url = f"http://127.0.0.1:{self.settings.ops.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=2) as r:
             return str(r.read().decode())
 

@@ -16,7 +16,7 @@ def consume_all(settings: Settings, topic: str, expected: int, timeout_s: float 
 
     consumer = KafkaConsumer(
         settings.topic(topic),
-        bootstrap_servers=settings.bootstrap_servers,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
@@ -40,7 +40,7 @@ def read_topic(settings: Settings, topic: str, timeout_s: float = 60) -> list[An
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None
+        bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False, group_id=None
     )
     try:
         return read_to_end(consumer, settings.topic(topic), timeout_s, poll_ms=500)[0]

@@ -172,9 +172,9 @@ def test_a_v1_dead_letter_without_the_new_fields_still_parses() -> None:
 def test_the_setting_defaults_to_the_module_default_and_reads_its_env_var(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert Settings().dlq_max_raw_bytes == DLQ_MAX_RAW_BYTES
+    assert Settings().scorer.dlq_max_raw_bytes == DLQ_MAX_RAW_BYTES
     monkeypatch.setenv("STREAMTUNE_DLQ_MAX_RAW_BYTES", "4096")
-    assert Settings().dlq_max_raw_bytes == 4096
+    assert Settings().scorer.dlq_max_raw_bytes == 4096
 
 
 def test_the_scorer_passes_its_settings_to_split() -> None:

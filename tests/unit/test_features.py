@@ -28,7 +28,7 @@ def _fold(clicks: list) -> SessionState:  # type: ignore[type-arg]
 
 @pytest.mark.parametrize("index", [0, 1, 5, 17, 101, 2024])
 def test_replayed_clicks_reproduce_the_dataset_row(index: int) -> None:
-    row = load_sessions(Settings().data_dir)[index]
+    row = load_sessions(Settings().model.data_dir)[index]
     clicks = session_clicks(row)
     if not clicks:
         pytest.skip("row has no page views")
@@ -38,7 +38,7 @@ def test_replayed_clicks_reproduce_the_dataset_row(index: int) -> None:
 
 
 def test_redelivered_click_is_not_counted_twice() -> None:
-    row = load_sessions(Settings().data_dir)[1]
+    row = load_sessions(Settings().model.data_dir)[1]
     clicks = session_clicks(row)
     state, _ = apply_click(None, clicks[0], 0, 10)
     again, applied = apply_click(state, clicks[0], 0, 10)
@@ -48,13 +48,13 @@ def test_redelivered_click_is_not_counted_twice() -> None:
 
 
 def test_vector_has_fixed_width() -> None:
-    row = load_sessions(Settings().data_dir)[3]
+    row = load_sessions(Settings().model.data_dir)[3]
     assert len(vectorize(row)) == FEATURE_DIM
     assert len(vectorize(session_row(SessionState()))) == FEATURE_DIM
 
 
 def test_expiry_after_inactivity() -> None:
-    row = load_sessions(Settings().data_dir)[1]
+    row = load_sessions(Settings().model.data_dir)[1]
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     click = session_clicks(row, now=t0)[0]
     state, _ = apply_click(None, click, 0, 0)

@@ -161,9 +161,9 @@ def test_naive_times_stay_naive_and_their_timestamp_works() -> None:
 
 
 def test_the_setting_defaults_to_the_module_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().max_future_skew_s == MAX_FUTURE_SKEW_S
+    assert Settings().scorer.max_future_skew_s == MAX_FUTURE_SKEW_S
     monkeypatch.setenv("STREAMTUNE_MAX_FUTURE_SKEW_S", "60")
-    assert Settings().max_future_skew_s == 60.0
+    assert Settings().scorer.max_future_skew_s == 60.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_clipping_leaves_the_shipped_sessions_unchanged() -> None:
     they were without clipping (log-scaled counts and durations, raw rates and page values)."""
     from streamtune.core.features import COUNT_COLUMNS, DURATION_COLUMNS, RATE_COLUMNS
 
-    for row in loaders.load_sessions(Settings().data_dir):
+    for row in loaders.load_sessions(Settings().model.data_dir):
         unclipped = [math.log1p(max(float(row[c]), 0.0)) for c in COUNT_COLUMNS + DURATION_COLUMNS]
         unclipped += [float(row[c]) for c in RATE_COLUMNS]
         assert vectorize(row)[: len(unclipped)] == unclipped, row["session_id"]
@@ -237,7 +237,7 @@ def test_clipping_leaves_the_shipped_sessions_unchanged() -> None:
 def test_every_shipped_row_replayed_as_events_still_validates() -> None:
     """Replay builds each event through its model (validation in code); a sample per row also
     goes through ``decode`` as JSON, the scorer's path, with the default bounds."""
-    data_dir = Settings().data_dir
+    data_dir = Settings().model.data_dir
     counts = {"review": 0, "search": 0, "click": 0, "label": 0}
 
     def through_decode(model: type[Any], event: Any) -> None:

@@ -54,7 +54,7 @@ def test_kustomizations_name_existing_files() -> None:
 def test_probes_scaling_and_config_are_wired() -> None:
     res = base_resources()
     config = res["ConfigMap/streamtune-config"]["data"]
-    fields = {f"STREAMTUNE_{n.upper()}" for n in Settings.model_fields}
+    fields = {f"STREAMTUNE_{n.upper()}" for n, _ in Settings.flat_fields()}
     assert set(config) <= fields, f"not settings: {sorted(set(config) - fields)}"
     assert set(res["Secret/streamtune-secrets"]["stringData"]) <= fields
     scorer = res["Deployment/streamtune-scorer"]["spec"]["template"]["spec"]["containers"][0]

@@ -13,7 +13,7 @@ REVIEW_0 = ("events.review", 0)
 
 
 def test_the_default_limit_is_two_minutes() -> None:
-    assert Settings().stall_after_s == 120.0
+    assert Settings().scorer.stall_after_s == 120.0
 
 
 def test_lag_without_progress_beyond_the_limit_is_stalled() -> None:

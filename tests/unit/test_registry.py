@@ -82,7 +82,7 @@ def test_signed_manifests_refuse_tampering_and_unsigned_versions(tmp_path: Path)
     from streamtune.rollout.registry import LocalRegistry
 
     root = tmp_path / "adapters"
-    shutil.copytree(Settings().adapter_dir / "purchase_intent", root / "purchase_intent")
+    shutil.copytree(Settings().model.adapter_dir / "purchase_intent", root / "purchase_intent")
     signed = LocalRegistry(root, b"k1")
     with pytest.raises(AdapterError, match="not signed"):
         signed.verify("purchase_intent", 1)  # the committed version predates signing

@@ -452,7 +452,7 @@ def test_the_cli_marks_a_forced_release(tmp_path: Path, monkeypatch: pytest.Monk
     import streamtune.rollout.cli as cli
 
     root = tmp_path / "adapters"
-    shutil.copytree(Settings().adapter_dir, root)
+    shutil.copytree(Settings().model.adapter_dir, root)
     v2 = root / TASK / "2"
     shutil.copytree(root / TASK / "1", v2, ignore=shutil.ignore_patterns("artifacts"))
     manifest = json.loads((v2 / "manifest.json").read_text())

@@ -359,9 +359,9 @@ def test_a_run_stopped_at_its_budget_reports_how_far_it_got(
 
 
 def test_the_pending_bound_is_a_setting_and_drops_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().trainer_max_pending == 50_000
+    assert Settings().trainer.max_pending == 50_000
     monkeypatch.setenv("STREAMTUNE_TRAINER_MAX_PENDING", "7")
-    assert Settings().trainer_max_pending == 7
+    assert Settings().trainer.max_pending == 7
     m = TrainerMetrics()
     m.labels_dropped.labels("query_class", "pending_full").inc(3)
     value = m.registry.get_sample_value(

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamtune.core.errors import StreamtuneError
-from streamtune.core.settings import Settings
+from streamtune.core.settings import Settings, env_name_for_loc
 from streamtune.core.tasks import TASK_NAMES
 
 app = typer.Typer(
@@ -31,7 +31,7 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as e:
         err = e.errors()[0]
-        name = "STREAMTUNE_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
+        name = env_name_for_loc(err["loc"])
         console.print(f"[red]error:[/] {name}: {err['msg']}")
         raise typer.Exit(2) from e
 
@@ -88,13 +88,13 @@ def train(
     from streamtune.training.bootstrap import TrainConfig, train_task
 
     s = _settings()
-    configure_logging(s.log_level, json=False)
-    registry = registry_for(s.adapter_dir, s.manifest_hmac_key)
+    configure_logging(s.ops.log_level, json=False)
+    registry = registry_for(s.model.adapter_dir, s.security.manifest_hmac_key)
     cfg = TrainConfig(seed=seed, epochs=epochs, train_rows=train_rows, max_len=max_len)
     for t in _tasks(task):
         if if_missing and registry.latest(t) is not None:
             continue
-        m = train_task(t, s.base_model, s.data_dir, registry, cfg)
+        m = train_task(t, s.model.base_model, s.model.data_dir, registry, cfg)
         table = Table(title=f"{t} v{m.version} (held-out rows: {m.training['held_out_rows']})")
         table.add_column("model")
         for k in m.metrics:
@@ -177,7 +177,7 @@ def docs(
     """Print (or write into docs/settings.md, docs/training.md) the tables generated from the code."""
     from streamtune.devtools import docs as d
 
-    adapter_dir = _settings().adapter_dir
+    adapter_dir = _settings().model.adapter_dir
     if write:
         changed = d.write(adapter_dir)
         for path in changed:

@@ -109,18 +109,16 @@ class Run:
         tag = uuid.uuid4().hex[:8]
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.settings = base.model_copy(
-            update={
-                "bootstrap_servers": bootstrap,
-                "redis_url": redis_url,
-                "topic_prefix": f"chaos{tag}.",
-                "group_id": f"chaos-scorer-{tag}",
-                "topic_replication": replication,
-                "state_dir": root / "state",
-                "kafka_session_timeout_s": 10.0,
-                "log_json": True,
-                **overrides,
-            }
+        self.settings = base.replace(
+            bootstrap_servers=bootstrap,
+            redis_url=redis_url,
+            topic_prefix=f"chaos{tag}.",
+            group_id=f"chaos-scorer-{tag}",
+            topic_replication=replication,
+            state_dir=root / "state",
+            kafka_session_timeout_s=10.0,
+            log_json=True,
+            **overrides,
         )
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self.workers: list[Worker] = []
@@ -134,13 +132,13 @@ class Run:
         return self.worker("scorer", name, **overrides)
 
     def worker(self, command: str, name: str, **overrides: Any) -> Worker:
-        s = self.settings.model_copy(update={"metrics_port": find_free_port(), **overrides})
+        s = self.settings.replace(metrics_port=find_free_port(), **overrides)
         w = Worker(command, s, self.root / f"{name}.log").wait_ready()
         self.workers.append(w)
         return w
 
     def plan(self, per_task: int, malformed: float, seed: int) -> list[Outgoing]:
-        return list(plan(self.settings.data_dir, TASKS, per_task, malformed, seed))
+        return list(plan(self.settings.model.data_dir, TASKS, per_task, malformed, seed))
 
     def produce(self, per_task: int, rate: float, malformed: float, seed: int, labels: bool = False) -> None:
         def run() -> None:
@@ -194,7 +192,7 @@ class Run:
         """Every record ``topic`` holds now."""
         from kafka import KafkaConsumer
 
-        c = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None)
+        c = KafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap_servers, group_id=None)
         try:
             return read_to_end(c, self.settings.topic(topic), self.timeout_s)[0]
         finally:
@@ -204,7 +202,7 @@ class Run:
         """Records of ``topics`` that ``group`` has not committed yet."""
         from kafka import KafkaConsumer, TopicPartition
 
-        c = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None)
+        c = KafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap_servers, group_id=None)
         try:
             names = [self.settings.topic(t) for t in topics]
             tps = [TopicPartition(n, p) for n in names for p in c.partitions_for_topic(n) or []]
@@ -219,7 +217,7 @@ class Run:
     def dead_letters(self) -> int:
         from kafka import KafkaConsumer, TopicPartition
 
-        c = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None)
+        c = KafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap_servers, group_id=None)
         try:
             name = self.settings.topic(DLQ_TOPIC)
             tps = [TopicPartition(name, p) for p in c.partitions_for_topic(name) or []]
@@ -434,7 +432,7 @@ def registry_full(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioRepor
         report.extra["skipped"] = True
         return report
     try:
-        shutil.copytree(base.adapter_dir, mount, dirs_exist_ok=True)
+        shutil.copytree(base.model.adapter_dir, mount, dirs_exist_ok=True)
         with single_stack(root) as (kafka, red):
             run = Run(root / "run", kafka.bootstrap_servers, red.url, base)
             try:
@@ -555,7 +553,9 @@ def poison_mix(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport:
 
             scorer = run.scorer("scorer")
             started = time.monotonic()
-            p = KafkaProducer(bootstrap_servers=run.settings.bootstrap_servers, max_request_size=2_000_000)
+            p = KafkaProducer(
+                bootstrap_servers=run.settings.kafka.bootstrap_servers, max_request_size=2_000_000
+            )
             try:
                 for rec in bad:
                     p.send(run.settings.topic(rec.topic), key=rec.key, value=rec.value)
@@ -633,8 +633,8 @@ def trainer_down(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport
             trainer_min_labels=1_000_000,  # the join is under test, not the training
             trainer_label_wait_s=wait_s, trainer_check_s=0.5,
         )  # fmt: skip
-        group = f"{run.settings.group_id}-trainer"
-        run.settings = run.settings.model_copy(update={"trainer_group_id": group})
+        group = f"{run.settings.kafka.group_id}-trainer"
+        run.settings = run.settings.replace(trainer_group_id=group)
         try:
             ensure_topics(run.settings)
             first = run.worker("trainer", "trainer-1")
@@ -694,7 +694,7 @@ def release_late_files(root: Path, base: Settings, cfg: ChaosConfig) -> Scenario
         try:
             regs = [root / "registry-a", root / "registry-b"]
             for reg in regs:
-                shutil.copytree(base.adapter_dir, reg)
+                shutil.copytree(base.model.adapter_dir, reg)
             ensure_topics(run.settings)
             outs = run.plan(cfg.events, 0.0, seed=43)
             a, b = (run.scorer(f"scorer-{n}", adapter_dir=reg) for n, reg in zip("ab", regs, strict=True))
@@ -724,7 +724,7 @@ def release_late_files(root: Path, base: Settings, cfg: ChaosConfig) -> Scenario
             report.extra = {
                 "served_while_pending": served_live,
                 "served_after_files_s": report.recovery_s,
-                "retry_bound_s": run.settings.release_retry_max_s,
+                "retry_bound_s": run.settings.scorer.release_retry_max_s,
             }
             if served_live != live:
                 report.passed = False
@@ -747,16 +747,14 @@ def label_poisoning(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioRep
     )  # fmt: skip
     with single_stack(root) as (kafka, red):
         registry = root / "registry"
-        shutil.copytree(base.adapter_dir, registry)
+        shutil.copytree(base.model.adapter_dir, registry)
         run = Run(
             root / "run", kafka.bootstrap_servers, red.url, base,
             adapter_dir=registry, trainer_min_labels=n // 2, trainer_interval_s=3600.0,
             trainer_label_wait_s=20.0, trainer_budget_s=30.0, trainer_epochs=1,
             trainer_reference_rows=30, trainer_check_s=0.5, max_seq_len=64,
         )  # fmt: skip
-        run.settings = run.settings.model_copy(
-            update={"trainer_group_id": f"{run.settings.group_id}-trainer"}
-        )
+        run.settings = run.settings.replace(trainer_group_id=f"{run.settings.kafka.group_id}-trainer")
         try:
             ensure_topics(run.settings)
             before = LocalRegistry(registry).versions(task)
@@ -764,7 +762,7 @@ def label_poisoning(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioRep
             pct = data.HELD_OUT_PERCENT[task]
             rows = [
                 (ev, lab)
-                for ev, lab in review_events(base.data_dir)
+                for ev, lab in review_events(base.model.data_dir)
                 if not data.is_held_out(ev.event_id.removeprefix("review-"), pct)
             ][:n]
             rng = random.Random(44)
@@ -772,7 +770,7 @@ def label_poisoning(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioRep
             now = datetime.now(UTC)
             from kafka import KafkaProducer
 
-            p = KafkaProducer(bootstrap_servers=run.settings.bootstrap_servers, acks="all")
+            p = KafkaProducer(bootstrap_servers=run.settings.kafka.bootstrap_servers, acks="all")
             flipped = ahead = far = 0
             try:
                 for ev, _ in rows:

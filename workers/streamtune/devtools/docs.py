@@ -29,7 +29,7 @@ BLOCK_FILES: dict[str, Path] = {
 
 
 def _default(name: str) -> str:
-    field = Settings.model_fields[name]
+    field = Settings.flat_field(name)
     if field.default_factory is not None:
         return "(see description)"
     value = field.default
@@ -50,7 +50,7 @@ def _default(name: str) -> str:
 def settings_table() -> str:
     """Markdown table of every setting: variable, default, meaning."""
     lines = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
+    for name, field in Settings.flat_fields():
         desc = (field.description or "").replace("|", "\\|")
         lines.append(f"| `STREAMTUNE_{name.upper()}` | `{_default(name)}` | {desc} |")
     return "\n".join(lines)

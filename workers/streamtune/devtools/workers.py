@@ -22,8 +22,7 @@ from streamtune.core.settings import REPO_ROOT, Settings
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTUNE_")}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
+    for name, _, value in settings.flat_items():
         if value is None:
             continue  # unset stays unset (an env var would read as the string "None")
         if isinstance(value, SecretStr):
@@ -32,7 +31,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
             value = json.dumps(value)
         elif isinstance(value, bool):
             value = "true" if value else "false"
-        env[f"STREAMTUNE_{name.upper()}"] = str(value)
+        env[name] = str(value)
     env["PYTHONUNBUFFERED"] = "1"
     # The same checkout as the caller, whatever the virtualenv's editable install points at.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT / "workers"), env.get("PYTHONPATH")) if p)
@@ -58,7 +57,7 @@ class Worker:
             )
 
     def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.settings.metrics_port}/metrics"
+        url = f"http://127.0.0.1:{self.settings.ops.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=2) as r:
             return str(r.read().decode())
 

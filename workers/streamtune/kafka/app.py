@@ -20,23 +20,23 @@ def worker_app(settings: Settings, app_id: str) -> faust.App:
     partitions, and the workarounds of :mod:`streamtune.kafka.compat` installed."""
     app = faust.App(
         app_id,
-        broker=[f"kafka://{s.strip()}" for s in settings.bootstrap_servers.split(",")],
+        broker=[f"kafka://{s.strip()}" for s in settings.kafka.bootstrap_servers.split(",")],
         store="memory://",
-        datadir=str(Path(settings.state_dir) / app_id),
+        datadir=str(Path(settings.ops.state_dir) / app_id),
         web_enabled=False,
-        topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.topic_replication,
+        topic_partitions=settings.kafka.topic_partitions,
+        topic_replication_factor=settings.kafka.topic_replication,
         topic_disable_leader=True,
         table_standby_replicas=0,
-        broker_commit_interval=settings.commit_interval_s,
+        broker_commit_interval=settings.kafka.commit_interval_s,
         consumer_auto_offset_reset="earliest",
         key_serializer="raw",
         value_serializer="raw",
         producer_acks=-1,
         broker_credentials=faust_credentials(settings),
-        broker_session_timeout=settings.kafka_session_timeout_s,
-        broker_rebalance_timeout=settings.kafka_session_timeout_s,
-        broker_heartbeat_interval=max(1.0, settings.kafka_session_timeout_s / 10),
+        broker_session_timeout=settings.kafka.session_timeout_s,
+        broker_rebalance_timeout=settings.kafka.session_timeout_s,
+        broker_heartbeat_interval=max(1.0, settings.kafka.session_timeout_s / 10),
     )
     compat.install(app)
     return app

@@ -46,7 +46,7 @@ class SkipGuard:
         self.starts: GroupStartOffsets | None = None
         if settings is not None:
             # Bounded well inside a rebalance (it runs in one: see _install_start_lookup).
-            timeout_s = max(1.0, settings.kafka_session_timeout_s / 4)
+            timeout_s = max(1.0, settings.kafka.session_timeout_s / 4)
             self.starts = GroupStartOffsets(settings, app.conf.id, timeout_s=timeout_s)
         self.guard = OffsetGuard(
             committed=lambda tp: compat.committed_offset(app, tp),

@@ -12,21 +12,23 @@ from streamtune.core.settings import Settings
 
 def kafka_client_kwargs(s: Settings) -> dict[str, Any]:
     """Keyword arguments for kafka-python clients (consumer, producer, admin)."""
-    kw: dict[str, Any] = {"bootstrap_servers": s.bootstrap_servers.split(",")}
-    if s.kafka_security_protocol == "PLAINTEXT":
+    kw: dict[str, Any] = {"bootstrap_servers": s.kafka.bootstrap_servers.split(",")}
+    if s.security.kafka_protocol == "PLAINTEXT":
         return kw
-    kw["security_protocol"] = s.kafka_security_protocol
-    if s.kafka_ssl_cafile is not None:
-        kw["ssl_cafile"] = str(s.kafka_ssl_cafile)
-    if s.kafka_security_protocol.startswith("SASL"):
-        kw["sasl_mechanism"] = s.kafka_sasl_mechanism
-        kw["sasl_plain_username"] = s.kafka_sasl_username
-        kw["sasl_plain_password"] = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else ""
+    kw["security_protocol"] = s.security.kafka_protocol
+    if s.security.kafka_ssl_cafile is not None:
+        kw["ssl_cafile"] = str(s.security.kafka_ssl_cafile)
+    if s.security.kafka_protocol.startswith("SASL"):
+        kw["sasl_mechanism"] = s.security.sasl_mechanism
+        kw["sasl_plain_username"] = s.security.sasl_username
+        kw["sasl_plain_password"] = (
+            s.security.sasl_password.get_secret_value() if s.security.sasl_password else ""
+        )
     return kw
 
 
 def _ssl_context(s: Settings) -> ssl.SSLContext:
-    cafile = str(s.kafka_ssl_cafile) if s.kafka_ssl_cafile is not None else None
+    cafile = str(s.security.kafka_ssl_cafile) if s.security.kafka_ssl_cafile is not None else None
     return ssl.create_default_context(purpose=ssl.Purpose.SERVER_AUTH, cafile=cafile)
 
 
@@ -34,28 +36,28 @@ def faust_credentials(s: Settings) -> Any:
     """``broker_credentials`` for a Faust app (None for PLAINTEXT)."""
     import faust
 
-    protocol = s.kafka_security_protocol
+    protocol = s.security.kafka_protocol
     if protocol == "PLAINTEXT":
         return None
     if protocol == "SSL":
         return faust.SSLCredentials(_ssl_context(s))
-    password = s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else ""
+    password = s.security.sasl_password.get_secret_value() if s.security.sasl_password else ""
     context = _ssl_context(s) if protocol == "SASL_SSL" else None
-    if s.kafka_sasl_mechanism.startswith("SCRAM"):
+    if s.security.sasl_mechanism.startswith("SCRAM"):
         from faust.auth import SASLMechanism
 
-        mechanism: Any = SASLMechanism(s.kafka_sasl_mechanism)
+        mechanism: Any = SASLMechanism(s.security.sasl_mechanism)
     else:
-        mechanism = s.kafka_sasl_mechanism
+        mechanism = s.security.sasl_mechanism
     return faust.SASLCredentials(
-        username=s.kafka_sasl_username, password=password, ssl_context=context, mechanism=mechanism
+        username=s.security.sasl_username, password=password, ssl_context=context, mechanism=mechanism
     )
 
 
 def redis_kwargs(s: Settings) -> dict[str, Any]:
     """Extra arguments for ``redis.from_url`` (the CA for ``rediss://`` URLs)."""
-    if s.redis_url.startswith("rediss://") and s.redis_ca_file is not None:
-        return {"ssl_ca_certs": str(s.redis_ca_file)}
+    if s.redis.url.startswith("rediss://") and s.security.redis_ca_file is not None:
+        return {"ssl_ca_certs": str(s.security.redis_ca_file)}
     return {}
 
 
@@ -75,8 +77,8 @@ def redis_client(s: Settings, **kwargs: Any) -> Any:
     import redis
     from redis.cluster import RedisCluster
 
-    factory = RedisCluster.from_url if s.redis_cluster else redis.Redis.from_url
-    return factory(s.redis_url, **redis_kwargs(s), **kwargs)
+    factory = RedisCluster.from_url if s.redis.cluster else redis.Redis.from_url
+    return factory(s.redis.url, **redis_kwargs(s), **kwargs)
 
 
 def async_redis_client(s: Settings, **kwargs: Any) -> Any:
@@ -84,5 +86,5 @@ def async_redis_client(s: Settings, **kwargs: Any) -> Any:
     import redis.asyncio as aioredis
     from redis.asyncio.cluster import RedisCluster
 
-    factory = RedisCluster.from_url if s.redis_cluster else aioredis.from_url
-    return factory(s.redis_url, **redis_kwargs(s), **kwargs)
+    factory = RedisCluster.from_url if s.redis.cluster else aioredis.from_url
+    return factory(s.redis.url, **redis_kwargs(s), **kwargs)

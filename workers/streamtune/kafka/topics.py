@@ -26,7 +26,7 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    p, r = settings.topic_partitions, settings.topic_replication
+    p, r = settings.kafka.topic_partitions, settings.kafka.topic_replication
     names = [t.input_topic for t in TASKS.values()] + [t.output_topic for t in TASKS.values()]
     names += [DLQ_TOPIC, LABELS_TOPIC]
     specs = [TopicSpec(settings.topic(n), p, r, {}) for n in names]
@@ -36,8 +36,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     # Faust table changelogs, created here rather than by Faust at start: a worker then never
     # sees its table's changelog missing from metadata (on a multi-broker cluster topic creation
     # takes a moment to propagate, and Faust fails the table's agent on the partition check).
-    specs += [TopicSpec(changelog_topic(settings.group_id, "sessions"), p, r, compact)]
-    specs += [TopicSpec(changelog_topic(settings.trainer_group_id, t), p, r, compact) for t in TRAINER_TABLES]
+    specs += [TopicSpec(changelog_topic(settings.kafka.group_id, "sessions"), p, r, compact)]
+    specs += [TopicSpec(changelog_topic(settings.trainer.group_id, t), p, r, compact) for t in TRAINER_TABLES]
     return specs
 
 
@@ -59,15 +59,16 @@ def admin_client(settings: Settings, timeout_s: float = 10.0) -> KafkaAdminClien
         )
     except (KafkaError, OSError, ValueError) as e:
         hint = ""
-        if settings.kafka_security_protocol.startswith("SASL"):
+        if settings.security.kafka_protocol.startswith("SASL"):
             # kafka-python reports a refused login as a failed bootstrap: name what to check.
             hint = (
-                f"; with STREAMTUNE_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}, also check"
+                f"; with STREAMTUNE_KAFKA_SECURITY_PROTOCOL={settings.security.kafka_protocol}, also check"
                 " STREAMTUNE_KAFKA_SASL_MECHANISM, STREAMTUNE_KAFKA_SASL_USERNAME"
                 " and STREAMTUNE_KAFKA_SASL_PASSWORD"
             )
         raise StartupError(
-            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.bootstrap_servers} ({e}){hint}"
+            "cannot reach Kafka at"
+            f" STREAMTUNE_BOOTSTRAP_SERVERS={settings.kafka.bootstrap_servers} ({e}){hint}"
         ) from e
 
 
@@ -90,6 +91,6 @@ def ensure_topics(settings: Settings) -> list[str]:
             log.info("topics_created", topics=created)
         return created
     except KafkaError as e:
-        raise StartupError(f"cannot create topics on {settings.bootstrap_servers}: {e}") from e
+        raise StartupError(f"cannot create topics on {settings.kafka.bootstrap_servers}: {e}") from e
     finally:
         admin.close()

@@ -297,11 +297,11 @@ def export_for(settings: Settings, registry: AdapterStore, task: str, version: i
     """:func:`export_artifact` with the deployment's settings; the evaluation slice is the task's
     fixed reference set (held-out split of the shipped data, never trained on)."""
 
-    inputs = reference_set(task, settings.data_dir, settings.export_eval_rows).x
-    opts = OnnxOptions(settings.torch_threads, settings.model_batch_size_for(task))
+    inputs = reference_set(task, settings.model.data_dir, settings.model.export_eval_rows).x
+    opts = OnnxOptions(settings.model.torch_threads, settings.model_batch_size_for(task))
     return export_artifact(
-        registry, settings.base_model, task, version, backend, inputs, settings.onnx_min_agreement, opts,
-        settings.max_seq_len,
+        registry, settings.model.base_model, task, version, backend, inputs,
+        settings.model.onnx_min_agreement, opts, settings.model.max_seq_len,
     )  # fmt: skip
 
 

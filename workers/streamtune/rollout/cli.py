@@ -26,7 +26,7 @@ MAIN_METRIC = {name: spec.gate_metric for name, spec in TASKS.items()}
 
 def _ctx() -> tuple[Settings, AdapterStore, ReleaseLog]:
     s = Settings()
-    return s, registry_for(s.adapter_dir, s.manifest_hmac_key), ReleaseLog(s)
+    return s, registry_for(s.model.adapter_dir, s.security.manifest_hmac_key), ReleaseLog(s)
 
 
 def _task(task: str) -> str:
@@ -42,7 +42,7 @@ def _verified(reg: AdapterStore, task: str, version: int, force: bool = False) -
 
     s = Settings()
     m = reg.manifest(task, version)
-    base = base_model_sha256(s.base_model) if m.kind == "text-lora" else None
+    base = base_model_sha256(s.model.base_model) if m.kind == "text-lora" else None
     verified = reg.verify(task, version, base_sha256=base)
     if not verified.releasable and not force:
         raise StreamtuneError(

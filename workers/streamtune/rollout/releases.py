@@ -33,11 +33,12 @@ class ReleaseLog:
                 **kafka_client_kwargs(self.settings),
                 group_id=None,
                 enable_auto_commit=False,
-                consumer_timeout_ms=self.settings.releases_poll_ms,
+                consumer_timeout_ms=self.settings.scorer.releases_poll_ms,
             )
         except (KafkaError, OSError) as e:
             raise StartupError(
-                f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={self.settings.bootstrap_servers} ({e})"
+                "cannot reach Kafka at"
+                f" STREAMTUNE_BOOTSTRAP_SERVERS={self.settings.kafka.bootstrap_servers} ({e})"
             ) from e
 
     def read_all(self, timeout_s: float = 30.0) -> tuple[list[Release], dict[TopicPartition, int]]:
@@ -59,7 +60,8 @@ class ReleaseLog:
             producer = KafkaProducer(**kafka_client_kwargs(self.settings), acks="all")
         except (KafkaError, OSError) as e:
             raise StartupError(
-                f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={self.settings.bootstrap_servers} ({e})"
+                "cannot reach Kafka at"
+                f" STREAMTUNE_BOOTSTRAP_SERVERS={self.settings.kafka.bootstrap_servers} ({e})"
             ) from e
         try:
             producer.send(self.topic, key=release.key(), value=release.model_dump_json().encode()).get(30)
@@ -123,7 +125,7 @@ class ReleaseFollower:
             for tp in tps:
                 consumer.seek(tp, self.start_offsets.get(tp, 0))
             while not self._stop.is_set():
-                for batch in consumer.poll(timeout_ms=self.settings.releases_poll_ms).values():
+                for batch in consumer.poll(timeout_ms=self.settings.scorer.releases_poll_ms).values():
                     for msg in batch:
                         release = parse(msg.value)
                         if release is not None and release.stage != "refused":

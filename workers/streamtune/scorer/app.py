@@ -84,35 +84,35 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 def build_app(settings: Settings, res: ScorerResources) -> faust.App:
-    app = worker_app(settings, settings.group_id)
+    app = worker_app(settings, settings.kafka.group_id)
     publisher = FaustPublisher(app)
     redis_client = async_redis_client(settings, socket_timeout=5, socket_connect_timeout=5)
     sink = RedisSink(
         redis_client,
-        score_ttl_s=settings.score_ttl_s,
-        session_ttl_s=settings.session_ttl_s,
-        product_ttl_s=settings.product_ttl_s,
-        retry_max_s=settings.redis_retry_max_s,
+        score_ttl_s=settings.redis.score_ttl_s,
+        session_ttl_s=settings.redis.session_ttl_s,
+        product_ttl_s=settings.redis.product_ttl_s,
+        retry_max_s=settings.redis.retry_max_s,
         on_retry=res.metrics.redis_retries.inc,
-        cluster=settings.redis_cluster,
+        cluster=settings.redis.cluster,
     )
     processor = BatchProcessor(settings, res.runtime, res.model_executor, sink, publisher, res.metrics)
     sessions = app.Table(
         "sessions",
         default=None,
-        partitions=settings.topic_partitions,
+        partitions=settings.kafka.topic_partitions,
         schema=JSON_TABLE,
     )
     store = SessionStore(sessions)
     (click_spec,) = [spec for spec in TASKS.values() if spec.kind is TaskKind.SESSION]
     click_topic_name = settings.topic(click_spec.input_topic)
-    within = settings.batch_max_ms / 1000.0
+    within = settings.scorer.batch_max_ms / 1000.0
 
     def topic(spec: TaskSpec) -> faust.TopicT:
         return app.topic(settings.topic(spec.input_topic), key_serializer="raw", value_serializer="raw")
 
     skip_guard = SkipGuard(app, on_skip=res.metrics.offset_skips.inc, settings=settings, overlapping=True)
-    hand_over_cleanly(app, res.gate, timeout_s=settings.kafka_session_timeout_s / 2)
+    hand_over_cleanly(app, res.gate, timeout_s=settings.kafka.session_timeout_s / 2)
 
     overlaps: dict[str, Overlap[Started]] = {}  # per task, the agent's current one (health timer)
 
@@ -142,8 +142,8 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         )
         # Clicks one batch at a time: a batch's session-table updates must not run ahead of a
         # batch before it that may still fail (its retry would see the later clicks applied).
-        depth = 1 if spec.kind is TaskKind.SESSION else settings.pipeline_depth
-        overlaps[task] = Overlap(depth, steps, res.gate, backoff_s=settings.redis_retry_max_s)
+        depth = 1 if spec.kind is TaskKind.SESSION else settings.scorer.pipeline_depth
+        overlaps[task] = Overlap(depth, steps, res.gate, backoff_s=settings.redis.retry_max_s)
         return overlaps[task]
 
     async def run(
@@ -218,7 +218,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         events_by_pos = click_events if spec.kind is TaskKind.SESSION else None
         app.agent(topic(spec), name=spec.scorer_agent)(scorer(spec, events_by_pos))
 
-    @app.timer(settings.session_sweep_s)
+    @app.timer(settings.scorer.session_sweep_s)
     async def expire_sessions() -> None:
         """Drop expired sessions of the partitions we own: idle longer than
         ``session_inactivity_s`` in event time, or of a partition without a click for
@@ -227,8 +227,8 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         expired = store.expired(
             owned,
             time.time(),
-            settings.session_inactivity_s,
-            idle_partition_s=settings.session_idle_partition_s,
+            settings.scorer.session_inactivity_s,
+            idle_partition_s=settings.scorer.session_idle_partition_s,
         )
         for key, partition in expired:
             sessions.data.pop(key, None)
@@ -239,7 +239,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         res.metrics.sessions_active.set(len(sessions.data))
 
     task_of_topic = {settings.topic(spec.input_topic): name for name, spec in TASKS.items()}
-    progress = ProgressWatch(settings.stall_after_s)
+    progress = ProgressWatch(settings.scorer.stall_after_s)
 
     @app.timer(2.0)
     async def health_and_lag() -> None:

@@ -42,12 +42,12 @@ def check_redis(settings: Settings) -> None:
     try:
         client = redis_client(settings, socket_connect_timeout=3, socket_timeout=3)
     except (redis.RedisError, OSError) as e:  # a cluster client asks its nodes on creation
-        url = redact_url(settings.redis_url)
+        url = redact_url(settings.redis.url)
         raise StartupError(f"cannot reach Redis at STREAMTUNE_REDIS_URL={url} ({e})") from e
     try:
         client.ping()
     except (redis.RedisError, OSError) as e:
-        url = redact_url(settings.redis_url)
+        url = redact_url(settings.redis.url)
         raise StartupError(f"cannot reach Redis at STREAMTUNE_REDIS_URL={url} ({e})") from e
     finally:
         client.close()
@@ -165,18 +165,21 @@ def prepare(settings: Settings) -> ScorerResources:
     # Thread counts are deliberate: the model's threads (STREAMTUNE_TORCH_THREADS) own the cores;
     # the Rust tokenizer runs on the model thread instead of starting a pool of its own.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not settings.adapter_dir.is_dir():
-        raise StartupError(f"adapter directory not found: STREAMTUNE_ADAPTER_DIR={settings.adapter_dir}")
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.model.adapter_dir.is_dir():
+        raise StartupError(
+            f"adapter directory not found: STREAMTUNE_ADAPTER_DIR={settings.model.adapter_dir}"
+        )
+    settings.ops.state_dir.mkdir(parents=True, exist_ok=True)
     ensure_topics(settings)
     check_redis(settings)
     release_log = ReleaseLog(settings)
     records, ends = release_log.read_all()
-    registry = registry_for(settings.adapter_dir, settings.manifest_hmac_key)
+    registry = registry_for(settings.model.adapter_dir, settings.security.manifest_hmac_key)
     runtime = ModelRuntime(
-        settings.base_model, registry, settings.max_seq_len, settings.torch_threads,
-        batch_size=settings.model_batch_size, backend=settings.backend, task_backends=settings.task_backends,
-        task_batch_sizes=settings.task_model_batch_size, onnx_spinning=settings.onnx_spinning,
+        settings.model.base_model, registry, settings.model.max_seq_len, settings.model.torch_threads,
+        batch_size=settings.scorer.model_batch_size, backend=settings.model.backend,
+        task_backends=settings.model.task_backends,
+        task_batch_sizes=settings.scorer.task_model_batch_size, onnx_spinning=settings.model.onnx_spinning,
     )  # fmt: skip
 
     def export_missing(task: str, version: int) -> None:
@@ -188,14 +191,15 @@ def prepare(settings: Settings) -> ScorerResources:
 
         ensure_artifact(settings, registry, task, version)
 
-    prepare_version = export_missing if settings.export_on_start else None
+    prepare_version = export_missing if settings.model.export_on_start else None
     metrics = ScorerMetrics()
     # One model thread: batches of all tasks run one at a time, and a swap can only
     # happen between them. torch releases the GIL, so consuming and Redis I/O go on meanwhile.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     swapper = Swapper(
         runtime, executor, metrics, release_log,
-        retry_initial_s=settings.release_retry_initial_s, retry_max_s=settings.release_retry_max_s,
+        retry_initial_s=settings.scorer.release_retry_initial_s,
+        retry_max_s=settings.scorer.release_retry_max_s,
     )  # fmt: skip
     initial_routes(swapper, current_states(records), prepare_version)
     for task in TASK_NAMES:
@@ -203,29 +207,29 @@ def prepare(settings: Settings) -> ScorerResources:
     follower = ReleaseFollower(settings, ends, swapper.apply)
     readiness = Readiness(adapters_loaded=set(runtime.routes) >= set(TASK_NAMES), fallbacks=swapper.fallbacks)
     readiness.extra.append(lambda: None if follower.alive else "release follower stopped")
-    metrics.serve(settings.metrics_port, settings.metrics_host, ready=readiness.check)
+    metrics.serve(settings.ops.metrics_port, settings.ops.metrics_host, ready=readiness.check)
     return ScorerResources(
         runtime=runtime, metrics=metrics, model_executor=executor, follower=follower, readiness=readiness
     )
 
 
 def run_scorer(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_json, settings.lib_log_level)
+    configure_logging(settings.ops.log_level, settings.ops.log_json, settings.ops.lib_log_level)
     resources = prepare(settings)
     log.info(
         "scorer_starting",
-        bootstrap=settings.bootstrap_servers,
-        group=settings.group_id,
+        bootstrap=settings.kafka.bootstrap_servers,
+        group=settings.kafka.group_id,
         adapters={t: a.manifest.version for t, a in resources.runtime.active.items()},
-        metrics_port=settings.metrics_port,
+        metrics_port=settings.ops.metrics_port,
     )
     app = build_app(settings, resources)
     assert resources.follower is not None
     resources.follower.start()
     worker = DrainingWorker(
         app,
-        before_stop=lambda: drain_app(app, resources.gate, settings.shutdown_grace_s),
-        loglevel=settings.log_level,
+        before_stop=lambda: drain_app(app, resources.gate, settings.scorer.shutdown_grace_s),
+        loglevel=settings.ops.log_level,
         override_logging=False,
         redirect_stdouts=False,
         quiet=True,

@@ -122,7 +122,7 @@ class BatchProcessor:
 
         def timed() -> Scored:
             started = time.perf_counter()
-            scored = self.runtime.score(task, list(inputs), keys, self.settings.shadow)
+            scored = self.runtime.score(task, list(inputs), keys, self.settings.scorer.shadow)
             self.metrics.model_seconds.labels(task).observe(time.perf_counter() - started)
             return scored
 
@@ -140,8 +140,8 @@ class BatchProcessor:
         good, bad = split(
             spec.event_model,
             records,
-            max_raw_bytes=self.settings.dlq_max_raw_bytes,
-            max_future_skew_s=self.settings.max_future_skew_s,
+            max_raw_bytes=self.settings.scorer.dlq_max_raw_bytes,
+            max_future_skew_s=self.settings.scorer.max_future_skew_s,
         )
         now = datetime.now(UTC)
         if not good:
@@ -184,9 +184,9 @@ class BatchProcessor:
                 stage = stage_of(e)
                 self.metrics.batch_retries.labels(task, stage).inc()
                 log.warning("batch_retry", task=task, stage=stage, attempt=attempt, error=describe(e))
-                if attempt > self.settings.batch_retries:
+                if attempt > self.settings.scorer.batch_retries:
                     break
-                await asyncio.sleep(self.settings.batch_retry_backoff_s * attempt)
+                await asyncio.sleep(self.settings.scorer.batch_retry_backoff_s * attempt)
                 started = self._rescored(started, range(len(started.events)))
             else:
                 self.delivered.forget(started)
@@ -241,7 +241,7 @@ class BatchProcessor:
                 failed = [i[3] for i, f in sent if f.done() and not f.cancelled() and f.exception()]
                 raise StageError(DEAD_LETTER if failed[:1] == ["dead_letter"] else PUBLISH, e) from e
         except BaseException:
-            await self.delivered.settle(sent, self.settings.batch_step_timeout_s)
+            await self.delivered.settle(sent, self.settings.scorer.batch_step_timeout_s)
             raise
         self.delivered.settle_now(sent)
         if results:
@@ -298,7 +298,7 @@ class BatchProcessor:
                 await self._dead_letters(task, [letter], sent)
                 await self._step(task, "flush", self.publisher.flush([f for _, f in sent]))
             except Exception as e:
-                await self.delivered.settle(sent, self.settings.batch_step_timeout_s)
+                await self.delivered.settle(sent, self.settings.scorer.batch_step_timeout_s)
                 if is_transient(e):
                     raise
                 log.warning("dead_letter_refused", topic=dl.source_topic, partition=dl.partition,
@@ -314,7 +314,7 @@ class BatchProcessor:
         src = started.sources[row]
         return dead_letter(
             started.raws[row], src, f"{stage}: {error}", stage=stage,
-            max_raw_bytes=self.settings.dlq_max_raw_bytes,
+            max_raw_bytes=self.settings.scorer.dlq_max_raw_bytes,
         )  # fmt: skip
 
     def _rescored(
@@ -350,10 +350,10 @@ class BatchProcessor:
 
     async def _step(self, task: str, step: str, aw: Awaitable[T]) -> T:
         try:
-            return await asyncio.wait_for(aw, self.settings.batch_step_timeout_s)
+            return await asyncio.wait_for(aw, self.settings.scorer.batch_step_timeout_s)
         except TimeoutError as e:
             raise BatchStalledError(
-                f"{task}: the {step} step took more than {self.settings.batch_step_timeout_s:g} s"
+                f"{task}: the {step} step took more than {self.settings.scorer.batch_step_timeout_s:g} s"
             ) from e
 
     async def _publish(

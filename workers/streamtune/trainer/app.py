@@ -72,13 +72,15 @@ class TrainerResources:
 
 
 def build_app(settings: Settings, res: TrainerResources) -> faust.App:
-    app = worker_app(settings, settings.trainer_group_id)
+    app = worker_app(settings, settings.trainer.group_id)
     m, state = res.metrics, res.state
-    inputs = app.Table("inputs", default=None, partitions=settings.topic_partitions, schema=JSON_TABLE)
-    joined = app.Table("joined", default=None, partitions=settings.topic_partitions, schema=JSON_TABLE)
-    pending = app.Table("pending", default=None, partitions=settings.topic_partitions, schema=JSON_TABLE)
+    inputs = app.Table("inputs", default=None, partitions=settings.kafka.topic_partitions, schema=JSON_TABLE)
+    joined = app.Table("joined", default=None, partitions=settings.kafka.topic_partitions, schema=JSON_TABLE)
+    pending = app.Table(
+        "pending", default=None, partitions=settings.kafka.topic_partitions, schema=JSON_TABLE
+    )
     trigger = Trigger(
-        settings.trainer_min_labels, settings.trainer_interval_s, settings.trainer_interval_min_labels
+        settings.trainer.min_labels, settings.trainer.interval_s, settings.trainer.interval_min_labels
     )
 
     def topic(name: str) -> faust.TopicT:
@@ -98,14 +100,14 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         table.send_changelog(e.partition, e.key, None, value_serializer="raw")
 
     limits = JoinLimits(
-        input_window_s=settings.trainer_input_window_s,
-        max_inputs=settings.trainer_max_inputs,
-        label_wait_s=settings.trainer_label_wait_s,
-        replay_max=settings.trainer_replay_max,
-        max_pending=settings.trainer_max_pending,
-        max_input_bytes=settings.trainer_max_input_bytes,
-        max_pending_bytes=settings.trainer_max_pending_bytes,
-        max_replay_bytes=settings.trainer_max_replay_bytes,
+        input_window_s=settings.trainer.input_window_s,
+        max_inputs=settings.trainer.max_inputs,
+        label_wait_s=settings.trainer.label_wait_s,
+        replay_max=settings.trainer.replay_max,
+        max_pending=settings.trainer.max_pending,
+        max_input_bytes=settings.trainer.max_input_bytes,
+        max_pending_bytes=settings.trainer.max_pending_bytes,
+        max_replay_bytes=settings.trainer.max_replay_bytes,
     )
     joiner = Joiner(inputs, joined, pending, limits, state.watermarks, evict)
 
@@ -121,8 +123,8 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
                 spec.event_model,
                 event.message.value,
                 src,
-                max_raw_bytes=settings.dlq_max_raw_bytes,
-                max_future_skew_s=settings.max_future_skew_s,
+                max_raw_bytes=settings.scorer.dlq_max_raw_bytes,
+                max_future_skew_s=settings.scorer.max_future_skew_s,
             )
             if isinstance(decoded, DeadLetter):
                 m.inputs_invalid.labels(task).inc()  # the scorer dead-letters it; here it is skipped
@@ -159,8 +161,8 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
                 LabelEvent,
                 event.message.value,
                 src,
-                max_raw_bytes=settings.dlq_max_raw_bytes,
-                max_future_skew_s=settings.max_future_skew_s,
+                max_raw_bytes=settings.scorer.dlq_max_raw_bytes,
+                max_future_skew_s=settings.scorer.max_future_skew_s,
             )
             if isinstance(decoded, DeadLetter):
                 m.labels_invalid.inc()
@@ -188,7 +190,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         except Exception as e:
             m.runs.labels(task, "failed").inc()
             log.exception("training_failed", task=task, error=str(e))
-            state.retry_after[task] = time.monotonic() + min(settings.trainer_interval_s, 60.0)
+            state.retry_after[task] = time.monotonic() + min(settings.trainer.interval_s, 60.0)
         else:
             # Only as far as the run got (train_candidate reports it in ts.progress): labels it
             # never reached, stopped at its time budget, stay fresh for the next run.
@@ -206,7 +208,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
 
     running_jobs: set[asyncio.Future[None]] = set()
 
-    @app.timer(settings.trainer_check_s)
+    @app.timer(settings.trainer.check_s)
     async def check_triggers() -> None:
         res.readiness.beat()
         res.readiness.partitions_assigned = bool(app.consumer.assignment())
@@ -222,8 +224,8 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             if reason is None:
                 continue
             ts = select(
-                exs, wm, settings.trainer_holdout_fraction, settings.trainer_replay_ratio,
-                settings.trainer_seed + state.runs, res.exclude_inputs, settings.trainer_holdout_max,
+                exs, wm, settings.trainer.holdout_fraction, settings.trainer.replay_ratio,
+                settings.trainer.seed + state.runs, res.exclude_inputs, settings.trainer.holdout_max,
             )  # fmt: skip
             if not ts.fresh:
                 continue
@@ -234,18 +236,18 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             running_jobs.add(asyncio.ensure_future(run_job(task, ts)))
             running_jobs.difference_update({j for j in running_jobs if j.done()})
 
-    @app.timer(max(settings.trainer_check_s, 5.0))
+    @app.timer(max(settings.trainer.check_s, 5.0))
     async def sweep() -> None:
         swept = joiner.sweep(time.time())
         for task, n in swept.orphans.items():
             m.labels_orphan.labels(task).inc(n)
             m.labels_dropped.labels(task, "orphan").inc(n)
-            why = f"the task's inputs are over {settings.trainer_label_wait_s} s past them"
+            why = f"the task's inputs are over {settings.trainer.label_wait_s} s past them"
             log.warning("labels_orphaned", task=task, count=n, reason=why)
         for task, n in swept.dropped.items():
             m.labels_dropped.labels(task, "pending_full").inc(n)
             why = (
-                f"over {settings.trainer_max_pending} labels or {settings.trainer_max_pending_bytes}"
+                f"over {settings.trainer.max_pending} labels or {settings.trainer.max_pending_bytes}"
                 " bytes waiting for their input"
             )
             log.warning("labels_dropped", task=task, count=n, reason=why)

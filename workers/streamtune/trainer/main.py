@@ -66,11 +66,11 @@ def live_version(
 
 
 def release_for(settings: Settings, m: Manifest, live: int, sha: str) -> Release | None:
-    if settings.trainer_release_stage == "none":
+    if settings.trainer.release_stage == "none":
         return None
-    if settings.trainer_release_stage == "live":
+    if settings.trainer.release_stage == "live":
         return promote(m.task, m.version, sha, by="trainer")
-    return canary(m.task, m.version, settings.trainer_canary_fraction, live, sha, by="trainer")
+    return canary(m.task, m.version, settings.trainer.canary_fraction, live, sha, by="trainer")
 
 
 def announce_unreleased(settings: Settings, registry: AdapterStore, releases: ReleaseLog) -> None:
@@ -110,15 +110,16 @@ class TrainJobRunner:
     def config(self) -> OnlineConfig:
         s = self.settings
         return OnlineConfig(
-            epochs=s.trainer_epochs, lr=s.trainer_lr, budget_s=s.trainer_budget_s, margin=s.trainer_margin,
-            tolerance=s.trainer_reference_tolerance, max_len=s.max_seq_len, seed=s.trainer_seed,
-            alpha=s.trainer_gate_alpha,
+            epochs=s.trainer.epochs, lr=s.trainer.lr, budget_s=s.trainer.budget_s, margin=s.trainer.margin,
+            tolerance=s.trainer.reference_tolerance, max_len=s.model.max_seq_len, seed=s.trainer.seed,
+            alpha=s.trainer.gate_alpha,
         )  # fmt: skip
 
     def __call__(self, task: str, ts: TrainingSet) -> str:
         live = live_version(self.registry, self.releases.states(), task, self.settings.backend_for(task))
         outcome = train_candidate(
-            task, live, ts, self.references[task], self.registry, self.settings.base_model, self.config(),
+            task, live, ts, self.references[task], self.registry, self.settings.model.base_model,
+            self.config(),
             reference_live=self._reference_live.get((task, live)),
         )  # fmt: skip
         self._reference_live[(task, live)] = dict(outcome.manifest.gate["reference"]["live"])
@@ -158,13 +159,15 @@ class TrainJobRunner:
 
 
 def run_trainer(settings: Settings) -> None:
-    configure_logging(settings.log_level, settings.log_json, settings.lib_log_level)
-    if not settings.adapter_dir.is_dir():
-        raise StartupError(f"adapter directory not found: STREAMTUNE_ADAPTER_DIR={settings.adapter_dir}")
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    registry = registry_for(settings.adapter_dir, settings.manifest_hmac_key)
+    configure_logging(settings.ops.log_level, settings.ops.log_json, settings.ops.lib_log_level)
+    if not settings.model.adapter_dir.is_dir():
+        raise StartupError(
+            f"adapter directory not found: STREAMTUNE_ADAPTER_DIR={settings.model.adapter_dir}"
+        )
+    if settings.model.torch_threads > 0:
+        torch.set_num_threads(settings.model.torch_threads)
+    settings.ops.state_dir.mkdir(parents=True, exist_ok=True)
+    registry = registry_for(settings.model.adapter_dir, settings.security.manifest_hmac_key)
     for stale in registry.clean_stale():
         log.warning("stale_publish_dir_removed", path=str(stale))
     ensure_topics(settings)
@@ -173,7 +176,9 @@ def run_trainer(settings: Settings) -> None:
     for task in TASK_NAMES:
         live_version(registry, states, task, settings.backend_for(task))  # fails early, naming the task
     announce_unreleased(settings, registry, releases)
-    references = {t: reference_set(t, settings.data_dir, settings.trainer_reference_rows) for t in TASK_NAMES}
+    references = {
+        t: reference_set(t, settings.model.data_dir, settings.trainer.reference_rows) for t in TASK_NAMES
+    }
     exclude: frozenset[str | tuple[float, ...]] = frozenset().union(*(r.keys for r in references.values()))
     metrics = TrainerMetrics()
     state = TrainerState(watermarks=recovered_watermarks(registry))
@@ -187,12 +192,12 @@ def run_trainer(settings: Settings) -> None:
     )
     readiness = Readiness(adapters_loaded=True, needs_redis=False)
     resources.readiness = readiness
-    metrics.serve(settings.metrics_port, settings.metrics_host, ready=readiness.check)
-    log.info("trainer_starting", group=settings.trainer_group_id, watermarks=state.watermarks,
-             min_labels=settings.trainer_min_labels, interval_s=settings.trainer_interval_s)  # fmt: skip
+    metrics.serve(settings.ops.metrics_port, settings.ops.metrics_host, ready=readiness.check)
+    log.info("trainer_starting", group=settings.trainer.group_id, watermarks=state.watermarks,
+             min_labels=settings.trainer.min_labels, interval_s=settings.trainer.interval_s)  # fmt: skip
     app = build_app(settings, resources)
     worker = faust.Worker(
-        app, loglevel=settings.log_level, override_logging=False, redirect_stdouts=False, quiet=True
+        app, loglevel=settings.ops.log_level, override_logging=False, redirect_stdouts=False, quiet=True
     )
     try:
         worker.execute_from_commandline()

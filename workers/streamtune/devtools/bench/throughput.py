@@ -92,7 +92,7 @@ def export_artifacts(settings: Settings, cfg: ThroughputConfig) -> dict[str, Any
     MLP's fp32 one), through the gate a release goes through; returns what each export recorded."""
     from streamtune.model.onnx_export import ONNX_BACKENDS, export_for
 
-    registry = LocalRegistry(settings.adapter_dir)
+    registry = LocalRegistry(settings.model.adapter_dir)
     out: dict[str, Any] = {}
     jobs = [(b, t) for b in cfg.backends if b in ONNX_BACKENDS for t in TEXT_TASKS]
     if jobs:  # an all-ONNX scorer runs the click MLP in ONNX Runtime too (fp32)
@@ -121,7 +121,7 @@ def ceiling(settings: Settings, cfg: ThroughputConfig, artifacts: dict[str, Any]
     """Sequences/s of tokenize + forward for each backend, task and model batch size."""
     from streamtune.model.runtime import ModelRuntime
 
-    registry = LocalRegistry(settings.adapter_dir)
+    registry = LocalRegistry(settings.model.adapter_dir)
     out: dict[str, Any] = {}
     labels_fp32: dict[str, np.ndarray] = {}
     for backend in cfg.backends:
@@ -135,13 +135,17 @@ def ceiling(settings: Settings, cfg: ThroughputConfig, artifacts: dict[str, Any]
         if not usable:
             continue
         rt = ModelRuntime(
-            settings.base_model, registry, settings.max_seq_len, settings.torch_threads, backend=backend
+            settings.model.base_model,
+            registry,
+            settings.model.max_seq_len,
+            settings.model.torch_threads,
+            backend=backend,
         )
         for task in usable:
             version = registry.default_version(task)
             assert version is not None
             rt.activate(rt.load(task, version))
-            texts = _texts(task, settings.data_dir, cfg.texts)
+            texts = _texts(task, settings.model.data_dir, cfg.texts)
             per_bs: dict[int, float] = {}
             for bs in cfg.batch_sizes:
                 rt.batch_size = bs
@@ -225,7 +229,7 @@ def _latencies(s: Settings, task: str, n: int, since_ms: int) -> list[float]:
     """Seconds from event time to the result's publish time (after its Redis write)."""
     consumer = KafkaConsumer(
         s.topic(OUTPUT[task]),
-        bootstrap_servers=s.bootstrap_servers.split(","),
+        bootstrap_servers=s.kafka.bootstrap_servers.split(","),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
@@ -267,7 +271,7 @@ class E2EConfig:
 
 
 def _ready(worker: Worker) -> bool:
-    url = f"http://127.0.0.1:{worker.settings.metrics_port}/readyz"
+    url = f"http://127.0.0.1:{worker.settings.ops.metrics_port}/readyz"
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
             return bool(r.status == 200)
@@ -333,26 +337,24 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
         kafka.start()
         redis_url, redis_srv = ensure_redis(None, work / f"redis-{dep.name}")
         tag = uuid.uuid4().hex[:6]
-        s = settings.model_copy(
-            update={
-                "bootstrap_servers": kafka.bootstrap_servers,
-                "redis_url": redis_url,
-                "backend": "torch",
-                "task_backends": dep.backends,
-                "task_model_batch_size": dep.batches,
-                "topic_prefix": f"tp{tag}.",
-                "group_id": f"tp-{tag}",
-                "state_dir": work / f"state-{dep.name}",
-                "batch_max_events": cfg.window,
-                "torch_threads": dep.threads,
-                "pipeline_depth": dep.depth,
-                "shadow": False,
-                "export_on_start": False,  # exported beforehand: start-up is not measured
-            }
+        s = settings.replace(
+            bootstrap_servers=kafka.bootstrap_servers,
+            redis_url=redis_url,
+            backend="torch",
+            task_backends=dep.backends,
+            task_model_batch_size=dep.batches,
+            topic_prefix=f"tp{tag}.",
+            group_id=f"tp-{tag}",
+            state_dir=work / f"state-{dep.name}",
+            batch_max_events=cfg.window,
+            torch_threads=dep.threads,
+            pipeline_depth=dep.depth,
+            shadow=False,
+            export_on_start=False,  # exported beforehand: start-up is not measured
         )
         ensure_topics(s)
         for i in range(dep.scorers):
-            si = s.model_copy(update={"metrics_port": find_free_port()})
+            si = s.replace(metrics_port=find_free_port())
             scorers.append(Worker("scorer", si, work / f"scorer-{dep.name}-{i}.log").wait_ready())
         for w in scorers:  # partitions assigned (all scorers joined), adapters loaded, Redis reachable
             w.wait_for(lambda w=w: _ready(w), 120, "scorer ready")
@@ -456,20 +458,18 @@ def naive(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, An
     kafka = EmbeddedKafka(work_dir=work / "kafka-naive")
     redis_srv = None
     out: dict[str, Any] = {}
-    registry = LocalRegistry(settings.adapter_dir)
+    registry = LocalRegistry(settings.model.adapter_dir)
     try:
         kafka.start()
         redis_url, redis_srv = ensure_redis(None, work / "redis-naive")
-        s = settings.model_copy(
-            update={"bootstrap_servers": kafka.bootstrap_servers, "topic_prefix": "naive."}
-        )
+        s = settings.replace(bootstrap_servers=kafka.bootstrap_servers, topic_prefix="naive.")
         ensure_topics(s)
         client = redis_lib.Redis.from_url(redis_url)
         for task in TEXT_TASKS:
             version = registry.default_version(task)
             assert version is not None
             path = registry.fetch(task, version)
-            tok, base = load_base(settings.base_model)
+            tok, base = load_base(settings.model.base_model)
             merged = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
             weights = load_file(str(path / "head.safetensors"))
             head = Head(weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
@@ -480,16 +480,16 @@ def naive(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, An
                 model=merged,
                 tokenizer=tok,
                 framework="pt",
-                tokenize_kwargs={"truncation": True, "max_length": settings.max_seq_len},
+                tokenize_kwargs={"truncation": True, "max_length": settings.model.max_seq_len},
             )
-            producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers.split(","), acks="all")
-            for o in plan(s.data_dir, [task], cfg.naive_events, seed=13):
+            producer = KafkaProducer(bootstrap_servers=s.kafka.bootstrap_servers.split(","), acks="all")
+            for o in plan(s.model.data_dir, [task], cfg.naive_events, seed=13):
                 producer.send(s.topic(INPUT[task]), key=o.key.encode(), value=o.value)
             producer.flush(60)
             producer.close()
             consumer = KafkaConsumer(
                 s.topic(INPUT[task]),
-                bootstrap_servers=s.bootstrap_servers.split(","),
+                bootstrap_servers=s.kafka.bootstrap_servers.split(","),
                 auto_offset_reset="earliest",
                 group_id=f"naive-{task}",
                 consumer_timeout_ms=5000,
@@ -592,8 +592,8 @@ def run(settings: Settings, cfg: ThroughputConfig, work: Path, out_dir: Path | N
     work.mkdir(parents=True)
     # Exports go into a copy of the registry: the bench leaves the shipped one as it was.
     registry = work / "registry"
-    shutil.copytree(settings.adapter_dir, registry, ignore=shutil.ignore_patterns("artifacts"))
-    settings = settings.model_copy(update={"adapter_dir": registry, "export_eval_rows": cfg.export_eval_rows})
+    shutil.copytree(settings.model.adapter_dir, registry, ignore=shutil.ignore_patterns("artifacts"))
+    settings = settings.replace(adapter_dir=registry, export_eval_rows=cfg.export_eval_rows)
     rep = ThroughputReport(config=asdict(cfg))
     rep.artifacts = export_artifacts(settings, cfg)
     rep.ceiling = ceiling(settings, cfg, rep.artifacts)

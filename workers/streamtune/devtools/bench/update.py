@@ -66,8 +66,8 @@ class UpdateBenchConfig:
 
 def _examples(settings: Settings, cfg: UpdateBenchConfig) -> list[Example]:
     """Drifted training-split reviews that version 1 did not train on."""
-    v1_texts = frozenset(_text_split(TASK, settings.data_dir, TrainConfig())[0])
-    wave = critical_wave(settings.data_dir, "train", exclude_texts=v1_texts)
+    v1_texts = frozenset(_text_split(TASK, settings.model.data_dir, TrainConfig())[0])
+    wave = critical_wave(settings.model.data_dir, "train", exclude_texts=v1_texts)
     total = math.ceil(cfg.labels / (1 - cfg.holdout_fraction))
     if total > len(wave):
         raise StartupError(f"--labels {cfg.labels}: the drifted training pool has {len(wave)} rows")
@@ -79,21 +79,23 @@ def _examples(settings: Settings, cfg: UpdateBenchConfig) -> list[Example]:
 
 def finetune(settings: Settings, cfg: UpdateBenchConfig, registry: LocalRegistry) -> dict[str, Any]:
     ts = select(_examples(settings, cfg), -1, cfg.holdout_fraction, 0.0, cfg.seed)
-    reference = reference_set(TASK, settings.data_dir, settings.trainer_reference_rows)
+    reference = reference_set(TASK, settings.model.data_dir, settings.trainer.reference_rows)
     online = OnlineConfig(
-        epochs=cfg.epochs, lr=settings.trainer_lr, budget_s=cfg.budget_s, margin=settings.trainer_margin,
-        tolerance=settings.trainer_reference_tolerance, max_len=settings.max_seq_len, seed=cfg.seed,
+        epochs=cfg.epochs, lr=settings.trainer.lr, budget_s=cfg.budget_s, margin=settings.trainer.margin,
+        tolerance=settings.trainer.reference_tolerance, max_len=settings.model.max_seq_len, seed=cfg.seed,
     )  # fmt: skip
-    out = train_candidate(TASK, 1, ts, reference, registry, settings.base_model, online)
+    out = train_candidate(TASK, 1, ts, reference, registry, settings.model.base_model, online)
     m = out.manifest
-    held = critical_wave(settings.data_dir, "held_out")
+    held = critical_wave(settings.model.data_dir, "held_out")
     if cfg.eval_rows:
         held = held[: cfg.eval_rows]
     xs, ys = [r.model_text() for r in held], [r.label for r in held]
     labels = m.labels
 
     def accuracy_of(version: int) -> dict[str, float]:
-        model = _TextModel(settings.base_model, registry.fetch(TASK, version), labels, settings.max_seq_len)
+        model = _TextModel(
+            settings.model.base_model, registry.fetch(TASK, version), labels, settings.model.max_seq_len
+        )
         return evaluate(TASK, labels, ys, model.predict(xs))
 
     before, after = accuracy_of(1), accuracy_of(m.version)
@@ -118,7 +120,7 @@ def finetune(settings: Settings, cfg: UpdateBenchConfig, registry: LocalRegistry
 def _collect(settings: Settings, out: list[tuple[float, int, str]], stop: threading.Event) -> None:
     consumer = KafkaConsumer(
         settings.topic("scores.review"),
-        bootstrap_servers=settings.bootstrap_servers.split(","),
+        bootstrap_servers=settings.kafka.bootstrap_servers.split(","),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
@@ -145,12 +147,10 @@ def swap(
         kafka.start()
         redis_url, redis_srv = ensure_redis(None, work / "redis")
         tag = uuid.uuid4().hex[:6]
-        s = base.model_copy(
-            update={
-                "bootstrap_servers": kafka.bootstrap_servers, "redis_url": redis_url,
-                "adapter_dir": registry_dir, "topic_prefix": f"bench{tag}.", "group_id": f"bench-{tag}",
-                "metrics_port": find_free_port(), "state_dir": work / "state", "log_json": True,
-            }
+        s = base.replace(
+                bootstrap_servers=kafka.bootstrap_servers, redis_url=redis_url,
+                adapter_dir=registry_dir, topic_prefix=f"bench{tag}.", group_id=f"bench-{tag}",
+                metrics_port=find_free_port(), state_dir=work / "state", log_json=True,
         )  # fmt: skip
         ensure_topics(s)
         releases = ReleaseLog(s)
@@ -250,7 +250,7 @@ def run(settings: Settings, cfg: UpdateBenchConfig, work: Path, out_dir: Path | 
         shutil.rmtree(work)
     work.mkdir(parents=True)
     registry_dir = work / "adapters"
-    shutil.copytree(settings.adapter_dir, registry_dir, ignore=shutil.ignore_patterns(".*"))
+    shutil.copytree(settings.model.adapter_dir, registry_dir, ignore=shutil.ignore_patterns(".*"))
     for task in ("review_sentiment", "query_class", "purchase_intent"):  # keep only v1: a clean start
         for version in LocalRegistry(registry_dir).versions(task)[1:]:
             shutil.rmtree(registry_dir / task / str(version))

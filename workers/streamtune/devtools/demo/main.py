@@ -191,7 +191,7 @@ def _follow(settings: Settings, st: DemoState, stop: threading.Event) -> None:
     topics = [settings.topic(t.output_topic) for t in TASKS.values()] + [settings.topic("events.dlq")]
     consumer = KafkaConsumer(
         *topics,
-        bootstrap_servers=settings.bootstrap_servers.split(","),
+        bootstrap_servers=settings.kafka.bootstrap_servers.split(","),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         group_id=None,
@@ -309,12 +309,12 @@ def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
     work.mkdir(parents=True)
     configure_logging("ERROR", json=False)
     console.print("[bold]streamtune demo[/] — starting the embedded stack (Kafka 3.9 KRaft, Redis)…")
-    committed = LocalRegistry(base.adapter_dir)
+    committed = LocalRegistry(base.model.adapter_dir)
     for task in TASK_NAMES:
         if committed.latest(task) is None:
             console.print(f"  training version 1 of {task} (first run only)…")
-            train_task(task, base.base_model, base.data_dir, committed, TrainConfig())
-    shutil.copytree(base.adapter_dir, work / "adapters", ignore=shutil.ignore_patterns(".*"))
+            train_task(task, base.model.base_model, base.model.data_dir, committed, TrainConfig())
+    shutil.copytree(base.model.adapter_dir, work / "adapters", ignore=shutil.ignore_patterns(".*"))
     kafka = EmbeddedKafka(work_dir=work / "kafka")
     workers: list[Worker] = []
     redis_srv = None
@@ -322,32 +322,30 @@ def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
     st = DemoState()
     try:
         kafka.start()
-        redis_url, redis_srv = ensure_redis(base.redis_url, work / "redis")
-        settings = base.model_copy(
-            update={
-                "bootstrap_servers": kafka.bootstrap_servers,
-                "redis_url": redis_url,
-                "metrics_port": find_free_port(),
-                "adapter_dir": work / "adapters",
-                "state_dir": work / "state",
-                "trainer_min_labels": opts.train_after,
-                "trainer_interval_s": 3600.0,
-                "trainer_budget_s": opts.train_budget,
-                "trainer_epochs": 1,
-                "trainer_reference_rows": 150,
-                "trainer_release_stage": "canary",
-                "trainer_canary_fraction": opts.canary_fraction,
-                "trainer_check_s": 1.0,
-                "trainer_label_wait_s": 30.0,
-                "trainer_holdout_max": 100,
-                # Two workers share two cores: one torch thread each, or they thrash.
-                "torch_threads": 1,
-            }
+        redis_url, redis_srv = ensure_redis(base.redis.url, work / "redis")
+        settings = base.replace(
+            bootstrap_servers=kafka.bootstrap_servers,
+            redis_url=redis_url,
+            metrics_port=find_free_port(),
+            adapter_dir=work / "adapters",
+            state_dir=work / "state",
+            trainer_min_labels=opts.train_after,
+            trainer_interval_s=3600.0,
+            trainer_budget_s=opts.train_budget,
+            trainer_epochs=1,
+            trainer_reference_rows=150,
+            trainer_release_stage="canary",
+            trainer_canary_fraction=opts.canary_fraction,
+            trainer_check_s=1.0,
+            trainer_label_wait_s=30.0,
+            trainer_holdout_max=100,
+            # Two workers share two cores: one torch thread each, or they thrash.
+            torch_threads=1,
         )
-        trainer_settings = settings.model_copy(update={"metrics_port": find_free_port()})
+        trainer_settings = settings.replace(metrics_port=find_free_port())
         console.print(
-            f"  Kafka {settings.bootstrap_servers}  Redis {redact_url(redis_url)}  "
-            f"registry {settings.adapter_dir}"
+            f"  Kafka {settings.kafka.bootstrap_servers}  Redis {redact_url(redis_url)}  "
+            f"registry {settings.model.adapter_dir}"
         )
         console.print("  starting a scorer and a trainer (loading the model)…")
         scorer = Worker("scorer", settings, work / "scorer.log")
@@ -356,7 +354,7 @@ def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
         trainer = Worker("trainer", trainer_settings, work / "trainer.log")
         workers.append(trainer)
         trainer.wait_ready()
-        registry = LocalRegistry(settings.adapter_dir)
+        registry = LocalRegistry(settings.model.adapter_dir)
         releases = ReleaseLog(settings)
         threading.Thread(target=_follow, args=(settings, st, stop), daemon=True).start()
         threading.Thread(target=_replay_phases, args=(settings, opts, st, stop), daemon=True).start()
@@ -365,7 +363,7 @@ def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
             f"{opts.drift_after:.0f} s; training after {opts.train_after} new labels"
         )
         started = time.monotonic()
-        first = prev = scrape(settings.metrics_port)
+        first = prev = scrape(settings.ops.metrics_port)
         view = Live(render(first, prev, prev, st, 0), console=console, refresh_per_second=2)
         live_ctx = view if opts.live_view else contextlib.nullcontext()
         with live_ctx as live:
@@ -375,7 +373,7 @@ def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
                 scorer.check_alive()
                 trainer.check_alive()
                 stop.wait(1.0)
-                cur = scrape(settings.metrics_port)
+                cur = scrape(settings.ops.metrics_port)
                 with contextlib.suppress(OSError):
                     st.trainer = scrape_trainer(trainer.metrics())
                 _observe(settings, registry, releases, cur, st, opts)

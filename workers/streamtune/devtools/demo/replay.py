@@ -244,7 +244,7 @@ def producer(settings: Settings) -> KafkaProducer:
         )
     except (KafkaError, OSError, ValueError) as e:
         raise StartupError(
-            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.bootstrap_servers} ({e})"
+            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.kafka.bootstrap_servers} ({e})"
         ) from e
 
 
@@ -281,7 +281,7 @@ def replay(
             on_label(lab)
 
     try:
-        records = plan(settings.data_dir, tasks, limit, malformed_share, seed, skip, reviews)
+        records = plan(settings.model.data_dir, tasks, limit, malformed_share, seed, skip, reviews)
         while True:
             if should_stop is not None and should_stop():
                 break

@@ -47,7 +47,7 @@ def run_tail(settings: Settings, topic: str, from_beginning: bool, max_messages:
         )
     except (KafkaError, OSError) as e:
         raise StartupError(
-            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.bootstrap_servers} ({e})"
+            f"cannot reach Kafka at STREAMTUNE_BOOTSTRAP_SERVERS={settings.kafka.bootstrap_servers} ({e})"
         ) from e
     seen = 0
     try:
