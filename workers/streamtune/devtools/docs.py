@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic_core import PydanticUndefined
 
 from streamtune.core.errors import StreamtuneError
-from streamtune.core.settings import REPO_ROOT, Settings
+from streamtune.core.settings import FLAT_FIELDS, REPO_ROOT, Settings
 from streamtune.core.tasks import TASK_NAMES
 from streamtune.rollout.registry import LocalRegistry
 
@@ -49,10 +49,11 @@ def _default(name: str) -> str:
 
 def settings_table() -> str:
     """Markdown table of every setting: variable, default, meaning."""
-    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    lines = ["| variable | in code | default | meaning |", "|---|---|---|---|"]
     for name, field in Settings.flat_fields():
         desc = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `STREAMTUNE_{name.upper()}` | `{_default(name)}` | {desc} |")
+        group, attr = FLAT_FIELDS[name]
+        lines.append(f"| `STREAMTUNE_{name.upper()}` | `{group}.{attr}` | `{_default(name)}` | {desc} |")
     return "\n".join(lines)
 
 
