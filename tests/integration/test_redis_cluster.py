@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from redis.cluster import RedisCluster
 from test_e2e import TASKS, all_scored, check_aggregates, expected
-from test_sink_keys import HOSTILE_IDS, two_reviews_each, write
+from test_sink_keys_on_redis import HOSTILE_IDS, two_reviews_each, write
 
 from streamtune.core.settings import Settings
 from streamtune.devtools.demo.replay import replay

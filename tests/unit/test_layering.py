@@ -248,3 +248,13 @@ def test_the_named_pure_modules_exist_or_are_skipped(module: str) -> None:
     if module not in IMPORTS:
         pytest.skip(f"{module} does not exist (yet)")
     assert PATHS[module].is_file()
+
+
+def test_every_test_module_name_is_unique_across_the_tiers() -> None:
+    """pytest imports test modules by basename (``rootdir``-relative, no packages): two tiers with
+    the same file name make the whole suite fail at collection, though each tier alone passes."""
+    tests = Path(__file__).resolve().parents[1]
+    names: dict[str, list[str]] = {}
+    for p in tests.rglob("test_*.py"):
+        names.setdefault(p.name, []).append(str(p.relative_to(tests)))
+    assert not {n: ps for n, ps in names.items() if len(ps) > 1}
