@@ -66,8 +66,10 @@ class Worker:
             tail = self.log.read_text(errors="replace").splitlines()[-15:]
             raise StartupError(f"{self.command} exited with {self.proc.returncode}:\n" + "\n".join(tail))
 
-    def wait_ready(self, timeout_s: float = 180.0) -> Worker:
-        """Until /metrics answers (the worker has loaded its model and started)."""
+    def wait_ready(self, timeout_s: float = 600.0) -> Worker:
+        """Until /metrics answers (the worker has loaded its model and started). The bound covers
+        a scorer that exports its ONNX artifacts at start (``export_on_start``): about 60 s per
+        artifact on 2 idle cores, several times that on busy ones."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive()
