@@ -9,7 +9,10 @@ module under ``workers/streamtune``, at module level and inside functions, read 
 - the serving side (scorer, model, kafka, rollout, ops) never imports training or the trainer;
 - the pure stages (batch gate, overlap, sessions, offset guard, core) do not import Faust, not
   even through the package modules they import;
-- matplotlib and py-spy (the ``bench`` extra) are used by devtools only.
+- matplotlib and py-spy (the ``bench`` extra) are used by devtools only;
+- the torch-free model modules (the linear stage, the cascade, tokenization) import neither torch,
+  transformers nor peft, nor pickle in any form, at any level or through the package modules
+  they import.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ FAUST_FREE = [
     "streamtune.core",  # and every module in it
 ]
 BENCH_ONLY = ["matplotlib", "py_spy"]
+TORCH_FREE = ["streamtune.model.linear", "streamtune.model.cascade", "streamtune.model.tokens"]
+TORCH = ["torch", "transformers", "peft"]
+PICKLE = ["pickle", "joblib", "dill", "cloudpickle"]
 CLI = "streamtune.cli"
 
 
@@ -241,6 +247,20 @@ def test_bench_tools_are_used_by_devtools_only() -> None:
     assert not bad and not runs_py_spy, _report(
         "matplotlib and py-spy (the bench extra) only in devtools", [*bad, *runs_py_spy]
     )
+
+
+def test_the_linear_stage_and_the_cascade_need_no_torch_and_no_pickle() -> None:
+    assert all(m in IMPORTS for m in TORCH_FREE), [m for m in TORCH_FREE if m not in IMPORTS]
+    banned = [*TORCH, *PICKLE]
+    direct = [i for m in TORCH_FREE for i in IMPORTS[m] if within_any(i.target, banned)]
+    through: list[str] = []  # loaded by a package module the torch-free one imports at module level
+    for m in TORCH_FREE:
+        for loaded, chain in _loaded_on_import(m).items():
+            hits = [f"{i.target} (line {i.line})" for i in IMPORTS[loaded]
+                    if loaded != m and i.top_level and within_any(i.target, banned)]  # fmt: skip
+            if hits:
+                through.append(f"{m} loads {', '.join(hits)} through {' -> '.join(chain)}")
+    assert not direct and not through, _report(f"{TORCH_FREE} import none of {banned}", [*direct, *through])
 
 
 @pytest.mark.parametrize("module", [m for m in FAUST_FREE if m != CORE])

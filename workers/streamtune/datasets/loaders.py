@@ -123,3 +123,32 @@ def held_out_rows(task: str, data_dir: Path) -> list[tuple[Any, str]]:
     """(model input, class name) of every row in the task's held-out split."""
     pct = HELD_OUT_PERCENT[task]
     return [(x, y) for row_id, x, y in LABELLED_ROWS[task](data_dir) if is_held_out(row_id, pct)]
+
+
+def is_validation(row_id: str, percent: int) -> bool:
+    """Whether a training-split row is in the validation split carved from training (models and
+    cascade rules are selected on it). The hash is salted, so it does not follow the held-out
+    hash; callers drop held-out rows first (:func:`splits` does)."""
+    digest = hashlib.sha256(b"validation:" + row_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < percent
+
+
+@dataclass(frozen=True, slots=True)
+class Splits:
+    """A task's labelled rows (row id, model input, class name) in three disjoint splits."""
+
+    train: list[tuple[str, Any, str]]
+    validation: list[tuple[str, Any, str]]  # carved from the training split by a salted row-id hash
+    held_out: list[tuple[str, Any, str]]  # the fixed held-out split: never selected or trained on
+
+
+def splits(task: str, data_dir: Path, validation_percent: int = 10) -> Splits:
+    """Train / validation / held-out rows of ``task``; ``validation_percent`` of the training split
+    (by :func:`is_validation`) goes to validation. Stable: decided by row ids alone."""
+    pct = HELD_OUT_PERCENT[task]
+    out: tuple[list[tuple[str, Any, str]], ...] = ([], [], [])
+    for row in LABELLED_ROWS[task](data_dir):
+        row_id = row[0]
+        which = 2 if is_held_out(row_id, pct) else 1 if is_validation(row_id, validation_percent) else 0
+        out[which].append(row)
+    return Splits(*out)

@@ -7,6 +7,8 @@ On-disk shape, one directory per version::
         adapter_config.json        peft LoRA config
         adapter_model.safetensors  LoRA weights (safetensors only, never pickle)
         head.safetensors           task head (text tasks)  | base_model.safetensors (click model)
+        linear.safetensors         the linear stage (text tasks, when the version has one:
+        linear.json                streamtune.model.linear; checksummed like every other file)
         artifacts/<backend>/       derived inference artifacts, added later (see below)
             artifact.json          backend, the version's manifest sha256, label agreement with fp32,
                                    what stayed fp32, the file's sha256, passed

@@ -1,0 +1,405 @@
+"""The linear stage of a text task: hashed word and character n-grams, TF-IDF, logistic regression.
+
+A bag-of-words classifier that answers a text in microseconds, beside the transformer (issue 12).
+Torch-free: it needs numpy, scipy and scikit-learn only, and is saved without pickle.
+
+* **Features.** Two scikit-learn ``HashingVectorizer`` blocks, word n-grams and ``char_wb``
+  n-grams, each hashed into ``n_features`` columns (stateless: no vocabulary is stored). Column
+  ``j`` of the word block is feature ``j``, column ``j`` of the char block is ``n_features + j``.
+* **Known features.** A feature is *known* when at least ``min_df`` training texts contain it.
+  Only known features carry an IDF and coefficients; an unknown one is dropped before weighting,
+  as a fitted ``TfidfVectorizer`` drops words outside its vocabulary. The share of a text's
+  distinct hashed features that are known is its :meth:`LinearStage.coverage`, the
+  out-of-domain signal the cascade defers on (``streamtune.model.cascade``).
+* **Weights.** Sublinear tf (``1 + ln(count)``) times smooth IDF (``ln((1 + n) / (1 + df)) + 1``,
+  as ``TfidfTransformer``), L2-normalised per block (as two ``TfidfVectorizer`` blocks stacked),
+  then a logistic regression (multinomial; ``class_weight="balanced"`` optional).
+* **Files.** :data:`LINEAR_WEIGHTS` (safetensors: the known features' indices, their IDF, the
+  coefficients and intercepts) and :data:`LINEAR_META` (JSON: format version, classes, the
+  config, the vectorizers' parameters). Placed in a version directory, both are checksummed by
+  the registry's manifest like every other file of the version.
+
+Only known features are stored (their indices, sorted), not a dense mask over the hashed space:
+coefficients of a feature no training text has are zero anyway, and the dense form would cost
+``classes x 2 x n_features`` floats (hundreds of MiB for the 188 query classes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from streamtune.core.errors import AdapterError
+
+LINEAR_WEIGHTS = "linear.safetensors"
+LINEAR_META = "linear.json"
+LINEAR_FILES = (LINEAR_WEIGHTS, LINEAR_META)
+FORMAT = "streamtune-linear"
+FORMAT_VERSION = 1
+WORD_TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of two or more characters
+_TENSORS = {"features": np.int64, "idf": np.float32, "coef": np.float32, "intercept": np.float32}
+
+
+@dataclass(frozen=True, slots=True)
+class LinearConfig:
+    """How a linear stage is built and trained (recorded in :data:`LINEAR_META`)."""
+
+    n_features: int = 2**20  # hashed columns of each block (word, char): a power of two
+    word_ngrams: tuple[int, int] = (1, 2)
+    char_ngrams: tuple[int, int] = (2, 4)  # char_wb n-grams (inside word boundaries)
+    min_df: int = 1  # a feature in fewer training texts is unknown: no weight, lowers coverage
+    C: float = 4.0  # inverse L2 regularisation strength of the logistic regression
+    balanced: bool = True  # class_weight="balanced"
+    max_iter: int = 2000
+
+    def __post_init__(self) -> None:
+        n = self.n_features
+        if n < 2 or n & (n - 1) or n > 2**24:
+            raise ValueError(f"n_features must be a power of two in [2, 2**24], not {n}")
+        for name, (lo, hi) in (("word_ngrams", self.word_ngrams), ("char_ngrams", self.char_ngrams)):
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must be (lo, hi) with 1 <= lo <= hi, not {(lo, hi)}")
+        if self.min_df < 1:
+            raise ValueError(f"min_df must be >= 1, not {self.min_df}")
+        if not (math.isfinite(self.C) and self.C > 0):
+            raise ValueError(f"C must be positive, not {self.C}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, not {self.max_iter}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["word_ngrams"] = list(self.word_ngrams)
+        d["char_ngrams"] = list(self.char_ngrams)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LinearConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LinearConfig fields {sorted(unknown)}")
+        args = dict(d)
+        for key in ("word_ngrams", "char_ngrams"):
+            if key in args:
+                lo, hi = args[key]
+                args[key] = (int(lo), int(hi))
+        return cls(**args)
+
+
+def _vectorizers(cfg: LinearConfig) -> tuple[Any, Any]:
+    """The word and char_wb hashing vectorizers (raw counts, all non-negative)."""
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    word = HashingVectorizer(
+        n_features=cfg.n_features,
+        analyzer="word",
+        ngram_range=cfg.word_ngrams,
+        token_pattern=WORD_TOKEN_PATTERN,
+        lowercase=True,
+        alternate_sign=False,
+        norm=None,
+        dtype=np.float64,
+    )
+    char = HashingVectorizer(
+        n_features=cfg.n_features,
+        analyzer="char_wb",
+        ngram_range=cfg.char_ngrams,
+        lowercase=True,
+        alternate_sign=False,
+        norm=None,
+        dtype=np.float64,
+    )
+    return word, char
+
+
+def _vectorizer_params(vectorizer: Any) -> dict[str, Any]:
+    """The JSON-safe parameters that decide a vectorizer's columns (compared on load)."""
+    keep = ("analyzer", "ngram_range", "n_features", "lowercase", "token_pattern", "strip_accents",
+            "alternate_sign", "norm", "binary", "stop_words", "preprocessor", "tokenizer")  # fmt: skip
+    params = vectorizer.get_params()
+    out: dict[str, Any] = {}
+    for key in keep:
+        value = params.get(key)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+class LinearStage:
+    """A fitted linear stage. Build one with :meth:`fit` or :meth:`load`.
+
+    ``features`` (sorted global column indices of the known features), ``idf`` (per known
+    feature), ``coef`` (classes x known features) and ``intercept`` (per class; ``-inf`` for a
+    class no training text had, which then gets probability 0) are all it holds."""
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        config: LinearConfig,
+        features: np.ndarray,
+        idf: np.ndarray,
+        coef: np.ndarray,
+        intercept: np.ndarray,
+        training: dict[str, Any] | None = None,
+    ) -> None:
+        self.classes = tuple(classes)
+        self.config = config
+        self.training: dict[str, Any] = dict(training or {})
+        self.features = np.ascontiguousarray(features, dtype=np.int64)
+        self.idf = np.ascontiguousarray(idf, dtype=np.float32)
+        self.coef = np.ascontiguousarray(coef, dtype=np.float32)
+        self.intercept = np.ascontiguousarray(intercept, dtype=np.float32)
+        _check_arrays(self.classes, config, self.features, self.idf, self.coef, self.intercept)
+        self._word, self._char = _vectorizers(config)
+        total = 2 * config.n_features
+        self._column = np.full(total, -1, dtype=np.int32)  # global column -> known-feature position
+        self._column[self.features] = np.arange(len(self.features), dtype=np.int32)
+        self._n_word = int(np.searchsorted(self.features, config.n_features))  # word features first
+        self._coef_t = self.coef.T.astype(np.float64)  # (known features, classes) for sparse @ dense
+        self._word_analyzer = self._word.build_analyzer()
+
+    # -- training -----------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        classes: Sequence[str],
+        config: LinearConfig | None = None,
+        seed: int = 13,
+    ) -> LinearStage:
+        """Train on ``texts`` with their class names ``labels`` (each one of ``classes``)."""
+        from sklearn import __version__ as sklearn_version
+        from sklearn.linear_model import LogisticRegression
+        from threadpoolctl import threadpool_limits
+
+        cfg = config or LinearConfig()
+        classes = tuple(classes)
+        index = {c: i for i, c in enumerate(classes)}
+        if len(index) != len(classes):
+            raise ValueError("classes must be distinct")
+        if len(texts) != len(labels) or not texts:
+            raise ValueError(f"{len(texts)} texts and {len(labels)} labels: need as many, at least one")
+        unknown = sorted({y for y in labels if y not in index})
+        if unknown:
+            raise ValueError(f"labels not among the classes: {unknown[:5]}")
+        y = np.array([index[label] for label in labels], dtype=np.int64)
+        present = np.unique(y)
+        if len(present) < 2:
+            raise ValueError("training needs at least two classes present")
+        word, char = _vectorizers(cfg)
+        raw = sparse.hstack([word.transform(texts), char.transform(texts)], format="csr")
+        df = np.bincount(raw.indices, minlength=2 * cfg.n_features)
+        features = np.flatnonzero(df >= cfg.min_df).astype(np.int64)
+        n = raw.shape[0]
+        idf = (np.log((1.0 + n) / (1.0 + df[features])) + 1.0).astype(np.float32)
+        # a stage without coefficients yet weights the training texts exactly as it will at serving
+        blank = cls(classes, cfg, features, idf, np.zeros((len(classes), len(features)), np.float32),
+                    np.zeros(len(classes), np.float32))  # fmt: skip
+        x, _ = blank._weighted(raw)
+        clf = LogisticRegression(
+            C=cfg.C,
+            class_weight="balanced" if cfg.balanced else None,
+            max_iter=cfg.max_iter,
+            random_state=seed,
+        )
+        # one BLAS thread: scipy's L-BFGS-B runs many small BLAS calls on vectors this long, and a
+        # multithreaded OpenBLAS makes each several times slower (scipy#26137; measured here:
+        # 2.8 s -> 0.7 s for 400 reviews); the sparse products that dominate are single-threaded
+        with threadpool_limits(limits=1, user_api="blas"):
+            clf.fit(x, y)
+        coef = np.zeros((len(classes), len(features)), dtype=np.float64)
+        intercept = np.full(len(classes), -np.inf, dtype=np.float64)
+        fitted = np.asarray(clf.classes_)
+        if len(fitted) == 2:  # one logit z for the second class: softmax([-z/2, z/2]) == sigmoid(z)
+            coef[fitted[0]], coef[fitted[1]] = -clf.coef_[0] / 2, clf.coef_[0] / 2
+            intercept[fitted[0]], intercept[fitted[1]] = -clf.intercept_[0] / 2, clf.intercept_[0] / 2
+        else:
+            coef[fitted] = clf.coef_
+            intercept[fitted] = clf.intercept_
+        training = {
+            "rows": n,
+            "seed": seed,
+            "class_counts": {c: int((y == i).sum()) for i, c in enumerate(classes)},
+            "known_features": len(features),
+            "iterations": int(np.max(clf.n_iter_)),
+            "sklearn": sklearn_version,
+        }
+        return cls(classes, cfg, features, idf, coef, intercept, training)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def _raw(self, texts: Sequence[str]) -> sparse.csr_matrix:
+        if isinstance(texts, str):
+            raise TypeError("pass a sequence of texts, not one string")
+        raw: sparse.csr_matrix = sparse.hstack(
+            [self._word.transform(texts), self._char.transform(texts)], format="csr"
+        )
+        return raw
+
+    def _weighted(self, raw: sparse.csr_matrix) -> tuple[sparse.csr_matrix, np.ndarray]:
+        """(TF-IDF rows over the known features, L2-normalised per block; coverage per row)."""
+        n = raw.shape[0]
+        nnz = np.diff(raw.indptr)
+        rows = np.repeat(np.arange(n), nnz)
+        pos = self._column[raw.indices]
+        known = pos >= 0
+        known_per_row = np.bincount(rows[known], minlength=n)
+        coverage = np.divide(known_per_row, nnz, out=np.zeros(n), where=nnz > 0)
+        rows, pos = rows[known], pos[known]
+        values = (1.0 + np.log(raw.data[known])) * self.idf[pos]
+        block = (pos >= self._n_word).astype(np.int64)
+        norms = np.sqrt(np.bincount(2 * rows + block, weights=values * values, minlength=2 * n))
+        values = values / norms[2 * rows + block]
+        x = sparse.csr_matrix((values, (rows, pos)), shape=(n, len(self.features)))
+        return x, coverage
+
+    def score(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, one column per class in ``classes`` order; coverage), one pass."""
+        x, coverage = self._weighted(self._raw(texts))
+        return self._probs(x), coverage
+
+    def _probs(self, x: sparse.csr_matrix) -> np.ndarray:
+        logits = np.asarray(x @ self._coef_t) + self.intercept.astype(np.float64)
+        return _softmax(logits)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return self.score(texts)[0]
+
+    def coverage(self, texts: Sequence[str]) -> np.ndarray:
+        """Per text, the share of its distinct hashed n-gram features (word and char) that are
+        known from training (0 for a text without any feature)."""
+        return self._weighted(self._raw(texts))[1]
+
+    def reasons(self, text: str, k: int = 5, label: str | None = None) -> list[tuple[str, float]]:
+        """The at most ``k`` word n-grams of ``text`` that pushed hardest towards ``label`` (the
+        predicted one by default): coefficient x feature value, largest first, positive only.
+
+        Terms are recovered by analysing the text with the word analyzer and hashing each term
+        exactly as the vectorizer does; of two terms that share a hashed column, the first in
+        the text names it (its weight counts once)."""
+        from sklearn.feature_extraction import FeatureHasher
+
+        x, _ = self._weighted(self._raw([text]))
+        c = int(self._probs(x)[0].argmax()) if label is None else self.classes.index(label)
+        terms = list(dict.fromkeys(self._word_analyzer(text)))  # distinct, in order of appearance
+        if not terms or k <= 0:
+            return []
+        hasher = FeatureHasher(n_features=self.config.n_features, input_type="string", alternate_sign=False)
+        columns = hasher.transform([[t] for t in terms]).indices  # one column per term (word block)
+        value = dict(zip(x.indices.tolist(), x.data.tolist(), strict=True))
+        out: list[tuple[str, float]] = []
+        taken: set[int] = set()
+        for term, column in zip(terms, columns.tolist(), strict=True):
+            p = int(self._column[column])
+            if p < 0 or p in taken or p not in value:
+                continue
+            taken.add(p)
+            weight = float(self.coef[c, p]) * value[p]
+            if weight > 0:
+                out.append((term, weight))
+        out.sort(key=lambda tw: -tw[1])
+        return out[:k]
+
+    # -- files --------------------------------------------------------------------------------
+
+    def save(self, directory: Path) -> None:
+        """Write :data:`LINEAR_WEIGHTS` and :data:`LINEAR_META` into ``directory``."""
+        from safetensors.numpy import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, np.ndarray] = {
+            "features": self.features,
+            "idf": self.idf,
+            "coef": self.coef,
+            "intercept": self.intercept,
+        }
+        save_file(tensors, str(directory / LINEAR_WEIGHTS))
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "classes": list(self.classes),
+            "config": self.config.to_json(),
+            "vectorizers": {"word": _vectorizer_params(self._word), "char": _vectorizer_params(self._char)},
+            "tensors": {name: list(t.shape) for name, t in tensors.items()},
+            "training": self.training,
+        }
+        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        (directory / LINEAR_META).write_text(text, encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path) -> LinearStage:
+        """Read a stage :meth:`save` wrote; :class:`AdapterError` says what is wrong with it."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load as load_tensors
+
+        where = f"linear stage in {directory}"
+        try:
+            meta = json.loads((directory / LINEAR_META).read_text(encoding="utf-8"))
+            blob = (directory / LINEAR_WEIGHTS).read_bytes()
+        except (OSError, ValueError) as e:
+            raise AdapterError(f"{where}: cannot read: {e}") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise AdapterError(f"{where}: {LINEAR_META} is not a {FORMAT} file")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise AdapterError(
+                f"{where}: format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+            )
+        try:
+            config = LinearConfig.from_json(meta["config"])
+            classes = [str(c) for c in meta["classes"]]
+            tensors = load_tensors(blob)
+        except (KeyError, TypeError, ValueError, SafetensorError) as e:
+            raise AdapterError(f"{where}: invalid: {e}") from e
+        word, char = _vectorizers(config)
+        expected = {"word": _vectorizer_params(word), "char": _vectorizer_params(char)}
+        if meta.get("vectorizers") != expected:
+            raise AdapterError(f"{where}: its vectorizers differ from those this code builds from its config")
+        if set(tensors) != set(_TENSORS):
+            raise AdapterError(f"{where}: tensors {sorted(tensors)}, expected {sorted(_TENSORS)}")
+        for name, dtype in _TENSORS.items():
+            if tensors[name].dtype != dtype:
+                raise AdapterError(f"{where}: tensor {name} is {tensors[name].dtype}, expected {dtype}")
+        try:
+            return cls(classes, config, **{n: np.array(t) for n, t in tensors.items()},
+                       training=dict(meta.get("training") or {}))  # fmt: skip
+        except ValueError as e:
+            raise AdapterError(f"{where}: {e}") from e
+
+
+def _check_arrays(
+    classes: tuple[str, ...],
+    config: LinearConfig,
+    features: np.ndarray,
+    idf: np.ndarray,
+    coef: np.ndarray,
+    intercept: np.ndarray,
+) -> None:
+    k, v = len(classes), len(features)
+    if k < 2 or len(set(classes)) != k:
+        raise ValueError(f"need at least two distinct classes, got {k}")
+    if features.ndim != 1 or idf.shape != (v,) or coef.shape != (k, v) or intercept.shape != (k,):
+        raise ValueError(
+            f"shapes do not fit {k} classes: features {features.shape}, idf {idf.shape}, "
+            f"coef {coef.shape}, intercept {intercept.shape}"
+        )
+    if v and (features[0] < 0 or features[-1] >= 2 * config.n_features or np.any(np.diff(features) <= 0)):
+        raise ValueError("features must be distinct, sorted column indices within the hashed space")
+    if not (np.all(np.isfinite(idf)) and np.all(idf > 0) and np.all(np.isfinite(coef))):
+        raise ValueError("idf must be finite and positive, coef finite")
+    if np.any(np.isnan(intercept)) or np.any(intercept == np.inf) or not np.any(np.isfinite(intercept)):
+        raise ValueError("intercept must be finite (or -inf for a class never trained on)")
