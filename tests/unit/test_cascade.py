@@ -187,7 +187,7 @@ def test_choose_rule_says_when_no_rule_qualifies() -> None:
 def validation_scores() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Validation rows of the real reviews, scored by two different models trained on different
     training-split rows: a linear stage and a stand-in for the transformer."""
-    rows = loaders.splits("review_sentiment", Settings().data_dir)
+    rows = loaders.splits("review_sentiment", Settings().model.data_dir)
     held_out_ids = {row_id for row_id, _, _ in rows.held_out}
     val = rows.validation[:300]
     assert not held_out_ids & {row_id for row_id, _, _ in val}
@@ -222,7 +222,7 @@ def test_choose_rule_on_real_validation_rows_is_at_least_the_best_single_model(
 
 
 def test_validation_rows_are_carved_from_training_never_from_held_out() -> None:
-    data_dir = Settings().data_dir
+    data_dir = Settings().model.data_dir
     rows = loaders.splits("review_sentiment", data_dir, validation_percent=10)
     ids = [{r for r, _, _ in part} for part in (rows.train, rows.validation, rows.held_out)]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])

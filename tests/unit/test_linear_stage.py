@@ -42,7 +42,7 @@ GIBBERISH = ["xqzj vbnmkk wpfl zzrt qqq", "kjhgf dsaqw ertyu zxcvb"]
 
 @pytest.fixture(scope="module")
 def splits() -> loaders.Splits:
-    return loaders.splits("review_sentiment", Settings().data_dir)
+    return loaders.splits("review_sentiment", Settings().model.data_dir)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_coverage_is_one_on_training_texts_and_lower_out_of_domain(
     floor = np.quantile(in_domain, 0.05)
     assert (stage.coverage(OTHER_LANGUAGES) < floor).all()
     assert (stage.coverage(GIBBERISH) < 0.5).all()
-    queries = [q.query for q in loaders.load_queries(Settings().data_dir)]  # furniture searches
+    queries = [q.query for q in loaders.load_queries(Settings().model.data_dir)]  # furniture searches
     assert np.median(stage.coverage(queries)) < floor
     assert stage.coverage(["", "   "]).tolist() == [0.0, 0.0]  # nothing to know: out of domain
 

@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    report = run(args.task, Settings().data_dir, seed=args.seed)
+    report = run(args.task, Settings().model.data_dir, seed=args.seed)
     text = json.dumps(report, indent=2) + "\n"
     if args.out is not None:
         args.out.write_text(text, encoding="utf-8")
