@@ -42,9 +42,13 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     BusyLoadingError,
     ClusterDownError,
     MasterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
@@ -68,6 +72,18 @@ RETRIABLE = (
     ReadOnlyError,
     RedisClusterException,
 )
+
+# Refusing: Redis answers but refuses every write until an operator acts (memory full under
+# noeviction, snapshots failing, a script running too long, ACLs or credentials). That is an
+# outage too: pause and retry. Isolating records instead would dead-letter the whole stream.
+REFUSING = (OutOfMemoryError, NoPermissionError, AuthenticationError, AuthorizationError)
+REFUSING_PREFIXES = ("OOM", "MISCONF", "BUSY", "NOREPLICAS", "NOPERM", "LOADING")
+
+
+def is_refusing(e: RedisError) -> bool:
+    """A server-wide refusal (see ``REFUSING``), not something wrong with the batch."""
+    return isinstance(e, REFUSING) or str(e).startswith(REFUSING_PREFIXES)
+
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -206,20 +222,22 @@ class RedisSink:
             await asyncio.gather(*(self._product(keys=k, args=a) for k, a in scripts))
 
     async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Retry connection-level failures forever with capped exponential back-off.
+        """Retry connection-level failures and server-wide refusals forever with capped
+        exponential back-off.
 
         The batch is not acknowledged meanwhile, so its offsets are not committed: the
-        scorer pauses instead of skipping events. Other Redis errors are bugs: raise.
+        scorer pauses instead of skipping events. Other Redis errors are about the batch
+        (a key of the wrong type, a script error): raise, and the scorer isolates the record.
         """
         delay = 0.05
         while True:
             try:
                 return await op()
-            except RETRIABLE as e:
+            except RedisError as e:
+                if not isinstance(e, RETRIABLE) and not is_refusing(e):
+                    raise SinkError(f"Redis write failed: {e}") from e
                 if self.on_retry:
                     self.on_retry()
                 log.warning("redis_unavailable", error=str(e), retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
-            except RedisError as e:
-                raise SinkError(f"Redis write failed: {e}") from e

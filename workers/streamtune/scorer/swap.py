@@ -375,7 +375,7 @@ class Swapper:
                 except Exception:  # e.g. the model thread timed out: try again later, never spin
                     log.exception("release_retry_failed", task=task, version=w.release.version)
                     w.delay = min(w.delay * 2, self.retry_max_s)
-                    w.next_at = now + w.delay
+                    w.next_at = self.clock() + w.delay  # from now: the attempt itself may have taken minutes
                     continue
                 if outcome != "pending":
                     if self._pending.get(task) is w:
