@@ -324,13 +324,45 @@ def test_a_future_dated_click_is_clamped_to_the_wall_clock() -> None:
     (state,) = store.apply([_at(_click("early", ts=T0 + timedelta(hours=23)), 0, 1)], now=T0.timestamp())
     assert state.last_seen == T0.timestamp() and store.state("early") == state
     assert table["early"]["last_seen"] == T0.timestamp()  # the stored field, reused
-    assert store.watermarks == {0: T0.timestamp()}
-    assert _sweep(store, {0}, T0) == []  # "other" is 10 min behind the watermark: live
+    assert store.watermarks == {0: (T0 - timedelta(minutes=10)).timestamp()}  # not moved by it
+    assert _sweep(store, {0}, T0) == []  # "other" is 10 min behind the clamped click: live
 
     # the stream goes on (dated right): "early" expires 30 min after it was applied, not in 23 h
     t = T0 + timedelta(seconds=LIMIT_S + 1)
     store.apply([_at(_click("next", ts=t), 0, 2)], now=t.timestamp())
     assert _sweep(store, {0}, t) == [("early", 0), ("other", 0)]
+
+
+def test_a_future_dated_click_on_a_lagging_partition_expires_nothing() -> None:
+    """A backlog read two hours late, then one click dated ahead of the wall clock: clamped, it
+    would count as "now", two hours ahead of the stream. It must not lift the watermark, or every
+    live session of the lagging partition expires at the next sweep, and not after a restart
+    either (the watermark recomputed from the table leaves it out too)."""
+    table: dict[str, Any] = {}
+    store = SessionStore(table)
+    now = T0 + timedelta(hours=2)
+    late = [_at(_click(f"s{i}", ts=T0 + timedelta(minutes=i)), 0, i) for i in range(5)]
+    store.apply(late, now=now.timestamp())
+    ahead = _at(_click("ahead", ts=now + timedelta(hours=1)), 0, 5)
+    (state,) = store.apply([ahead], now=now.timestamp())
+    assert state.last_seen == now.timestamp()  # its own session counts it as made now
+    assert store.watermarks == {0: (T0 + timedelta(minutes=4)).timestamp()}
+    assert _sweep(store, {0}, now) == []
+    restarted = SessionStore(table)
+    assert _sweep(restarted, {0}, now) == []
+    assert restarted.watermarks == store.watermarks
+    # the stream catches up: the lagging sessions expire by stream time, "ahead" by its own
+    t = now + timedelta(seconds=LIMIT_S + 1)
+    store.apply([_at(_click("next", ts=t), 0, 6)], now=t.timestamp())
+    assert sorted(k for k, _ in _sweep(store, {0}, t)) == ["ahead", "s0", "s1", "s2", "s3", "s4"]
+
+
+def test_a_session_stored_before_stream_seen_existed_seeds_from_last_seen() -> None:
+    old = SessionState(partition=0, last_offset=3, last_seen=T0.timestamp()).model_dump(mode="json")
+    del old["stream_seen"]
+    store = SessionStore({"legacy": old})
+    assert _sweep(store, {0}, T0) == []
+    assert store.watermarks == {0: T0.timestamp()}
 
 
 def test_a_click_dated_in_the_past_is_not_moved() -> None:
@@ -392,7 +424,7 @@ def test_a_partition_that_comes_back_is_recomputed_not_remembered() -> None:
     assert 1 not in store.watermarks and 1 not in store.last_click_at
     # the other owner applies a click of "b" (it arrives here through the changelog)
     back = T0 + timedelta(hours=7)
-    table["b"] = {**table["b"], "last_seen": back.timestamp(), "page_views": 2}
+    table["b"] = {**table["b"], "last_seen": back.timestamp(), "stream_seen": back.timestamp(), "page_views": 2}
     assert _sweep(store, {0, 1}, back) == [("a", 0)]  # partition 0 idle for 7 h; "b" is live
     assert store.watermarks[1] == back.timestamp()
 

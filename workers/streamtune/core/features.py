@@ -77,6 +77,10 @@ class SessionState(BaseModel):
     last_offset: int = -1
     last_seen: float = 0.0  # epoch seconds of the latest click (event time)
     last_event_id: str = ""
+    # The latest click time of this session that counts for its partition's watermark: clicks
+    # clamped to the wall clock (dated ahead of it) do not. 0.0: none counted; None: a record
+    # stored before this field existed, whose ``last_seen`` is taken instead.
+    stream_seen: float | None = None
 
 
 def apply_click(
@@ -114,6 +118,7 @@ def apply_click(
         last_offset=offset,
         last_seen=click.ts.timestamp(),
         last_event_id=click.event_id,
+        stream_seen=click.ts.timestamp(),
     )
     return new, True
 

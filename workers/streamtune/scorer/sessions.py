@@ -25,9 +25,11 @@ again from one page view. The rules, per partition ``p`` of the click topic:
   (:func:`~streamtune.core.features.click_time`). The decoder refuses events more than
   ``max_future_skew_s`` ahead; within that skew, a click dated a day ahead would otherwise keep
   its session for a day after its last click, and push the watermark a day ahead, expiring every
-  live session of its partition. Clamped, it counts as a click made now. (A click dated ahead of a
-  *lagging* stream, future-dated or not, still raises the watermark to its clamped time: the
-  watermark is a maximum.)
+  live session of its partition. Clamped, it counts as a click made now for its own session, but
+  it does **not** move the watermark: on a lagging partition (a backlog read hours late) the
+  clamped time would be hours ahead of the stream and expire every live session there. Each
+  stored session keeps ``stream_seen``, its latest click time that counted, so the watermark
+  recomputed after a restart leaves clamped clicks out too.
 - **Idle partition.** When no click at all has been seen on ``p`` (applied or re-delivered) for
   ``session_idle_partition_s`` of wall-clock time, every session of ``p`` expires: a stream that
   stops moves no watermark, so without this its last sessions would stay for ever. A stream that
@@ -36,7 +38,7 @@ again from one page view. The rules, per partition ``p`` of the click topic:
   which is why the limit is hours, well above ``session_inactivity_s``.
 - **Restart and rebalance.** Watermarks need no state of their own: on first use of a partition
   (the first sweep that finds it owned) its watermark is recomputed from the table, as the
-  highest ``last_seen`` of its stored sessions (equal to the watermark before the restart: the
+  highest ``stream_seen`` of its stored sessions (equal to the watermark before the restart: the
   session that set it is never expired by it), and its idle clock starts then. A partition that
   is no longer owned is forgotten, so that when it comes back its state is recomputed from the
   table the other owner kept, never taken from stale memory.
@@ -94,8 +96,8 @@ class SessionStore:
         A click at or below its session's last applied offset (a re-delivery) is not applied and
         not written: its entry is the stored state, unchanged. Each write runs inside
         ``attribute(source of the click)``. An applied click's time, clamped to ``now`` (epoch
-        seconds; default: the clock), is its session's ``last_seen`` and raises its partition's
-        watermark; any click marks its partition as not idle at ``now``.
+        seconds; default: the clock), is its session's ``last_seen``; it raises its partition's
+        watermark unless it was clamped. Any click marks its partition as not idle at ``now``.
         """
         now = time.time() if now is None else now
         states = []
@@ -106,13 +108,23 @@ class SessionStore:
             new, applied = apply_click(self.state(sid), d.event, partition, d.source.offset)
             if applied:
                 t = click_time(d.event, now)
-                if new.last_seen != t:
-                    new = new.model_copy(update={"last_seen": t})
+                clamped = t < d.event.ts.timestamp()
+                if clamped:  # counts as made now for its session, not for the watermark
+                    before = self._stream_seen(self.state(sid))
+                    new = new.model_copy(update={"last_seen": t, "stream_seen": before})
                 with attribute(d.source):
                     self.table[sid] = new.model_dump(mode="json")
-                self.watermarks[partition] = max(self.watermarks.get(partition, t), t)
+                if not clamped:
+                    self.watermarks[partition] = max(self.watermarks.get(partition, t), t)
             states.append(new)
         return states
+
+    @staticmethod
+    def _stream_seen(state: SessionState | None) -> float:
+        """What ``state`` adds to its partition's watermark (0.0: nothing)."""
+        if state is None:
+            return 0.0
+        return state.last_seen if state.stream_seen is None else state.stream_seen
 
     def expired(
         self, owned: Collection[int], now: float, inactivity_s: float, *, idle_partition_s: float
@@ -138,8 +150,9 @@ class SessionStore:
             if p not in mine:
                 continue
             candidates.append((key, state))
-            if p not in self._seeded:
-                stored_max[p] = max(stored_max.get(p, state.last_seen), state.last_seen)
+            seen = self._stream_seen(state)
+            if p not in self._seeded and seen > 0:
+                stored_max[p] = max(stored_max.get(p, seen), seen)
         for p in mine - self._seeded:
             if p in stored_max:
                 self.watermarks[p] = max(self.watermarks.get(p, stored_max[p]), stored_max[p])
