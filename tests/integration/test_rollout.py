@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -90,13 +92,21 @@ def test_promote_mid_stream_swaps_between_batches_and_refuses_a_corrupt_release(
     wait_until(lambda: metric(scorer, 'streamtune_adapter_version{task="review_sentiment"}') == 2, 60,
                "the scorer to swap to v2", 0.1, scorer.assert_alive)  # fmt: skip
 
-    # A release of a corrupt version (written after any CLI check) is refused; v2 keeps serving.
+    # A release of a corrupt version (written after any CLI check): while the bad file is fresh
+    # it may be a copy in progress, so the release waits; once the file has stood still for
+    # release_settle_s it is refused, and v2 keeps serving throughout.
     new_version(s, 1, 3)
     weights = s.model.adapter_dir / TASK / "3" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     registry = LocalRegistry(s.model.adapter_dir)
     ReleaseLog(s).publish(promote(TASK, 3, registry.manifest_sha256(TASK, 3)))
-    wait_until(lambda: metric(scorer, 'streamtune_adapter_refusals_total{task="review_sentiment"}') == 1, 60,
+    wait_until(lambda: metric(scorer, 'streamtune_releases_pending{task="review_sentiment"}') == 1, 60,
+               "the fresh corrupt file to hold the release as pending", 0.1, scorer.assert_alive)  # fmt: skip
+    assert metric(scorer, 'streamtune_adapter_refusals_total{task="review_sentiment"}') == 0
+    assert metric(scorer, 'streamtune_adapter_version{task="review_sentiment"}') == 2
+    stood_still = time.time() - 3600
+    os.utime(weights, (stood_still, stood_still))  # the next retry (back-off <= 60 s) refuses it
+    wait_until(lambda: metric(scorer, 'streamtune_adapter_refusals_total{task="review_sentiment"}') == 1, 120,
                "the refusal", 0.1, scorer.assert_alive)  # fmt: skip
     refusals = [r for r in ReleaseLog(s).read_all()[0] if r.stage == "refused"]
     assert refusals and "checksum mismatch" in refusals[-1].reason and refusals[-1].live_version == 2

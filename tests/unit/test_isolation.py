@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    MessageSizeTooLargeError,
+    ProducerClosed,
+    TopicAuthorizationFailedError,
+)
 
 from streamtune.core.decode import Source
 from streamtune.core.errors import SinkError
@@ -68,10 +73,13 @@ class Publisher:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
         self.down = False
+        self.dlq_refuses: Exception | None = None  # what the dead-letter topic answers, if not ok
 
     async def send(self, topic: str, key: bytes | None, value: bytes) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if b"TOOBIG" in value:
+        if topic.endswith("events.dlq") and self.dlq_refuses is not None:
+            fut.set_exception(self.dlq_refuses)
+        elif b"TOOBIG" in value:
             fut.set_exception(MessageSizeTooLargeError())
         else:
             self.sent.append((topic, value))
@@ -182,6 +190,57 @@ def test_a_result_the_broker_refuses_is_isolated_and_no_result_is_sent_twice() -
     assert dl["raw"] is None, "the refused dead letter went again without its raw value"
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [TopicAuthorizationFailedError(), ProducerClosed(), RuntimeError("nobody foresaw this")],
+    ids=["acl", "producer-closed", "unforeseen"],
+)
+def test_a_dead_letter_refused_for_no_size_reason_pauses_the_batch_and_loses_nothing(
+    refusal: Exception,
+) -> None:
+    """Before: refused with its raw value, then without it, the dead letter was counted lost and
+    the batch completed, so its offsets were committed past a record that reached no topic. Now
+    the batch fails as in an outage (read again later), and once the dead-letter topic takes
+    records again the record lands there, once."""
+    records = [review(0), review(1, "POISON"), review(2)]
+    proc, _, pub, metrics = make(retries=1)
+    pub.dlq_refuses = refusal
+
+    async def go() -> None:
+        with pytest.raises(Exception) as err:
+            await proc.finish(await proc.start("review_sentiment", records))
+        assert is_transient(err.value), "the scorer pauses and re-reads; it does not commit"
+        assert value(metrics, "streamtune_dead_letters_lost_total", task="review_sentiment") == 0
+        pub.dlq_refuses = None  # the operator fixes the ACL
+        outcome = await proc.finish(await proc.start("review_sentiment", records))  # read again
+        assert (outcome.scored, outcome.isolated) == (2, 1)
+
+    asyncio.run(go())
+    (dl,) = pub.dead_letters()
+    assert dl["offset"] == 101 and dl["stage"] == "model" and "POISON" in dl["raw"]
+    assert Counter(pub.results()) == Counter({"r0": 1, "r2": 1}), "delivered once"
+
+
+def test_a_dead_letter_refused_for_its_size_goes_again_without_its_raw_value() -> None:
+    records = [review(0), review(1, "POISON " + "x" * 200)]
+    proc, _, pub, metrics = make(retries=0)
+    real_send = pub.send
+
+    async def refuse_big(topic: str, key: bytes | None, value: bytes) -> asyncio.Future[Any]:
+        if topic.endswith("events.dlq") and b"xxxx" in value:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            fut.set_exception(MessageSizeTooLargeError())
+            return fut
+        return await real_send(topic, key, value)
+
+    pub.send = refuse_big  # type: ignore[method-assign]
+    outcome = run(proc, records)
+    assert (outcome.scored, outcome.isolated) == (1, 1)
+    (dl,) = pub.dead_letters()
+    assert dl["offset"] == 101 and dl["raw"] is None and dl["raw_b64"] is None
+    assert value(metrics, "streamtune_dead_letters_lost_total", task="review_sentiment") == 0
+
+
 def test_decode_dead_letters_are_not_sent_again_when_the_batch_is_retried() -> None:
     records = [review(0), (b"{not json", Source(TOPIC, 0, 50)), review(1, "POISON")]
     proc, _, pub, _ = make(retries=3)
@@ -234,3 +293,5 @@ def test_transient_and_deterministic_failures_are_told_apart() -> None:
     assert not is_transient(MessageSizeTooLargeError())
     assert not is_transient(StageError("model", ValueError("nan")))
     assert not is_transient(SinkError("CROSSSLOT"))
+    assert is_transient(StageError("publish", TopicAuthorizationFailedError()))  # every record alike
+    assert is_transient(ProducerClosed())

@@ -4,8 +4,10 @@ with a tiny synthetic registry and a runtime that loads nothing (no model)."""
 
 from __future__ import annotations
 
+import os
 import shutil
-from concurrent.futures import Executor, Future
+import threading
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +34,7 @@ from streamtune.scorer.swap import (
     decide,
     fallback_candidates,
     observe,
+    still_written,
 )
 from support.waiting import wait_until
 
@@ -353,6 +356,157 @@ def test_the_retry_thread_applies_a_pending_release_once_its_files_arrive(
         assert swapper.pending == {}
     finally:
         swapper.close()
+
+
+class BusyModelThread:
+    """The real single model thread, held by a slow batch until ``release()``."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self._go = threading.Event()
+        self.executor.submit(self._go.wait, 30)
+
+    def release(self) -> None:
+        self._go.set()
+
+    def close(self) -> None:
+        self._go.set()
+        self.executor.shutdown(wait=True)
+
+
+def _slow_swapper(
+    reg: LocalRegistry, busy: BusyModelThread, **kw: Any
+) -> tuple[Swapper, FakeRuntime, FakeLog]:
+    runtime, releases = FakeRuntime(reg, **kw), FakeLog()
+    swapper = Swapper(cast(ModelRuntime, runtime), busy.executor, ScorerMetrics(), cast(ReleaseLog, releases),
+                      background=False, swap_timeout_s=0.05)  # fmt: skip
+    return swapper, runtime, releases
+
+
+def test_a_swap_that_outlasts_its_wait_is_finished_and_recorded_when_the_model_thread_frees(
+    regs: tuple[LocalRegistry, LocalRegistry],
+) -> None:
+    """Before: the wait timed out on the follower, the release was neither pending nor refused,
+    and the queued swap later changed the route with the metrics and fallback left stale."""
+    _, reg = regs
+    busy = BusyModelThread()
+    try:
+        swapper, runtime, releases = _slow_swapper(reg, busy)
+        runtime.set_route(TASK, Route(live=runtime.load(TASK, 1)))
+        swapper.fall_back(TASK, 2, 1, "v2 not on disk at start")
+        with capture_logs() as logs:
+            assert not swapper.apply(promote(TASK, 2, reg.manifest_sha256(TASK, 2)))
+        assert [e["event"] for e in logs if e["event"].startswith("release_")] == ["release_swap_slow"]
+        assert runtime.serving() == (1, None)
+        assert gauge(swapper.metrics, "streamtune_releases_pending") == 1  # waiting for its swap
+        busy.release()
+        wait_until(lambda: gauge(swapper.metrics, "streamtune_releases_pending") == 0, 10, "the late swap")
+        assert runtime.serving() == (2, None) and swapper.fallbacks == {}
+        assert gauge(swapper.metrics, "streamtune_adapter_version") == 2
+        assert gauge(swapper.metrics, "streamtune_adapter_fallback") == 0
+        assert releases.refusals == []
+    finally:
+        busy.close()
+
+
+def test_a_late_swap_that_fails_is_refused_and_published(regs: tuple[LocalRegistry, LocalRegistry]) -> None:
+    _, reg = regs
+    busy = BusyModelThread()
+    try:
+        swapper, runtime, releases = _slow_swapper(reg, busy, broken=frozenset({2}))
+        runtime.set_route(TASK, Route(live=runtime.load(TASK, 1)))
+        assert not swapper.apply(promote(TASK, 2, reg.manifest_sha256(TASK, 2)))
+        busy.release()
+        wait_until(lambda: releases.refusals != [], 10, "the late refusal")
+        [refusal] = releases.refusals
+        assert "non-finite" in refusal.reason and refusal.live_version == 1
+        assert gauge(swapper.metrics, "streamtune_adapter_refusals_total") == 1
+        wait_until(
+            lambda: gauge(swapper.metrics, "streamtune_releases_pending") == 0, 10, "the gauge to clear"
+        )
+        assert runtime.serving() == (1, None)
+    finally:
+        busy.close()
+
+
+def _backdate(directory: Path, seconds: float) -> None:
+    for path in directory.rglob("*"):
+        st = path.stat()
+        os.utime(path, (st.st_atime - seconds, st.st_mtime - seconds))
+
+
+def _serving_v1_with_v3_on_disk(
+    regs: tuple[LocalRegistry, LocalRegistry], clock: Clock
+) -> tuple[Swapper, FakeRuntime, FakeLog, Path, str]:
+    """A swapper serving v1, with v3 published and copied to this disk: (..., v3's directory, its hash)."""
+    source, reg = regs
+    swapper, runtime, releases = make_swapper(reg, clock)
+    assert swapper.apply(promote(TASK, 1, reg.manifest_sha256(TASK, 1)))
+    sha3 = publish(source, 3)
+    arrive(source, reg, 3)
+    return swapper, runtime, releases, reg.fetch(TASK, 3), sha3
+
+
+def test_a_file_still_being_written_in_place_holds_the_release_instead_of_refusing_it(
+    regs: tuple[LocalRegistry, LocalRegistry],
+) -> None:
+    """Before: every file present but one half-copied (written in place, not renamed in)
+    failed its checksum and the release was refused for good. Now it stays pending while the
+    file is fresh, and serves once the copy completes."""
+    clock = Clock()
+    swapper, runtime, releases, v3, sha3 = _serving_v1_with_v3_on_disk(regs, clock)
+    weights = v3 / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:3])  # the copy has written three bytes so far
+    release = promote(TASK, 3, sha3)
+    with capture_logs() as logs:
+        assert not swapper.apply(release)
+    assert swapper.pending == {TASK: release} and releases.refusals == []
+    assert runtime.serving() == (1, None)
+    [pending] = [e for e in logs if e["event"] == "release_pending"]
+    assert "checksum mismatch" in pending["reason"] and "modified less than 120 s ago" in pending["reason"]
+    weights.write_bytes(whole)  # the copy completes
+    clock.now += 2.0
+    swapper.retry_due()
+    assert runtime.serving() == (3, None) and swapper.pending == {} and releases.refusals == []
+
+
+def test_a_wrong_file_that_stood_still_is_refused_at_once(regs: tuple[LocalRegistry, LocalRegistry]) -> None:
+    swapper, runtime, releases, v3, sha3 = _serving_v1_with_v3_on_disk(regs, Clock())
+    (v3 / "head.safetensors").write_bytes(b"tampered")
+    _backdate(v3, 3600)
+    assert not swapper.apply(promote(TASK, 3, sha3))
+    [refusal] = releases.refusals
+    assert "checksum mismatch" in refusal.reason and swapper.pending == {}
+    assert runtime.serving() == (1, None)
+
+
+def test_a_fresh_wrong_file_is_refused_once_it_has_stood_still(
+    regs: tuple[LocalRegistry, LocalRegistry],
+) -> None:
+    """A copy that stopped half-way (or a bad file just written) is waited for, not for ever."""
+    clock = Clock()
+    swapper, runtime, releases, v3, sha3 = _serving_v1_with_v3_on_disk(regs, clock)
+    (v3 / "head.safetensors").write_bytes(b"hea")
+    assert not swapper.apply(promote(TASK, 3, sha3)) and releases.refusals == []
+    _backdate(v3, 121)  # two minutes on, nothing has moved
+    clock.now += 2.0
+    swapper.retry_due()
+    assert len(releases.refusals) == 1 and swapper.pending == {} and runtime.serving() == (1, None)
+
+
+def test_still_written_names_what_moved_or_is_fresh() -> None:
+    before = {"a": (10, 1_000 * 10**9), "b": (4, 1_000 * 10**9)}
+    assert still_written(before, before, now=2_000.0, settle_s=120) == ""
+    assert still_written(before, before, now=1_100.0, settle_s=120) == (
+        "file(s) a, b modified less than 120 s ago"
+    )
+    grown = {**before, "a": (20, 1_000 * 10**9)}
+    assert still_written(before, grown, now=2_000.0, settle_s=120) == (
+        "file(s) a changed while their checksums were computed"
+    )
+    assert "file(s) c changed" in still_written(before, {**before, "c": (1, 0)}, now=2_000.0)
+    assert still_written(before, before, now=1_100.0, settle_s=0) == ""
 
 
 # -- start-up -------------------------------------------------------------------------------

@@ -424,7 +424,12 @@ def test_a_partition_that_comes_back_is_recomputed_not_remembered() -> None:
     assert 1 not in store.watermarks and 1 not in store.last_click_at
     # the other owner applies a click of "b" (it arrives here through the changelog)
     back = T0 + timedelta(hours=7)
-    table["b"] = {**table["b"], "last_seen": back.timestamp(), "stream_seen": back.timestamp(), "page_views": 2}
+    table["b"] = {
+        **table["b"],
+        "last_seen": back.timestamp(),
+        "stream_seen": back.timestamp(),
+        "page_views": 2,
+    }
     assert _sweep(store, {0, 1}, back) == [("a", 0)]  # partition 0 idle for 7 h; "b" is live
     assert store.watermarks[1] == back.timestamp()
 

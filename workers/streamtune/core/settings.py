@@ -212,6 +212,15 @@ class ScorerSettings(_Group):
     release_retry_max_s: float = Field(
         60.0, gt=0, description="Longest wait between two retries of a pending release"
     )
+    release_settle_s: float = Field(
+        120.0,
+        ge=0,
+        description=(
+            "A version file whose checksum fails is waited for (the release stays pending) while"
+            " it changes or was modified less than this long ago: it may be a copy in progress."
+            " Once it has stood still this long and is still wrong, the release is refused"
+        ),
+    )
 
     @field_validator("task_batch_max_events", "task_model_batch_size")
     @classmethod
@@ -441,6 +450,7 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "releases_poll_ms": ("scorer", "releases_poll_ms"),
     "release_retry_initial_s": ("scorer", "release_retry_initial_s"),
     "release_retry_max_s": ("scorer", "release_retry_max_s"),
+    "release_settle_s": ("scorer", "release_settle_s"),
     # Trainer (`streamtune trainer`)
     "trainer_group_id": ("trainer", "group_id"),
     "trainer_min_labels": ("trainer", "min_labels"),

@@ -3,7 +3,8 @@
 A batch can fail for two kinds of reasons, and they need opposite answers:
 
 * **Transient**: a service is away (the broker is down or has no leader, Redis is down, a step
-  stalled past ``batch_step_timeout_s``). Every record would fail the same way, and retrying is
+  stalled past ``batch_step_timeout_s``), or refuses every record alike (a missing ACL, a closing
+  producer, a dead-letter topic that takes nothing). Every record would fail the same way, and retrying is
   the cure: the batch is read again after a back-off, for as long as the outage lasts (the
   Redis sink already pauses inside ``write`` while Redis answers nothing).
 * **Deterministic**: the services answer, and something in the batch fails anyway (a value the
@@ -22,7 +23,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerClosed,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
 from streamtune.core.errors import BatchStalledError, StreamtuneError
 from streamtune.scorer.sink import RETRIABLE
@@ -46,6 +56,20 @@ class StageError(StreamtuneError):
         self.cause = cause
 
 
+class DeadLetterUnavailable(StreamtuneError):
+    """The dead-letter topic refused a record for a reason other than its size: nothing could be
+    dead-lettered now, so the batch is read again later (like an outage) instead of committing
+    past a record that is nowhere."""
+
+
+# The broker refuses these for every record alike, whatever the record holds: a missing ACL
+# (fixed by an operator) or a producer closing (the scorer is stopping). Isolating records
+# would send the whole stream to the dead-letter topic, or lose it; the batch waits instead.
+REFUSES_EVERYTHING = (ProducerClosed, TopicAuthorizationFailedError, ClusterAuthorizationFailedError)
+# The broker refuses these for this record's size: dropping the raw value makes it fit.
+SIZE_REFUSALS = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+
+
 def root_cause(exc: BaseException) -> BaseException:
     return exc.cause if isinstance(exc, StageError) else exc
 
@@ -54,11 +78,18 @@ def is_transient(exc: BaseException) -> bool:
     """A failure that a service outage explains (retry the batch as it is, for as long as it
     lasts), as opposed to one that the batch's content explains (isolate the records)."""
     cause = root_cause(exc)
-    if isinstance(cause, BatchStalledError | KafkaTimeoutError):
+    if isinstance(cause, BatchStalledError | KafkaTimeoutError | DeadLetterUnavailable):
         return True  # a step that did not finish: the broker (or Redis) is not answering
+    if isinstance(cause, REFUSES_EVERYTHING):
+        return True
     if isinstance(cause, KafkaError):
         return bool(getattr(cause, "retriable", False))  # no leader, connection lost, ...
     return isinstance(cause, (*RETRIABLE, ConnectionError, TimeoutError))
+
+
+def is_size_refusal(exc: BaseException) -> bool:
+    """The broker refused a record for its size (see :data:`SIZE_REFUSALS`)."""
+    return isinstance(root_cause(exc), SIZE_REFUSALS)
 
 
 def stage_of(exc: BaseException, default: str = "batch") -> str:

@@ -200,6 +200,7 @@ def prepare(settings: Settings) -> ScorerResources:
         runtime, executor, metrics, release_log,
         retry_initial_s=settings.scorer.release_retry_initial_s,
         retry_max_s=settings.scorer.release_retry_max_s,
+        settle_s=settings.scorer.release_settle_s,
     )  # fmt: skip
     initial_routes(swapper, current_states(records), prepare_version)
     for task in TASK_NAMES:

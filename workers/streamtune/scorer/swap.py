@@ -18,11 +18,14 @@ untouched. A refusal is logged, counted and published as a ``refused`` record wi
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import structlog
@@ -38,7 +41,9 @@ from streamtune.rollout.state import Release
 log = structlog.get_logger(__name__)
 
 PENDING_LOG_EVERY_S = 600.0  # a release still pending is logged again at most this often
-Outcome = Literal["applied", "pending", "refused"]
+SWAP_TIMEOUT_S = 300.0  # how long apply waits for the model thread before handing the swap off
+# "swapping": the swap job is queued on the model thread behind a slow batch, and finishes later
+Outcome = Literal["applied", "pending", "refused", "swapping"]
 
 
 # -- the decision: a pure function of the record and of what the disk holds -------------------
@@ -181,6 +186,38 @@ def observe(registry: AdapterStore, task: str, version: int, backend: str) -> On
     return seen
 
 
+FileStats = dict[str, tuple[int, int]]  # relative path -> (size, mtime in ns)
+SETTLE_S = 120.0  # a file changed this recently (wall clock) may still be being written
+
+
+def file_stats(directory: Path) -> FileStats:
+    """Size and modification time of every file under ``directory`` (a version, with its
+    artifacts); empty when it is not there."""
+    if not directory.is_dir():
+        return {}
+    out: FileStats = {}
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):  # gone between the listing and the stat
+            if path.is_file():
+                st = path.stat()
+                out[str(path.relative_to(directory))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def still_written(before: FileStats, after: FileStats, now: float, settle_s: float = SETTLE_S) -> str:
+    """Why a checksum that failed between ``before`` and ``after`` may be a copy in progress
+    rather than a bad file: a file changed during the check, or was modified less than
+    ``settle_s`` before ``now`` (epoch seconds). "" when every file stood still: the failure
+    is the file's own, and the version is refused."""
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    if changed:
+        return f"file(s) {', '.join(changed)} changed while their checksums were computed"
+    recent = sorted(name for name, (_, mtime_ns) in after.items() if now - mtime_ns / 1e9 < settle_s)
+    if recent:
+        return f"file(s) {', '.join(recent)} modified less than {settle_s:.0f} s ago"
+    return ""
+
+
 def build_route(runtime: ModelRuntime, release: Release) -> Route:
     live = runtime.load(release.task, release.live_version)
     canary = runtime.load(release.task, release.canary_version) if release.canary_version else None
@@ -220,6 +257,9 @@ class Swapper:
         retry_max_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+        settle_s: float = SETTLE_S,
+        swap_timeout_s: float = SWAP_TIMEOUT_S,
     ) -> None:
         self.runtime = runtime
         self.executor = executor
@@ -229,9 +269,13 @@ class Swapper:
         self.retry_max_s = retry_max_s
         self.clock = clock
         self.background = background  # False: no retry thread (tests call retry_due themselves)
+        self.wall_clock = wall_clock  # compared with file modification times
+        self.settle_s = settle_s
+        self.swap_timeout_s = swap_timeout_s
         # task -> why it serves a version other than the released one (a start-up fallback)
         self.fallbacks: dict[str, str] = {}
         self._pending: dict[str, _Waiting] = {}
+        self._swapping: dict[str, Release] = {}  # swaps handed off to finish on the model thread
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -242,8 +286,13 @@ class Swapper:
         self.metrics.adapter_version.labels(task).set(route.live.manifest.version)
         self.metrics.canary_version.labels(task).set(route.canary.manifest.version if route.canary else 0)
         self.metrics.canary_fraction.labels(task).set(route.fraction)
-        self.metrics.releases_pending.labels(task).set(1 if task in self._pending else 0)
+        self._publish_pending(task)
         self.metrics.adapter_fallback.labels(task).set(1 if task in self.fallbacks else 0)
+
+    def _publish_pending(self, task: str) -> None:
+        """The pending gauge: 1 while a release of ``task`` waits for files or for its swap."""
+        waiting = task in self._pending or task in self._swapping
+        self.metrics.releases_pending.labels(task).set(1 if waiting else 0)
 
     @property
     def pending(self) -> dict[str, Release]:
@@ -257,13 +306,16 @@ class Swapper:
         with self._lock:
             self._pending.pop(release.task, None)  # a newer record replaces a pending one
             outcome = self._apply(release)
-            self.metrics.releases_pending.labels(release.task).set(1 if release.task in self._pending else 0)
+            self._publish_pending(release.task)
             return outcome == "applied"
 
     def check(self, release: Release) -> Decision:
         """:func:`decide` over what the disk holds and, when it says serve, every checksum, the
         base model and the artifact (:meth:`ModelRuntime.verify`): all that needs no model.
-        A file gone missing during the checksums (a copy still in progress) makes it pending."""
+        A failed checksum makes it pending, not refused, while the copy may still be in
+        progress: a file gone missing during the checks, or one that changed during them or
+        less than ``settle_s`` ago (:func:`still_written`: a file overwritten in place). A file
+        that stays wrong once it has stood still for ``settle_s`` is refused."""
         task = release.task
         backend = self.runtime.backend_for(task)
 
@@ -275,11 +327,18 @@ class Swapper:
         if not isinstance(decision, Serve):
             return decision
         for version in named_versions(release):
+            directory = self.runtime.registry.fetch(task, version)
+            before = file_stats(directory)
             try:
                 self.runtime.verify(task, version)
             except AdapterError as e:
                 again = look()
-                return again if isinstance(again, Pending) else Refuse(str(e), version)
+                if isinstance(again, Pending):
+                    return again
+                moving = still_written(before, file_stats(directory), self.wall_clock(), self.settle_s)
+                if moving:
+                    return Pending(f"{task} v{version}: {e}, but {moving} (a copy in progress?)", (version,))
+                return Refuse(str(e), version)
         return decision
 
     def _apply(self, release: Release) -> Outcome:
@@ -295,19 +354,60 @@ class Swapper:
         def swap() -> None:
             self.runtime.set_route(release.task, build_route(self.runtime, release))
 
+        job = self.executor.submit(swap)
         try:
-            self.executor.submit(swap).result(timeout=300)
+            job.result(timeout=self.swap_timeout_s)
         except AdapterError as e:
             self.refuse(release, str(e))
             return "refused"
+        except FutureTimeout:
+            # The model thread is still busy (a slow batch): the job stays queued and will swap
+            # the route when it runs, so it cannot be taken back. Hand its outcome to a thread
+            # that records it then (metrics, fallback, or the refusal of a late AdapterError);
+            # meanwhile the release counts as pending. A newer record queues behind it and wins.
+            log.warning("release_swap_slow", task=release.task, version=release.version,
+                        waited_s=round(time.monotonic() - started, 1))  # fmt: skip
+            self._swapping[release.task] = release
+            job.add_done_callback(lambda done: self._finish_later(release, done, started))
+            return "swapping"
+        self._applied(release, started)
+        return "applied"
+
+    def _applied(self, release: Release, started: float, late: bool = False) -> None:
         if self.fallbacks.pop(release.task, None) is not None:
             log.warning("adapter_fallback_ended", task=release.task, live=release.live_version)
         self.metrics.swap_seconds.labels(release.task).observe(time.monotonic() - started)
         self.publish_route_metrics(release.task)
-        log.info("release_applied", task=release.task, stage=release.stage, live=release.live_version,
+        event = "release_applied_late" if late else "release_applied"
+        log.info(event, task=release.task, stage=release.stage, live=release.live_version,
                  canary=release.canary_version, fraction=release.canary_fraction,
                  seconds=round(time.monotonic() - started, 3))  # fmt: skip
-        return "applied"
+
+    def _finish_later(self, release: Release, done: Future[None], started: float) -> None:
+        """Done-callback of a swap handed off: it runs on the model thread, which must not wait
+        for the lock (the follower may hold it while waiting on the model thread), so the
+        bookkeeping runs on a thread of its own."""
+        threading.Thread(
+            target=self._finish, args=(release, done, started), name="swap-finish", daemon=True
+        ).start()
+
+    def _finish(self, release: Release, done: Future[None], started: float) -> None:
+        with self._lock:
+            if self._swapping.get(release.task) is release:
+                del self._swapping[release.task]
+            if done.cancelled():  # the model thread shut down first: nothing was swapped
+                log.warning("release_swap_cancelled", task=release.task, version=release.version)
+                self._publish_pending(release.task)
+                return
+            error = done.exception()
+            if isinstance(error, AdapterError):
+                self.refuse(release, str(error))
+            elif error is not None:
+                log.error("release_swap_failed", task=release.task, version=release.version,
+                          error=repr(error))  # fmt: skip
+            else:
+                self._applied(release, started, late=True)
+            self._publish_pending(release.task)
 
     def refuse(self, release: Release, reason: str) -> None:
         """Log and publish the refusal, then count it: once the counter moves, the refusal's
@@ -383,7 +483,7 @@ class Swapper:
                     if outcome == "applied":
                         log.warning("release_pending_applied", task=task, version=w.release.version,
                                     waited_s=round(self.clock() - w.since, 1))  # fmt: skip
-                self.metrics.releases_pending.labels(task).set(1 if task in self._pending else 0)
+                self._publish_pending(task)
 
     def next_retry_at(self) -> float | None:
         with self._lock:
