@@ -17,7 +17,7 @@ from streamtune.core import schemas
 from streamtune.core.settings import Settings
 from streamtune.devtools.demo.replay import Outgoing, plan, replay
 from streamtune.kafka.topics import ensure_topics
-from streamtune.scorer.sink import product_key, score_key, session_key
+from streamtune.scorer.sink import product_key, product_terms_key, score_key, session_key
 from support import ScorerProcess, consume_all, wait_until
 
 pytestmark = pytest.mark.integration
@@ -68,6 +68,12 @@ def check_aggregates(r: redis.Redis, outs: list[Outgoing]) -> None:
             assert int(view[f"reviews_{label}"]) == counts.get(label, 0), (product, label)
         mean = sum(rec["probabilities"]["positive"] for rec in recs) / len(recs)
         assert float(view["mean_positive_probability"]) == pytest.approx(mean, abs=1e-5)
+        # the reasons of the product's negative reviews, counted once each (versions with a
+        # linear stage give reasons; the others none, and the hash stays empty)
+        terms = Counter(
+            t["term"] for rec in recs if rec["label"] == "negative" for t in (rec.get("reasons") or [])
+        )
+        assert {k: int(v) for k, v in r.hgetall(product_terms_key(product)).items()} == dict(terms), product
     for session, ids in clicks.items():
         view = r.hgetall(session_key(session))
         assert int(view["page_views"]) == len(ids), session

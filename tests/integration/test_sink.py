@@ -11,12 +11,21 @@ import redis.asyncio as aioredis
 from streamtune.core.encode import ProductUpdate, Result, SessionUpdate
 from streamtune.core.events import AdapterRef, ClickScore, ReviewScore
 from streamtune.scorer.isolation import is_transient
-from streamtune.scorer.sink import RedisSink, product_key, product_ledger_key, score_key, session_key
+from streamtune.scorer.sink import (
+    RedisSink,
+    product_key,
+    product_ledger_key,
+    product_terms_key,
+    score_key,
+    session_key,
+)
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 
 
-def review(event_id: str, product: str, label: str, p_pos: float, version: int = 1) -> Result:
+def review(
+    event_id: str, product: str, label: str, p_pos: float, version: int = 1, terms: tuple[str, ...] = ()
+) -> Result:
     probs = {"negative": 0.0, "neutral": round(1 - p_pos, 6), "positive": p_pos}
     score = ReviewScore(
         event_id=event_id,
@@ -29,7 +38,12 @@ def review(event_id: str, product: str, label: str, p_pos: float, version: int =
         probabilities=probs,  # type: ignore[arg-type]
     )
     return Result(
-        "review_sentiment", event_id, product, score, NOW, ProductUpdate(product, event_id, label, p_pos)
+        "review_sentiment",
+        event_id,
+        product,
+        score,
+        NOW,
+        ProductUpdate(product, event_id, label, p_pos, terms),
     )
 
 
@@ -77,6 +91,39 @@ def test_rescoring_replaces_a_contribution(redis_client: redis.Redis, stack) -> 
     view = redis_client.hgetall(product_key("p2"))
     assert (view["reviews"], view["reviews_positive"], view["reviews_neutral"]) == ("1", "0", "1")
     assert float(view["mean_positive_probability"]) == 0.4
+
+
+def _terms(r: redis.Redis, product: str) -> dict[str, int]:
+    return {k: int(v) for k, v in r.hgetall(product_terms_key(product)).items()}
+
+
+def test_negative_terms_are_counted_once_and_replaced_with_their_review(
+    redis_client: redis.Redis, stack
+) -> None:  # type: ignore[no-untyped-def]
+    bad = [review("n1", "p3", "negative", 0.1, terms=("too small", "cheap")),
+           review("n2", "p3", "negative", 0.2, terms=("cheap", "itchy"))]  # fmt: skip
+    _write(stack.redis_url, bad)
+    _write(stack.redis_url, bad)  # a replay counts nothing twice
+    assert _terms(redis_client, "p3") == {"too small": 1, "cheap": 2, "itchy": 1}
+    # n1 re-scored by another version: its old terms are taken back, its new ones counted
+    _write(stack.redis_url, [review("n1", "p3", "negative", 0.15, version=2, terms=("seams",))])
+    assert _terms(redis_client, "p3") == {"cheap": 1, "itchy": 1, "seams": 1}
+    # n2 re-scored as neutral: a non-negative review adds no terms; counts at zero are removed
+    _write(stack.redis_url, [review("n2", "p3", "neutral", 0.5, version=2)])
+    assert _terms(redis_client, "p3") == {"seams": 1}
+    assert redis_client.hgetall(product_key("p3"))["reviews_negative"] == "1"
+    assert 0 < redis_client.ttl(product_terms_key("p3")) <= 30 * 24 * 3600
+
+
+def test_a_ledger_entry_written_before_terms_existed_is_replaced_cleanly(
+    redis_client: redis.Redis, stack
+) -> None:  # type: ignore[no-untyped-def]
+    _write(stack.redis_url, [review("o1", "p4", "negative", 0.1)])
+    assert redis_client.hget(product_ledger_key("p4"), "o1") == "negative|0.1"  # the old format
+    _write(stack.redis_url, [review("o1", "p4", "negative", 0.1, version=2, terms=("faded",))])
+    assert _terms(redis_client, "p4") == {"faded": 1}
+    view = redis_client.hgetall(product_key("p4"))
+    assert view["reviews"] == "1" and float(view["mean_positive_probability"]) == 0.1
 
 
 def test_session_view_holds_latest_values(redis_client: redis.Redis, stack) -> None:  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from streamtune.model.cascade import (
     LINEAR_ONLY,
     TRANSFORMER_ONLY,
     CascadeRule,
-    Path,
+    ScorePath,
     choose_rule,
     combine,
     needs_transformer,
@@ -64,16 +64,30 @@ def test_route_sends_each_event_down_its_path() -> None:
     rule = CascadeRule(threshold=0.8, weight=0.4, min_coverage=0.9)
     paths = route(probs, coverage, rule)
     # confident + in domain, unsure + in domain, confident but out of domain, both, unknown coverage
-    assert paths.tolist() == [Path.LINEAR, Path.BLEND, Path.TRANSFORMER, Path.TRANSFORMER, Path.TRANSFORMER]
+    assert paths.tolist() == [
+        ScorePath.LINEAR,
+        ScorePath.BLEND,
+        ScorePath.TRANSFORMER,
+        ScorePath.TRANSFORMER,
+        ScorePath.TRANSFORMER,
+    ]
     assert paths.dtype == np.int8
-    assert route(probs[4:], [0.95], rule).tolist() == [Path.BLEND]  # 0.8 does not clear 0.8: strictly above
+    assert route(probs[4:], [0.95], rule).tolist() == [
+        ScorePath.BLEND
+    ]  # 0.8 does not clear 0.8: strictly above
     # weight 0: the linear stage adds nothing to a blend, weight 1: the transformer adds nothing
-    assert route(probs, coverage, CascadeRule(0.8, 0.0, 0.9)).tolist()[:2] == [Path.LINEAR, Path.TRANSFORMER]
-    assert route(probs, coverage, CascadeRule(0.99, 1.0, 0.9)).tolist()[:2] == [Path.LINEAR, Path.LINEAR]
-    assert (route(probs, coverage, TRANSFORMER_ONLY) == Path.TRANSFORMER).all()
-    assert route(probs, coverage, LINEAR_ONLY).tolist() == [Path.LINEAR] * 4 + [Path.TRANSFORMER]
+    assert route(probs, coverage, CascadeRule(0.8, 0.0, 0.9)).tolist()[:2] == [
+        ScorePath.LINEAR,
+        ScorePath.TRANSFORMER,
+    ]
+    assert route(probs, coverage, CascadeRule(0.99, 1.0, 0.9)).tolist()[:2] == [
+        ScorePath.LINEAR,
+        ScorePath.LINEAR,
+    ]
+    assert (route(probs, coverage, TRANSFORMER_ONLY) == ScorePath.TRANSFORMER).all()
+    assert route(probs, coverage, LINEAR_ONLY).tolist() == [ScorePath.LINEAR] * 4 + [ScorePath.TRANSFORMER]
     assert needs_transformer(paths).tolist() == [False, True, True, True, True]
-    assert [Path(int(p)).label for p in paths[:3]] == ["linear", "blend", "transformer"]
+    assert [ScorePath(int(p)).label for p in paths[:3]] == ["linear", "blend", "transformer"]
     assert shares(paths) == {"linear": 0.2, "blend": 0.2, "transformer": 0.6}
 
 
@@ -139,7 +153,7 @@ def _brute_force(
         rule = CascadeRule(t, w, min_coverage)
         paths = route(lin, cov, rule)
         if metric(y, combine(paths, lin, tr, rule)) >= bound - 1e-12:
-            best = max(best, float(np.mean(paths == Path.LINEAR)))
+            best = max(best, float(np.mean(paths == ScorePath.LINEAR)))
     return best, bound
 
 
@@ -160,7 +174,7 @@ def test_choose_rule_answers_the_most_with_the_linear_stage_among_rules_that_qua
     paths = route(lin, cov, rule)
     served = accuracy(y, combine(paths, lin, tr, rule))
     assert served == report["metric_cascade"] >= bound
-    assert float(np.mean(paths == Path.LINEAR)) == best_share
+    assert float(np.mean(paths == ScorePath.LINEAR)) == best_share
     assert report["shares"] == shares(paths) and report["candidates"] == len(thresholds) * len(weights)
     assert sum(report["shares"].values()) == pytest.approx(1.0)
     assert report["shares"]["transformer"] >= 0.05 - 1 / n  # the out-of-domain tail defers
@@ -215,7 +229,7 @@ def test_choose_rule_on_real_validation_rows_is_at_least_the_best_single_model(
     cascade = macro_f1(y, combine(paths, lin, tr, rule))
     assert cascade == report["metric_cascade"]
     assert cascade >= max(macro_f1(y, lin), macro_f1(y, tr)) == report["metric_best_single"]
-    assert report["share_linear"] == float(np.mean(paths == Path.LINEAR)) > 0.0
+    assert report["share_linear"] == float(np.mean(paths == ScorePath.LINEAR)) > 0.0
     assert rule.min_coverage == pytest.approx(np.quantile(cov, 0.05))
     # the same validation arrays give the same rule: nothing else is looked at
     assert choose_rule(lin.copy(), tr.copy(), cov.copy(), y.copy(), macro_f1) == (rule, report)

@@ -507,6 +507,12 @@ def test_still_written_names_what_moved_or_is_fresh() -> None:
     )
     assert "file(s) c changed" in still_written(before, {**before, "c": (1, 0)}, now=2_000.0)
     assert still_written(before, before, now=1_100.0, settle_s=0) == ""
+    fresh_manifest = {
+        **before,
+        "manifest.json": (9, 1_099 * 10**9),
+        "artifacts/onnx-fp32/artifact.json": (9, 1_099 * 10**9),
+    }
+    assert still_written(fresh_manifest, fresh_manifest, now=1_100.0, settle_s=50) == ""
 
 
 # -- start-up -------------------------------------------------------------------------------

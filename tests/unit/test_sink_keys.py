@@ -21,7 +21,15 @@ from redis.crc import key_slot
 from streamtune.core.encode import ProductUpdate, Result, SessionUpdate
 from streamtune.core.events import AdapterRef, ClickScore, ReviewScore
 from streamtune.scorer import sink
-from streamtune.scorer.sink import RedisSink, key_tag, product_key, product_ledger_key, score_key, session_key
+from streamtune.scorer.sink import (
+    RedisSink,
+    key_tag,
+    product_key,
+    product_ledger_key,
+    product_terms_key,
+    score_key,
+    session_key,
+)
 
 HOSTILE_IDS = [
     "}",  # old keys: "streamtune:product:{}}", an empty tag, so view and ledger hashed apart
@@ -216,7 +224,11 @@ def test_each_product_script_names_one_slot_and_sets_the_product_ttl(cluster: bo
     for (keys, args), product_id in zip(client.scripts, HOSTILE_IDS, strict=True):
         # What redis-py's cluster client checks before it sends a script.
         assert len({slot(k) for k in keys}) == 1, (product_id, keys)
-        assert keys == [product_key(product_id), product_ledger_key(product_id)]
+        assert keys == [
+            product_key(product_id),
+            product_ledger_key(product_id),
+            product_terms_key(product_id),
+        ]
         assert args[4] == "3000" and args[5] == product_id
     (pipe,) = client.pipelines
     hsets = {c[1]: c[2] for c in pipe.calls if c[0] == "hset"}

@@ -81,6 +81,13 @@ def train(
     train_rows: Annotated[int, typer.Option(help="Training rows per text task (0: all)")] = 3000,
     max_len: int = 128,
     if_missing: Annotated[bool, typer.Option(help="Only train tasks that have no version yet")] = False,
+    transformer_from: Annotated[
+        int,
+        typer.Option(
+            help="A text task: publish a new version with this version's transformer as it is, plus a"
+            " linear stage and a cascade rule fitted beside it (0: train the transformer too)"
+        ),
+    ] = 0,
 ) -> None:
     """Fine-tune a task's adapter on the shipped data, evaluate on held-out rows, publish a version."""
     from streamtune.ops.logs import configure_logging
@@ -94,15 +101,33 @@ def train(
     for t in _tasks(task):
         if if_missing and registry.latest(t) is not None:
             continue
-        m = train_task(t, s.model.base_model, s.model.data_dir, registry, cfg)
+        if transformer_from:
+            from streamtune.training.attach import cascade_from
+
+            m = cascade_from(t, transformer_from, s.model.base_model, s.model.data_dir, registry, cfg)
+        else:
+            m = train_task(t, s.model.base_model, s.model.data_dir, registry, cfg)
         table = Table(title=f"{t} v{m.version} (held-out rows: {m.training['held_out_rows']})")
         table.add_column("model")
         for k in m.metrics:
             table.add_column(k, justify="right")
-        table.add_row("streamtune", *[f"{v:.3f}" for v in m.metrics.values()])
+        table.add_row("streamtune (served)", *[f"{v:.3f}" for v in m.metrics.values()])
+        held = m.cascade.get("held_out", {})
+        for path in ("linear", "transformer"):
+            if path in held:
+                table.add_row(
+                    f"  {path} alone", *[f"{held[path].get(k, float('nan')):.3f}" for k in m.metrics]
+                )
         for name, vals in m.baselines.items():
             table.add_row(name, *[f"{vals.get(k, float('nan')):.3f}" for k in m.metrics])
         Console().print(table)
+        if held:
+            rule, shares = m.cascade["rule"], held["shares"]
+            Console().print(
+                f"cascade: threshold {rule['threshold']:.3f}, blend weight {rule['weight']:.1f}, "
+                f"min coverage {rule['min_coverage']:.3f}; held-out shares "
+                + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
+            )
 
 
 @app.command()

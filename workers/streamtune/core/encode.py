@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from streamtune.core.events import (
     AdapterRef,
+    AnswerPath,
     ClassProbability,
     ClickEvent,
     ClickScore,
@@ -18,10 +19,12 @@ from streamtune.core.events import (
     ReviewScore,
     SearchEvent,
     SearchScore,
+    TermWeight,
 )
-from streamtune.core.scored import Scored
+from streamtune.core.scored import ANSWER_PATHS, Scored
 
 TOP_K = 3
+NEGATIVE = "negative"  # the sentiment whose reasons the product views count
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,7 @@ class ProductUpdate:
     event_id: str
     label: str
     positive_probability: float
+    terms: tuple[str, ...] = ()  # a negative review's reasons: counted in the product's view
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +73,23 @@ def _refs(scored: Scored) -> list[AdapterRef]:
     return out
 
 
+def _paths(scored: Scored) -> list[AnswerPath | None]:
+    if scored.paths is None:
+        return [None] * len(scored.versions)
+    return [ANSWER_PATHS[int(c)] for c in scored.paths.tolist()]
+
+
+def _reasons(scored: Scored) -> list[list[TermWeight] | None]:
+    if scored.reasons is None:
+        return [None] * len(scored.versions)
+    return [[TermWeight(term=t, weight=round(w, 6)) for t, w in row] for row in scored.reasons]
+
+
 def review_results(events: list[ReviewEvent], scored: Scored, now: datetime) -> list[Result]:
     out = []
     pos = scored.labels.index("positive")
-    for ev, p, ref in zip(events, scored.probs, _refs(scored), strict=True):
+    rows = zip(events, scored.probs, _refs(scored), _paths(scored), _reasons(scored), strict=True)
+    for ev, p, ref, path, reasons in rows:
         probs = {label: round(float(v), 6) for label, v in zip(scored.labels, p, strict=True)}
         label = scored.labels[int(np.argmax(p))]
         score = ReviewScore(
@@ -84,8 +101,11 @@ def review_results(events: list[ReviewEvent], scored: Scored, now: datetime) -> 
             scored_at=now,
             product_id=ev.product_id,
             probabilities=probs,
+            path=path,
+            reasons=reasons,
         )
-        agg = ProductUpdate(ev.product_id, ev.event_id, label, probs[scored.labels[pos]])
+        terms = tuple(r.term for r in reasons) if reasons and label == NEGATIVE else ()
+        agg = ProductUpdate(ev.product_id, ev.event_id, label, probs[scored.labels[pos]], terms)
         out.append(Result("review_sentiment", ev.event_id, ev.product_id, score, ev.ts, agg))
     return out
 
@@ -93,7 +113,7 @@ def review_results(events: list[ReviewEvent], scored: Scored, now: datetime) -> 
 def search_results(events: list[SearchEvent], scored: Scored, now: datetime) -> list[Result]:
     out = []
     k = min(TOP_K, len(scored.labels))
-    for ev, p, ref in zip(events, scored.probs, _refs(scored), strict=True):
+    for ev, p, ref, path in zip(events, scored.probs, _refs(scored), _paths(scored), strict=True):
         best = np.argsort(-p, kind="stable")[:k]
         top = [ClassProbability(label=scored.labels[i], probability=round(float(p[i]), 6)) for i in best]
         score = SearchScore(
@@ -105,6 +125,7 @@ def search_results(events: list[SearchEvent], scored: Scored, now: datetime) -> 
             scored_at=now,
             session_id=ev.session_id,
             top=top,
+            path=path,
         )
         out.append(Result("query_class", ev.event_id, ev.session_id, score, ev.ts))
     return out

@@ -208,6 +208,22 @@ class ClassProbability(BaseModel):
     probability: Probability
 
 
+AnswerPath = Literal["linear", "blend", "transformer"]
+PATH_DESCRIPTION = (
+    "Which model answered (text tasks): the version's linear stage alone, a blend of it with the"
+    " transformer, or the transformer alone. Absent from results of versions before the cascade"
+)
+
+
+class TermWeight(BaseModel):
+    """A term of the text and how hard it pushed the linear stage towards the result's label."""
+
+    model_config = ConfigDict(frozen=True)
+
+    term: str
+    weight: float = Field(ge=0.0)
+
+
 class _Score(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -226,6 +242,13 @@ class ReviewScore(_Score):
 
     product_id: Id
     probabilities: dict[SentimentLabel, Probability]
+    path: AnswerPath | None = Field(None, description=PATH_DESCRIPTION)
+    reasons: list[TermWeight] | None = Field(
+        None,
+        max_length=10,
+        description="The terms that pushed the linear stage hardest towards the label, largest first"
+        " (versions with a linear stage)",
+    )
 
 
 class SearchScore(_Score):
@@ -235,6 +258,7 @@ class SearchScore(_Score):
 
     session_id: Id
     top: list[ClassProbability] = Field(min_length=1, max_length=10, description="Best classes first")
+    path: AnswerPath | None = Field(None, description=PATH_DESCRIPTION)
 
 
 class ClickScore(_Score):

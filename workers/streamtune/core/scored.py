@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+
+# A result's answer path by its code (``streamtune.model.cascade.ScorePath``): the one list of names.
+ANSWER_PATHS: tuple[Literal["linear"], Literal["blend"], Literal["transformer"]] = (
+    "linear",
+    "blend",
+    "transformer",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +34,10 @@ class Scored:
     probs: np.ndarray  # [batch, classes]; purchase_intent: [batch, 1] probability of buying
     versions: np.ndarray  # [batch] int
     shadow: Shadow | None = None
+    # text tasks: the ScorePath code (int8) of each row: which model(s) answered it
+    paths: np.ndarray | None = None
+    # review_sentiment with a linear stage: per row, the terms that pushed hardest towards its label
+    reasons: list[list[tuple[str, float]]] | None = None
 
     @property
     def version(self) -> int:

@@ -89,6 +89,10 @@ class TaskSpec:
     data_file: str  # the shipped data set (under ``STREAMTUNE_DATA_DIR``) it is trained on
     prototype_head: bool = False  # head rows start at the embeddings of the class names
     text_of: Callable[[Any], str] | None = None  # TEXT tasks: what the model reads of an event
+    reasons: int = 0  # terms explaining each result (from a version's linear stage); 0: none
+    # ``streamtune train`` fits a linear stage and a cascade rule beside the transformer
+    # (docs/linear-stage.md says why query_class does not, yet)
+    cascade: bool = False
 
     @property
     def is_text(self) -> bool:
@@ -141,6 +145,8 @@ REVIEW = TaskSpec(
     metric_family=MetricFamily.CLASSIFICATION,
     data_file="womens_clothing_reviews.csv",
     text_of=ReviewEvent.model_text,
+    reasons=5,
+    cascade=True,
 )
 QUERY = TaskSpec(
     name="query_class",

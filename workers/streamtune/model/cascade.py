@@ -2,7 +2,7 @@
 
 Pure numpy (no torch, no I/O). The linear stage (``streamtune.model.linear``) scores every
 event first; its probabilities and coverage, and the version's :class:`CascadeRule`, decide the
-event's :class:`Path`:
+event's :class:`ScorePath`:
 
 * ``TRANSFORMER``: out of domain (coverage below ``min_coverage``): the transformer alone. A
   bag-of-words model is confidently wrong on text unlike its training data, so such an event is
@@ -27,9 +27,11 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+
+from streamtune.core.scored import ANSWER_PATHS
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]  # (labels, probabilities) -> higher is better
 DEFAULT_WEIGHTS = tuple(i / 10 for i in range(11))
@@ -37,7 +39,7 @@ DEFAULT_COVERAGE_QUANTILE = 0.05
 _EPS = 1e-12  # metric comparisons: equal up to float noise counts as "at least"
 
 
-class Path(enum.IntEnum):
+class ScorePath(enum.IntEnum):
     """Which model answered an event (``route`` returns these as int8 codes)."""
 
     LINEAR = 0
@@ -47,7 +49,7 @@ class Path(enum.IntEnum):
     @property
     def label(self) -> str:
         """The name results carry: ``linear``, ``blend``, ``transformer``."""
-        return self.name.lower()
+        return ANSWER_PATHS[self]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +86,7 @@ def _probs(a: Any, name: str) -> np.ndarray:
 
 
 def route(linear_probs: Any, coverage: Any, rule: CascadeRule) -> np.ndarray:
-    """The :class:`Path` code (int8) of each event. NaN coverage or probabilities route safely:
+    """The :class:`ScorePath` code (int8) of each event. NaN coverage or probabilities route safely:
     to the transformer alone, or to the blend."""
     p = _probs(linear_probs, "linear_probs")
     cov = np.asarray(coverage, dtype=np.float64)
@@ -92,19 +94,19 @@ def route(linear_probs: Any, coverage: Any, rule: CascadeRule) -> np.ndarray:
         raise ValueError(f"coverage has shape {cov.shape}, expected ({p.shape[0]},)")
     in_domain = cov >= rule.min_coverage
     confident = p.max(axis=1) > rule.threshold
-    out = np.full(p.shape[0], Path.TRANSFORMER, dtype=np.int8)
+    out = np.full(p.shape[0], ScorePath.TRANSFORMER, dtype=np.int8)
     if rule.weight >= 1.0:
-        out[in_domain] = Path.LINEAR
+        out[in_domain] = ScorePath.LINEAR
     else:
-        out[in_domain & confident] = Path.LINEAR
+        out[in_domain & confident] = ScorePath.LINEAR
         if rule.weight > 0.0:
-            out[in_domain & ~confident] = Path.BLEND
+            out[in_domain & ~confident] = ScorePath.BLEND
     return out
 
 
 def needs_transformer(paths: Any) -> np.ndarray:
     """Which events the transformer must score (only these enter its batches)."""
-    return np.asarray(paths) != Path.LINEAR
+    return np.asarray(paths) != ScorePath.LINEAR
 
 
 def combine(paths: Any, linear_probs: Any, transformer_probs: Any, rule: CascadeRule) -> np.ndarray:
@@ -115,21 +117,61 @@ def combine(paths: Any, linear_probs: Any, transformer_probs: Any, rule: Cascade
     tr = np.asarray(transformer_probs, dtype=np.float64)
     if tr.shape != lin.shape or codes.shape != (lin.shape[0],):
         raise ValueError(f"paths {codes.shape}, linear {lin.shape}, transformer {tr.shape} do not match")
-    if not np.isin(codes, [int(p) for p in Path]).all():
-        raise ValueError("paths must be Path codes")
+    if not np.isin(codes, [int(p) for p in ScorePath]).all():
+        raise ValueError("paths must be ScorePath codes")
     out = lin.copy()
-    blend = codes == Path.BLEND
+    blend = codes == ScorePath.BLEND
     out[blend] = rule.weight * lin[blend] + (1.0 - rule.weight) * tr[blend]
-    alone = codes == Path.TRANSFORMER
+    alone = codes == ScorePath.TRANSFORMER
     out[alone] = tr[alone]
     return out
 
 
+class FirstStage(Protocol):
+    """What :func:`answer` needs of a linear stage (:class:`~streamtune.model.linear.LinearStage`)."""
+
+    def analyse(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, Any]: ...
+
+    def reasons_of(self, text: str, x: Any, c: int, k: int = 5) -> list[tuple[str, float]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    probs: np.ndarray  # served, float32 [rows, classes]
+    paths: np.ndarray  # ScorePath codes, int8 [rows]
+    reasons: list[list[tuple[str, float]]] | None  # per row, towards its served label
+
+
+def answer(
+    stage: FirstStage,
+    rule: CascadeRule,
+    texts: Sequence[str],
+    transformer: Callable[[list[str]], np.ndarray],
+    reasons: int = 0,
+) -> Answer:
+    """Serve ``texts`` through the cascade: the linear stage scores every text, ``transformer``
+    is called once, with only the texts whose path needs it (none: not called), and each row
+    gets the probabilities of its path. With ``reasons`` > 0, each row also gets that many terms
+    explaining its served label, from the features the stage computed (no second pass)."""
+    linear_probs, coverage, features = stage.analyse(texts)
+    paths = route(linear_probs, coverage, rule)
+    need = np.flatnonzero(needs_transformer(paths))
+    transformer_probs = np.zeros_like(linear_probs)
+    if len(need):
+        transformer_probs[need] = transformer([texts[int(i)] for i in need])
+    probs = combine(paths, linear_probs, transformer_probs, rule).astype(np.float32)
+    why = None
+    if reasons > 0:
+        served = probs.argmax(axis=1)
+        why = [stage.reasons_of(t, features[i], int(served[i]), reasons) for i, t in enumerate(texts)]
+    return Answer(probs, paths, why)
+
+
 def shares(paths: Any) -> dict[str, float]:
-    """The share of events per path, by :attr:`Path.label`."""
+    """The share of events per path, by :attr:`ScorePath.label`."""
     codes = np.asarray(paths)
     n = max(len(codes), 1)
-    return {p.label: float(np.count_nonzero(codes == p)) / n for p in Path}
+    return {p.label: float(np.count_nonzero(codes == p)) / n for p in ScorePath}
 
 
 def _default_thresholds(linear_probs: np.ndarray) -> list[float]:
@@ -181,7 +223,7 @@ def choose_rule(
             rule = CascadeRule(threshold=float(t), weight=float(w), min_coverage=min_coverage)
             paths = route(lin, cov, rule)
             metric = float(metric_fn(y, combine(paths, lin, tr, rule)))
-            share = float(np.count_nonzero(paths == Path.LINEAR)) / n
+            share = float(np.count_nonzero(paths == ScorePath.LINEAR)) / n
             candidates.append((share, metric, float(t), rule, paths))
     feasible = [c for c in candidates if c[1] >= best_single - tolerance - _EPS]
     if feasible:

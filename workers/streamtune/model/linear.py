@@ -270,8 +270,14 @@ class LinearStage:
 
     def score(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, one column per class in ``classes`` order; coverage), one pass."""
+        probs, coverage, _ = self.analyse(texts)
+        return probs, coverage
+
+    def analyse(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, sparse.csr_matrix]:
+        """:meth:`score` plus the weighted features, which :meth:`reasons_of` reads: the
+        scorer explains a batch without hashing its texts twice."""
         x, coverage = self._weighted(self._raw(texts))
-        return self._probs(x), coverage
+        return self._probs(x), coverage, x
 
     def _probs(self, x: sparse.csr_matrix) -> np.ndarray:
         logits = np.asarray(x @ self._coef_t) + self.intercept.astype(np.float64)
@@ -292,10 +298,15 @@ class LinearStage:
         Terms are recovered by analysing the text with the word analyzer and hashing each term
         exactly as the vectorizer does; of two terms that share a hashed column, the first in
         the text names it (its weight counts once)."""
+        probs, _, x = self.analyse([text])
+        c = int(probs[0].argmax()) if label is None else self.classes.index(label)
+        return self.reasons_of(text, x, c, k)
+
+    def reasons_of(self, text: str, x: sparse.csr_matrix, c: int, k: int = 5) -> list[tuple[str, float]]:
+        """:meth:`reasons` towards class index ``c``, from ``x``: the row of ``text`` in the
+        weighted features :meth:`analyse` returned (a one-row matrix)."""
         from sklearn.feature_extraction import FeatureHasher
 
-        x, _ = self._weighted(self._raw([text]))
-        c = int(self._probs(x)[0].argmax()) if label is None else self.classes.index(label)
         terms = list(dict.fromkeys(self._word_analyzer(text)))  # distinct, in order of appearance
         if not terms or k <= 0:
             return []

@@ -10,7 +10,7 @@ all run in ONNX Runtime holds the exported graphs and a ``tokenizers`` tokenizer
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ import structlog
 from streamtune.core.errors import AdapterError, StartupError
 from streamtune.core.scored import Scored, Shadow
 from streamtune.core.settings import resolve_backend
-from streamtune.core.tasks import TASK_NAMES, TEXT_TASKS
+from streamtune.core.tasks import TASK_NAMES, TASKS, TEXT_TASKS
+from streamtune.model.cascade import CascadeRule, ScorePath, answer
+from streamtune.model.linear import LinearStage
 from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
 from streamtune.model.tokens import TextBatcher, base_model_sha256
 from streamtune.rollout.registry import AdapterStore, Manifest
@@ -45,6 +47,8 @@ class LoadedAdapter:
     click: Any = None  # purchase_intent in torch: the peft-wrapped ClickNet
     session: Any = None  # ONNX backends: an onnxruntime.InferenceSession
     backend: str = "torch"
+    linear: LinearStage | None = None  # text versions with a cascade: the first stage
+    rule: CascadeRule | None = None  # ... and which events it answers alone
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +149,11 @@ class ModelRuntime:
                 loaded = self._load_text(manifest, path)
             else:
                 loaded = self._load_click(manifest, path)
+            if manifest.cascade:
+                loaded.linear = LinearStage.load(path)
+                loaded.rule = CascadeRule.from_dict(manifest.cascade["rule"])
+                if loaded.linear.classes != tuple(manifest.labels):
+                    raise AdapterError(f"{task} v{version}: its linear stage's classes are not its labels")
         except Exception as e:  # safetensors/peft raise many types for corrupt files
             self._drop_adapter(adapter_name(task, version))  # what the failed load added, if anything
             if isinstance(e, AdapterError):
@@ -208,7 +217,10 @@ class ModelRuntime:
             probe = [[0.0] * FEATURE_DIM]
         else:
             probe = ["smoke test"]
-        probs = self._forward(loaded, probe).probs
+        # the transformer itself (a cascade may answer the probe without it), then what is served
+        probs = self._transformer(loaded, probe).probs
+        if loaded.linear is not None:
+            probs = np.concatenate([probs, self._forward(loaded, probe).probs])
         if not np.all(np.isfinite(probs)):
             raise AdapterError(
                 f"{task} v{loaded.manifest.version}: smoke forward pass gave non-finite output"
@@ -298,6 +310,8 @@ class ModelRuntime:
         live_rows = [i for i, c in enumerate(to_canary) if not c]
         probs: np.ndarray | None = None
         versions = np.zeros(len(keys), dtype=np.int64)
+        paths: np.ndarray | None = None
+        reasons: list[list[tuple[str, float]]] | None = None
         shadow_stats = None
         for rows, adapter in ((live_rows, route.live), (canary_rows, route.canary)):
             if not rows:
@@ -307,13 +321,43 @@ class ModelRuntime:
                 probs = np.zeros((len(keys), part.probs.shape[1]), dtype=part.probs.dtype)
             probs[rows] = part.probs
             versions[rows] = adapter.manifest.version
+            if part.paths is not None:
+                paths = np.full(len(keys), ScorePath.TRANSFORMER, dtype=np.int8) if paths is None else paths
+                paths[rows] = part.paths
+            if part.reasons is not None:
+                reasons = [[] for _ in keys] if reasons is None else reasons
+                for i, r in zip(rows, part.reasons, strict=True):
+                    reasons[i] = r
             if shadow and adapter is route.live:
+                # what each version would serve (its whole cascade), compared row by row
                 cand = self._forward(route.canary, [inputs[i] for i in rows])  # type: ignore[arg-type]
                 shadow_stats = _shadow(part.probs, cand.probs, route.canary.manifest.version)
         assert probs is not None
-        return Scored(task, route.live.manifest.labels, probs, versions, shadow_stats)
+        return Scored(task, route.live.manifest.labels, probs, versions, shadow_stats, paths, reasons)
 
     def _forward(self, loaded: LoadedAdapter, inputs: list[str] | list[list[float]]) -> Scored:
+        """What one version serves for ``inputs``: with a linear stage, its cascade (the
+        transformer runs on the rows that need it only); a text version without one answers
+        every row from the transformer."""
+        m = loaded.manifest
+        if loaded.linear is not None and loaded.rule is not None:
+            return self._cascade(loaded, inputs)  # type: ignore[arg-type]
+        scored = self._transformer(loaded, inputs)
+        if m.kind != "text-lora":
+            return scored
+        return replace(scored, paths=np.full(len(inputs), ScorePath.TRANSFORMER, dtype=np.int8))
+
+    def _cascade(self, loaded: LoadedAdapter, texts: list[str]) -> Scored:
+        m = loaded.manifest
+        assert loaded.linear is not None and loaded.rule is not None
+        out = answer(
+            loaded.linear, loaded.rule, texts, lambda rows: self._transformer(loaded, rows).probs,
+            reasons=TASKS[m.task].reasons,
+        )  # fmt: skip
+        versions = np.full(len(texts), m.version)
+        return Scored(m.task, m.labels, out.probs, versions, paths=out.paths, reasons=out.reasons)
+
+    def _transformer(self, loaded: LoadedAdapter, inputs: list[str] | list[list[float]]) -> Scored:
         m = loaded.manifest
         versions = np.full(len(inputs), m.version)
         if loaded.session is not None:

@@ -145,6 +145,12 @@ class ScorerMetrics:
         self.results_by_version = Counter(
             "streamtune_results_by_version", "Results per adapter version", ["task", "version"], registry=r
         )
+        self.results_by_path = Counter(
+            "streamtune_results_by_path",
+            "Results per answer path (linear, blend, transformer) of text tasks",
+            ["task", "path"],
+            registry=r,
+        )
         self.canary_version = Gauge(
             "streamtune_canary_version", "Adapter version in canary (0: none)", ["task"], registry=r
         )

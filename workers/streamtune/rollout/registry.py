@@ -91,12 +91,22 @@ class Manifest(BaseModel):
     gate: dict[str, Any] = Field(
         default_factory=dict, description="The release gate's comparison (online versions); passed: bool"
     )
+    cascade: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Text versions with a linear stage (linear.safetensors, linear.json): the cascade's"
+            " rule (threshold, weight, min_coverage) and the validation report it was chosen on"
+        ),
+    )
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     signature: str = Field("", description="HMAC-SHA256 of the manifest without this field (optional)")
 
     def signing_bytes(self) -> bytes:
-        """What the signature covers: the manifest (file checksums included) minus the signature."""
-        return self.model_copy(update={"signature": ""}).model_dump_json().encode()
+        """What the signature covers: the manifest (file checksums included) minus the signature.
+        An empty ``cascade`` is left out, so manifests signed before the field existed still
+        verify."""
+        unsigned = self.model_copy(update={"signature": ""})
+        return unsigned.model_dump_json(exclude=None if self.cascade else {"cascade"}).encode()
 
     @property
     def releasable(self) -> bool:
@@ -120,6 +130,13 @@ class Artifact(BaseModel):
     passed: bool
     fp32_nodes: list[str] = Field(default_factory=list, description="graph nodes left unquantized")
     details: dict[str, Any] = {}
+    cascade: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Text versions with a linear stage (linear.safetensors, linear.json): the cascade's"
+            " rule (threshold, weight, min_coverage) and the validation report it was chosen on"
+        ),
+    )
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     signature: str = ""
 

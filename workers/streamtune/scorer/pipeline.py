@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
@@ -250,6 +251,9 @@ class BatchProcessor:
             versions = np.asarray([r.score.adapter.version for r in results])  # type: ignore[attr-defined]
             for v, n in zip(*np.unique(versions, return_counts=True), strict=True):
                 self.metrics.results_by_version.labels(task, str(v)).inc(int(n))
+            for path, n in Counter(getattr(r.score, "path", None) for r in results).items():
+                if path is not None:
+                    self.metrics.results_by_path.labels(task, path).inc(n)
             self.metrics.scored.labels(task).inc(len(results))
             self.metrics.batch_size.labels(task).observe(len(results))
         if isolated:

@@ -5,8 +5,12 @@ Keys (``<...>`` are placeholders, the braces are literal)::
     streamtune:v2:score:<task>:{<tag(event_id)>}      JSON score record, TTL ``score_ttl_s``
     streamtune:v2:product:{<tag(product_id)>}         hash: product_id, reviews, reviews_<sentiment>,
                                                       mean_positive_probability, ...; TTL ``product_ttl_s``
-    streamtune:v2:product:{<tag(product_id)>}:scored  hash event_id -> "label|p": what each review
-                                                      contributed (the ledger); TTL ``product_ttl_s``
+    streamtune:v2:product:{<tag(product_id)>}:scored  hash event_id -> "label|p" or "label|p|terms":
+                                                      what each review contributed (the ledger);
+                                                      TTL ``product_ttl_s``
+    streamtune:v2:product:{<tag(product_id)>}:negative_terms
+                                                      hash term -> count over the product's negative
+                                                      reviews' reasons; TTL ``product_ttl_s``
     streamtune:v2:session:{<tag(session_id)>}         hash: session_id, page_views, purchase_probability,
                                                       ...; TTL ``session_ttl_s``
 
@@ -22,7 +26,8 @@ keys into one slot. The readable id is kept in the record itself: the ``product_
 ``session_id`` fields of the views, ``event_id`` in the score JSON. The ``v2`` segment keeps
 these keys apart from the earlier ``streamtune:product:{<product_id>}`` ones, so old keys are
 found by a pattern no new key matches (upgrading: docs/operations.md). Readers compute keys with
-:func:`score_key`, :func:`product_key`, :func:`product_ledger_key` and :func:`session_key`.
+:func:`score_key`, :func:`product_key`, :func:`product_ledger_key`, :func:`product_terms_key`
+and :func:`session_key`.
 
 The product view is updated by a Lua script that first looks up what the event contributed
 before; a re-scored event replaces its contribution instead of adding a second one, so a
@@ -92,24 +97,32 @@ PREFIX = "streamtune"
 KEYSPACE = f"{PREFIX}:v2"  # the key format's version: see the module docstring
 TAG_HEX_DIGITS = 32  # 128 bits of SHA-256: the tag alone names the entity, collisions are moot
 
-# KEYS: view, ledger. ARGV: event_id, label, positive probability, now, ttl_s, product_id.
+# KEYS: view, ledger, terms. ARGV: event_id, label, positive probability, now, ttl_s, product_id,
+# terms (tab-separated; the reasons of a negative review, else empty).
 # Returns 0 (already counted as is), 1 (counted), 2 (replaced its earlier contribution).
-# Both keys' types are checked before anything is written: a script that fails halfway keeps
+# The ledger holds what each event contributed, "label|p" or "label|p|terms", so a re-scored
+# event takes back exactly its earlier contribution, terms included, before adding its new one.
+# Every key's type is checked before anything is written: a script that fails halfway keeps
 # what it wrote, so a ledger entry written before a failing view update would make the retry
 # see the event as counted and skip it (the view would silently miss it). Failing first makes
 # the record fail the same way on every retry, and the scorer isolates it (stage ``sink``).
 PRODUCT_SCRIPT = """
-for i = 1, 2 do
+for i = 1, 3 do
   local t = redis.call('TYPE', KEYS[i])['ok']
   if t ~= 'none' and t ~= 'hash' then
     return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a hash')
   end
 end
+local function terms(s, by)
+  for term in string.gmatch(s, '[^\t]+') do
+    if redis.call('HINCRBY', KEYS[3], term, by) <= 0 then redis.call('HDEL', KEYS[3], term) end
+  end
+end
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local new = ARGV[2] .. '|' .. ARGV[3]
+if ARGV[7] ~= '' then new = new .. '|' .. ARGV[7] end
 if prev == new then
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
   return 0
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -118,18 +131,25 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 if prev then
   local sep = string.find(prev, '|', 1, true)
+  local rest = string.sub(prev, sep + 1)
+  local sep2 = string.find(rest, '|', 1, true)
+  local p = rest
+  if sep2 then
+    p = string.sub(rest, 1, sep2 - 1)
+    terms(string.sub(rest, sep2 + 1), -1)
+  end
   redis.call('HINCRBY', KEYS[1], 'reviews_' .. string.sub(prev, 1, sep - 1), -1)
   redis.call('HINCRBY', KEYS[1], 'reviews', -1)
-  redis.call('HINCRBYFLOAT', KEYS[1], 'positive_probability_sum', -tonumber(string.sub(prev, sep + 1)))
+  redis.call('HINCRBYFLOAT', KEYS[1], 'positive_probability_sum', -tonumber(p))
 end
 redis.call('HSET', KEYS[2], ARGV[1], new)
+terms(ARGV[7], 1)
 redis.call('HINCRBY', KEYS[1], 'reviews_' .. ARGV[2], 1)
 local n = redis.call('HINCRBY', KEYS[1], 'reviews', 1)
 local s = tonumber(redis.call('HINCRBYFLOAT', KEYS[1], 'positive_probability_sum', ARGV[3]))
 redis.call('HSET', KEYS[1], 'mean_positive_probability', string.format('%.6f', s / n), 'updated_at', ARGV[4],
            'product_id', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 if prev then return 2 end
 return 1
 """
@@ -151,6 +171,11 @@ def product_key(product_id: str) -> str:
 def product_ledger_key(product_id: str) -> str:
     """The product's ledger: the same hash tag as :func:`product_key`, so the same slot."""
     return f"{product_key(product_id)}:scored"
+
+
+def product_terms_key(product_id: str) -> str:
+    """Counts of the terms that explain the product's negative reviews (same slot as its view)."""
+    return f"{product_key(product_id)}:negative_terms"
 
 
 def session_key(session_id: str) -> str:
@@ -190,14 +215,16 @@ class RedisSink:
                 pipe.set(score_key(r.task, r.event_id), r.payload(), ex=self.score_ttl_s)
                 agg = r.aggregate
                 if isinstance(agg, ProductUpdate):
-                    keys = [product_key(agg.product_id), product_ledger_key(agg.product_id)]
+                    pid = agg.product_id
+                    keys = [product_key(pid), product_ledger_key(pid), product_terms_key(pid)]
                     args = [
                         agg.event_id,
                         agg.label,
                         repr(agg.positive_probability),
                         now_iso,
                         str(self.product_ttl_s),
-                        agg.product_id,
+                        pid,
+                        "\t".join(agg.terms),
                     ]
                     if self.cluster:  # cluster pipelines refuse scripts: run them beside it
                         scripts.append((keys, args))

@@ -34,7 +34,7 @@ from streamtune.core.errors import AdapterError
 from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.ops.telemetry import ScorerMetrics
-from streamtune.rollout.registry import MANIFEST, AdapterStore
+from streamtune.rollout.registry import ARTIFACT_MANIFEST, ARTIFACTS_LOCK, MANIFEST, AdapterStore
 from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import Release
 
@@ -204,15 +204,24 @@ def file_stats(directory: Path) -> FileStats:
     return out
 
 
+# A fresh manifest (a version just published, or copied) says nothing of its data files.
+_RECORDS = frozenset({MANIFEST, ARTIFACT_MANIFEST, ARTIFACTS_LOCK})
+
+
 def still_written(before: FileStats, after: FileStats, now: float, settle_s: float = SETTLE_S) -> str:
     """Why a checksum that failed between ``before`` and ``after`` may be a copy in progress
     rather than a bad file: a file changed during the check, or was modified less than
-    ``settle_s`` before ``now`` (epoch seconds). "" when every file stood still: the failure
+    ``settle_s`` before ``now`` (epoch seconds; manifests and locks aside). "" when every file
+    stood still: the failure
     is the file's own, and the version is refused."""
     changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
     if changed:
         return f"file(s) {', '.join(changed)} changed while their checksums were computed"
-    recent = sorted(name for name, (_, mtime_ns) in after.items() if now - mtime_ns / 1e9 < settle_s)
+    recent = sorted(
+        name
+        for name, (_, mtime_ns) in after.items()
+        if now - mtime_ns / 1e9 < settle_s and Path(name).name not in _RECORDS
+    )
     if recent:
         return f"file(s) {', '.join(recent)} modified less than {settle_s:.0f} s ago"
     return ""

@@ -10,7 +10,7 @@ import random
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ from streamtune.model.encoder import (
     mean_pool,
     tokenize,
 )
+from streamtune.model.linear import LinearConfig, LinearStage
 from streamtune.rollout.registry import AdapterStore, BaseModelRef, Manifest, sha256_file
+from streamtune.training import cascade
 from streamtune.training import metrics as M
 
 log = structlog.get_logger(__name__)
@@ -51,6 +53,11 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     lora_r: int = 8
+    validation_percent: int = 10  # of the training split, by a salted row-id hash
+    linear_rows: int = 0  # training rows of the linear stage and the TF-IDF baselines (0: all)
+    validation_rows: int = 0  # validation rows the cascade rule is chosen on (0: all)
+    cascade: bool = True  # text tasks whose TaskSpec has one: fit a linear stage, choose its rule
+    linear: LinearConfig = field(default_factory=LinearConfig)
 
 
 def seed_everything(seed: int) -> None:
@@ -135,26 +142,75 @@ def predict_text(model: nn.Module, head: nn.Module, tok: Any, texts: list[str], 
     return probs
 
 
-def _text_split(
-    task: str, data_dir: Path, cfg: TrainConfig
-) -> tuple[list[str], list[str], list[str], list[str], list[str]]:
-    """(train texts, train labels, test texts, test labels, label names)."""
+@dataclass(frozen=True)
+class TextSplit:
+    """A text task's rows for ``streamtune train``, as texts and class indices.
+
+    The training split minus the validation split carved from it is what trains: the
+    transformer on ``transformer`` (``cfg.train_rows`` of it, or all), the linear stage and the
+    TF-IDF baselines on ``train`` (``cfg.linear_rows`` of it, or all). ``validation`` chooses
+    the cascade rule; ``held_out`` is only ever scored."""
+
+    names: list[str]
+    train: tuple[list[str], list[int]]
+    transformer: tuple[list[str], list[int]]
+    validation: tuple[list[str], list[int]]
+    held_out: tuple[list[str], list[int]]
+
+
+def text_split(task: str, data_dir: Path, cfg: TrainConfig) -> TextSplit:
     spec = TASKS[task]
-    rows = data.LABELLED_ROWS[task](data_dir)  # (id, text, class); unlabelled queries dropped
-    train = [(x, y) for row_id, x, y in rows if not data.is_held_out(row_id, spec.held_out_percent)]
-    test = [(x, y) for row_id, x, y in rows if data.is_held_out(row_id, spec.held_out_percent)]
-    xtr, ytr = [x for x, _ in train], [y for _, y in train]
-    xte, yte = [x for x, _ in test], [y for _, y in test]
+    rows = data.splits(task, data_dir, cfg.validation_percent)  # unlabelled queries dropped
     # fixed class names, else the taxonomy as the data knows it (known up front)
-    names = list(spec.labels) if spec.labels is not None else sorted({y for _, _, y in rows})
+    every = (*rows.train, *rows.validation, *rows.held_out)
+    names = list(spec.labels) if spec.labels is not None else sorted({y for _, _, y in every})
+    index = {n: i for i, n in enumerate(names)}
+
+    def texts_and_labels(part: Sequence[tuple[str, Any, str]]) -> tuple[list[str], list[int]]:
+        return [str(x) for _, x, _ in part], [index[y] for _, _, y in part]
+
     rng = random.Random(cfg.seed)
-    if cfg.train_rows and len(xtr) > cfg.train_rows:
-        idx = sorted(rng.sample(range(len(xtr)), cfg.train_rows))
-        xtr, ytr = [xtr[i] for i in idx], [ytr[i] for i in idx]
-    if cfg.eval_rows and len(xte) > cfg.eval_rows:
-        idx = sorted(rng.sample(range(len(xte)), cfg.eval_rows))
-        xte, yte = [xte[i] for i in idx], [yte[i] for i in idx]
-    return xtr, ytr, xte, yte, names
+
+    def sample(part: tuple[list[str], list[int]], n: int) -> tuple[list[str], list[int]]:
+        if not n or len(part[0]) <= n:
+            return part
+        idx = sorted(rng.sample(range(len(part[0])), n))
+        return [part[0][i] for i in idx], [part[1][i] for i in idx]
+
+    train = texts_and_labels(rows.train)
+    transformer = sample(train, cfg.train_rows)
+    held_out = sample(texts_and_labels(rows.held_out), cfg.eval_rows)
+    linear = sample(train, cfg.linear_rows)
+    validation = sample(texts_and_labels(rows.validation), cfg.validation_rows)
+    return TextSplit(names, linear, transformer, validation, held_out)
+
+
+def text_baselines(split: TextSplit, score: cascade.Scores, seed: int) -> dict[str, dict[str, float]]:
+    """The simple models every text version is reported beside, on its held-out rows: the
+    majority class, and TF-IDF + logistic regression with and without class balancing, trained
+    on the linear stage's rows."""
+    (x, y), (xte, yte), n = split.train, split.held_out, len(split.names)
+    return {
+        "majority": score(yte, M.majority_probs(y, len(yte), n)),
+        "tfidf_logreg": score(yte, M.tfidf_logreg_probs(x, y, xte, n, seed)),
+        "tfidf_logreg_unbalanced": score(yte, M.tfidf_logreg_probs(x, y, xte, n, seed, balanced=False)),
+    }
+
+
+def v1_training_texts(task: str, data_dir: Path, rows: int = 3000, seed: int = 13) -> frozenset[str]:
+    """The texts the committed v1 of a text task was trained on. Its recipe sampled ``rows`` of
+    the whole training split (0: all of it) with ``random.Random(seed)``, before a validation
+    split was carved from it, so some validation rows are among them
+    (:mod:`streamtune.training.attach` leaves those out when it chooses a cascade rule with v1's
+    transformer)."""
+    pct = TASKS[task].held_out_percent
+    train = [
+        str(x) for row_id, x, _ in data.LABELLED_ROWS[task](data_dir) if not data.is_held_out(row_id, pct)
+    ]
+    if not rows or rows >= len(train):
+        return frozenset(train)
+    idx = sorted(random.Random(seed).sample(range(len(train)), rows))
+    return frozenset(train[i] for i in idx)
 
 
 def train_text_task(
@@ -162,14 +218,14 @@ def train_text_task(
 ) -> Manifest:
     seed_everything(cfg.seed)
     started = time.monotonic()
-    xtr, ytr_names, xte, yte_names, names = _text_split(task, data_dir, cfg)
-    index = {n: i for i, n in enumerate(names)}
-    ytr = [index[y] for y in ytr_names]
-    yte = [index[y] for y in yte_names]
+    spec = TASKS[task]
+    split = text_split(task, data_dir, cfg)
+    names = split.names
+    (xtr, ytr), (xva, yva), (xte, yte) = split.transformer, split.validation, split.held_out
     tok, base = load_base(base_path)
     hidden = int(base.config.hidden_size)
     head = Head(hidden, len(names))
-    if TASKS[task].prototype_head:
+    if spec.prototype_head:
         # Prototype init: each class starts at the embedding of its own name, so classes
         # with few (or no) training queries are still reachable.
         protos = torch.nn.functional.normalize(_embed(tok, base, names, cfg.max_len), dim=-1)
@@ -180,10 +236,17 @@ def train_text_task(
     model = get_peft_model(base, lora)
     fit_text(model, head, tok, xtr, ytr, len(names), cfg, task)
     probs = predict_text(model, head, tok, xte, cfg.max_len)
-    score = M.METRICS[TASKS[task].metric_family]
+    score = M.METRICS[spec.metric_family]
     metrics = score(yte, probs)
-    base_maj = score(yte, M.majority_probs(ytr, len(yte), len(names)))
-    base_tfidf = score(yte, M.tfidf_logreg_probs(xtr, ytr, xte, len(names), cfg.seed))
+    (all_x, all_y) = split.train
+    baselines = text_baselines(split, score, cfg.seed)
+    fitted = None
+    if spec.cascade and cfg.cascade:
+        stage = LinearStage.fit(all_x, [names[y] for y in all_y], names, cfg.linear, cfg.seed)
+        val_probs = predict_text(model, head, tok, xva, cfg.max_len)
+        chosen = cascade.choose(stage, xva, yva, val_probs, score, spec.gate_metric)
+        metrics, fitted = cascade.evaluate(chosen, xte, yte, probs, score)
+        log.info("cascade_chosen", task=task, rule=fitted.rule.as_dict(), held_out=fitted.report["held_out"])
     seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory() as tmp:
         build = Path(tmp)
@@ -191,6 +254,10 @@ def train_text_task(
         (build / "README.md").unlink(missing_ok=True)
         _portable_adapter_config(build / "adapter_config.json", base_model_name(base_path))
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(build / "head.safetensors"))
+        if fitted is not None:
+            fitted.stage.save(build)
+        training = _training_record(cfg, len(xtr), len(xte), seconds, data_file(task))
+        training |= {"linear_train_rows": len(all_x), "validation_rows": len(xva)}
         manifest = Manifest(
             task=task,
             version=registry.next_version(task),
@@ -199,9 +266,10 @@ def train_text_task(
             base_model=BaseModelRef(name=base_model_name(base_path), sha256=base_model_sha256(base_path)),
             labels=names,
             created_at=datetime.now(UTC),
-            training=_training_record(cfg, len(xtr), len(xte), seconds, data_file(task)),
+            training=training,
             metrics=metrics,
-            baselines={"majority": base_maj, "tfidf_logreg": base_tfidf},
+            baselines=baselines,
+            cascade=fitted.report if fitted is not None else {},
         )
         return registry.publish(build, manifest)
 

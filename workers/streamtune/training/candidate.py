@@ -32,8 +32,10 @@ from torch import nn
 from streamtune.core.errors import AdapterError, StreamtuneError
 from streamtune.core.tasks import TASKS, MetricFamily
 from streamtune.datasets.reference import Reference, reference_set
+from streamtune.model.cascade import CascadeRule, answer
 from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
 from streamtune.model.encoder import Head, base_model_sha256, load_base
+from streamtune.model.linear import LinearStage
 from streamtune.rollout.registry import AdapterStore, Manifest
 from streamtune.training import metrics as M
 from streamtune.training.bootstrap import (
@@ -165,7 +167,21 @@ class _ReadLog(list[Any]):
 
 
 class _TextModel:
-    def __init__(self, base_path: str, path: Path, labels: list[str], max_len: int) -> None:
+    """A text version for training and evaluation. With a ``cascade`` (its manifest's), it
+    predicts what the version serves: its linear stage (loaded from ``path``, kept as it is:
+    online runs tune the transformer) and the transformer, routed by its rule; so live and
+    candidate are compared as the cascades they serve, and the candidate keeps the stage."""
+
+    def __init__(
+        self,
+        base_path: str,
+        path: Path,
+        labels: list[str],
+        max_len: int,
+        cascade: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.stage = LinearStage.load(path) if cascade else None
+        self.rule = CascadeRule.from_dict(cascade["rule"]) if cascade else None
         self.tok, base = load_base(base_path)
         self.model = PeftModel.from_pretrained(base, str(path), is_trainable=True)
         weights = load_file(str(path / "head.safetensors"))
@@ -177,7 +193,12 @@ class _TextModel:
         self.trained: list[int] = []  # rows of the last fit's inputs it trained on, in that order
 
     def predict(self, xs: list[Any]) -> np.ndarray:
-        return predict_text(self.model, self.head, self.tok, list(xs), self.max_len)
+        if self.stage is not None and self.rule is not None:
+            return answer(self.stage, self.rule, list(xs), self.predict_transformer).probs
+        return self.predict_transformer(list(xs))
+
+    def predict_transformer(self, xs: list[str]) -> np.ndarray:
+        return predict_text(self.model, self.head, self.tok, xs, self.max_len)
 
     def fit(self, xs: list[Any], yi: list[int], n: int, cfg: OnlineConfig, task: str, deadline: float) -> int:
         """Fine-tune; returns the steps taken and sets :attr:`trained`: every row once a first
@@ -203,6 +224,8 @@ class _TextModel:
         save_file(
             {k: v.contiguous() for k, v in self.head.state_dict().items()}, str(build / "head.safetensors")
         )
+        if self.stage is not None:
+            self.stage.save(build)
 
 
 class _ClickModel:
@@ -324,7 +347,7 @@ def first_reference(
         if m.kind == "click-mlp-lora":
             model = _ClickModel(path)
         else:
-            model = _TextModel(base_path, path, m.labels, max_len)
+            model = _TextModel(base_path, path, m.labels, max_len, m.cascade)
         scores = evaluate(task, m.labels, reference.y, model.predict(reference.x))
     except Exception as e:  # a broken first version must not stop training; the gate refuses
         log.warning("first_version_unscorable", task=task, version=version, error=str(e))
@@ -377,7 +400,7 @@ def train_candidate(
         model = (
             _ClickModel(path)
             if live.kind == "click-mlp-lora"
-            else _TextModel(base_path, path, labels, cfg.max_len)
+            else _TextModel(base_path, path, labels, cfg.max_len, live.cascade)
         )
     except Exception as e:
         raise AdapterError(f"{task} v{live_version}: cannot load for training: {e}") from e
@@ -485,6 +508,8 @@ def train_candidate(
             training=training,
             metrics={k: v for k, v in holdout_cand.items()},
             baselines={f"live_v{live_version}": dict(holdout_live)},
+            # the live version's stage and rule, as they were chosen (its files are saved above)
+            cascade={**live.cascade, "inherited_from": live_version} if live.cascade else {},
             gate={
                 "passed": verdict.passed,
                 "reason": verdict.reason,

@@ -52,16 +52,24 @@ def majority_probs(y_train: list[int], n: int, n_classes: int) -> np.ndarray:
 
 
 def tfidf_logreg_probs(
-    x_train: list[str], y_train: list[int], x_test: list[str], n_classes: int, seed: int
+    x_train: list[str],
+    y_train: list[int],
+    x_test: list[str],
+    n_classes: int,
+    seed: int,
+    balanced: bool = True,
 ) -> np.ndarray:
-    """TF-IDF (word 1-2 grams + char 2-4 grams) and a class-balanced logistic regression."""
+    """TF-IDF (word 1-2 grams + char 2-4 grams) and a logistic regression, class-balanced unless
+    ``balanced`` is false."""
     from scipy.sparse import hstack
 
     word = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
     char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=1, sublinear_tf=True)
     xtr = hstack([word.fit_transform(x_train), char.fit_transform(x_train)]).tocsr()
     xte = hstack([word.transform(x_test), char.transform(x_test)]).tocsr()
-    clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed, C=4.0)
+    clf = LogisticRegression(
+        max_iter=2000, class_weight="balanced" if balanced else None, random_state=seed, C=4.0
+    )
     clf.fit(xtr, y_train)
     out = np.zeros((len(x_test), n_classes))
     out[:, clf.classes_] = clf.predict_proba(xte)

@@ -38,7 +38,7 @@ from streamtune.kafka.topics import ensure_topics
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import promote
-from streamtune.training.bootstrap import TrainConfig, _text_split
+from streamtune.training.bootstrap import v1_training_texts
 from streamtune.training.candidate import OnlineConfig, _TextModel, evaluate, reference_set, train_candidate
 from streamtune.training.online import Example, select
 
@@ -66,7 +66,7 @@ class UpdateBenchConfig:
 
 def _examples(settings: Settings, cfg: UpdateBenchConfig) -> list[Example]:
     """Drifted training-split reviews that version 1 did not train on."""
-    v1_texts = frozenset(_text_split(TASK, settings.model.data_dir, TrainConfig())[0])
+    v1_texts = v1_training_texts(TASK, settings.model.data_dir)
     wave = critical_wave(settings.model.data_dir, "train", exclude_texts=v1_texts)
     total = math.ceil(cfg.labels / (1 - cfg.holdout_fraction))
     if total > len(wave):
@@ -94,8 +94,9 @@ def finetune(settings: Settings, cfg: UpdateBenchConfig, registry: LocalRegistry
 
     def accuracy_of(version: int) -> dict[str, float]:
         model = _TextModel(
-            settings.model.base_model, registry.fetch(TASK, version), labels, settings.model.max_seq_len
-        )
+            settings.model.base_model, registry.fetch(TASK, version), labels, settings.model.max_seq_len,
+            registry.manifest(TASK, version).cascade,
+        )  # fmt: skip
         return evaluate(TASK, labels, ys, model.predict(xs))
 
     before, after = accuracy_of(1), accuracy_of(m.version)
