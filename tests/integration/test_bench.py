@@ -48,6 +48,16 @@ def test_throughput_benchmark_quick(tmp_path: Path) -> None:
     prof = r["end_to_end"]["tuned"]["review_sentiment"]["profile"]
     assert "error" in prof or (prof["samples"] > 0 and abs(sum(prof["stages"].values()) - 1) < 1e-6)
     assert {t["target"] for t in r["targets"]} >= {"reviews end to end ÷ naive", "queries end to end ÷ naive"}
+    # the quality/cost trade-off of reviews: every configuration on the same events
+    t = r["tradeoff"]
+    assert set(t["rows"]) == {"transformer-only", "cascade", "linear-only", "naive"}
+    for name, row in t["rows"].items():
+        assert row["events_per_s"] > 0 and 0 <= row["share_linear"] <= 1, name
+        assert 0 < row["held_out"]["macro_f1"] <= 1, name
+    assert t["rows"]["transformer-only"]["share_linear"] == 0.0
+    assert t["rows"]["linear-only"]["share_linear"] > 0.5  # every in-domain review
+    assert set(t["baselines"]) >= {"tfidf_logreg", "tfidf_logreg_unbalanced"}
     out = tmp_path / "out"
     assert "| tuned | review_sentiment |" in (out / "bench-throughput-quick.md").read_text()
+    assert "## Quality against cost: review_sentiment" in (out / "bench-throughput-quick.md").read_text()
     assert (out / "bench-throughput-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -225,6 +225,16 @@ def _scored(worker: Worker, task: str) -> float:
     return 0.0
 
 
+def _paths(worker: Worker, task: str) -> Counter[str]:
+    """Results per answer path so far (``streamtune_results_by_path_total``)."""
+    out: Counter[str] = Counter()
+    for line in worker.metrics().splitlines():
+        if line.startswith("streamtune_results_by_path_total{") and f'task="{task}"' in line:
+            path = line.split('path="', 1)[1].split('"', 1)[0]
+            out[path] += int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def _latencies(s: Settings, task: str, n: int, since_ms: int) -> list[float]:
     """Seconds from event time to the result's publish time (after its Redis write)."""
     consumer = KafkaConsumer(
@@ -268,6 +278,8 @@ class E2EConfig:
     threads: int = 0  # per scorer (0: one per core)
     profile_s: float = 0.0  # py-spy in a separate pass after the measured ones (0: off)
     depth: int = 2  # STREAMTUNE_PIPELINE_DEPTH: batches in progress per task (1: no overlap)
+    tasks: tuple[str, ...] = TEXT_TASKS  # the tasks measured
+    adapter_dir: str = ""  # another registry than the bench's copy ("": that copy)
 
 
 def _ready(worker: Worker) -> bool:
@@ -352,6 +364,8 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
             shadow=False,
             export_on_start=False,  # exported beforehand: start-up is not measured
         )
+        if dep.adapter_dir:
+            s = s.replace(adapter_dir=Path(dep.adapter_dir))
         ensure_topics(s)
         for i in range(dep.scorers):
             si = s.replace(metrics_port=find_free_port())
@@ -374,9 +388,13 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
                 out["redis"] = _proc_stats(redis_srv.pid)[0]
             return out
 
+        def paths(task: str) -> Counter[str]:
+            return sum((_paths(w, task) for w in scorers), Counter())
+
         cpu0 = cpu()
-        for task in TEXT_TASKS:
+        for task in dep.tasks:
             before = scored(task)
+            paths0 = paths(task)
             m_cpu0 = machine_cpu()
             started = time.monotonic()
             # The data set may hold fewer events than asked for (queries: 480): replay it again
@@ -400,6 +418,7 @@ def end_to_end(settings: Settings, cfg: ThroughputConfig, dep: E2EConfig, work: 
                 "events_per_s": rate,
                 "scorer_cpu_s_per_1000": (m_cpu1["scorers"] - m_cpu0["scorers"]) / sent * 1000,
                 "cpu_share": shares,
+                "answer_paths": dict(paths(task) - paths0),  # results per path during the run
             }
             # Fresh events when the data set has them; otherwise the same ones again (rescored and
             # republished; latency is read from the results published after `since`).
@@ -517,6 +536,141 @@ def naive(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, An
     return out
 
 
+CASCADE_TASK = "review_sentiment"
+
+
+def cascade_registries(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, Any]:
+    """Registries for the quality/cost trade-off of ``review_sentiment``, each a copy of the
+    bench's with one default version: ``transformer-only`` (the newest without a linear stage),
+    ``cascade`` (the newest with one; built from the former with ``training/attach.py`` when the
+    registry has none) and ``linear-only`` (the cascade's files with a rule that answers every
+    in-domain review from the linear stage). Returns, per name, its directory and version."""
+    import shutil
+
+    from streamtune.model.cascade import LINEAR_ONLY
+    from streamtune.training.attach import cascade_from
+    from streamtune.training.bootstrap import TrainConfig
+
+    src = settings.model.adapter_dir
+    task_dir = lambda root: root / CASCADE_TASK  # noqa: E731
+    versions = sorted(int(p.name) for p in task_dir(src).iterdir() if p.name.isdigit())
+    reg = LocalRegistry(src)
+    with_stage = [v for v in versions if reg.manifest(CASCADE_TASK, v).cascade]
+    without = [v for v in versions if v not in with_stage]
+    out: dict[str, Any] = {}
+
+    def keep_only(name: str, version: int) -> LocalRegistry:
+        root = work / f"registry-{name}"
+        shutil.copytree(src, root)
+        for v in versions:
+            if v != version:
+                shutil.rmtree(task_dir(root) / str(v))
+        out[name] = {"adapter_dir": str(root), "version": version}
+        return LocalRegistry(root)
+
+    keep_only("transformer-only", without[-1])
+    if with_stage:
+        cascade_reg = keep_only("cascade", with_stage[-1])
+    else:
+        cascade_reg = keep_only("cascade", without[-1])
+        small = (
+            TrainConfig(linear_rows=3000, validation_rows=400, eval_rows=300) if cfg.quick else TrainConfig()
+        )
+        built = cascade_from(CASCADE_TASK, without[-1], settings.model.base_model, settings.model.data_dir,
+                             cascade_reg, small)  # fmt: skip
+        shutil.rmtree(task_dir(cascade_reg.root) / str(without[-1]))
+        out["cascade"] = {
+            "adapter_dir": str(cascade_reg.root),
+            "version": built.version,
+            "built_by_bench": True,
+        }
+    cascade_m = cascade_reg.manifest(CASCADE_TASK, out["cascade"]["version"])
+    linear_root = work / "registry-linear-only"
+    shutil.copytree(cascade_reg.root, linear_root)
+    linear_reg = LocalRegistry(linear_root)
+    build = work / "build-linear-only"
+    shutil.copytree(cascade_reg.fetch(CASCADE_TASK, cascade_m.version), build,
+                    ignore=shutil.ignore_patterns("manifest.json", "artifacts"))  # fmt: skip
+    cascade_info = {**cascade_m.cascade, "rule": LINEAR_ONLY.as_dict()}
+    linear_m = linear_reg.publish(build, cascade_m.model_copy(update={
+        "version": cascade_m.version + 1, "parent_version": cascade_m.version, "cascade": cascade_info,
+        "files": {}, "signature": ""}))  # fmt: skip
+    shutil.rmtree(task_dir(linear_root) / str(cascade_m.version))
+    out["linear-only"] = {"adapter_dir": str(linear_root), "version": linear_m.version}
+    return out
+
+
+def _held_out_quality(adapter_dir: str, version: int, name: str) -> dict[str, float]:
+    """The held-out metrics ``streamtune train`` recorded for what the configuration serves."""
+    m = LocalRegistry(Path(adapter_dir)).manifest(CASCADE_TASK, version)
+    if name == "linear-only":
+        return dict(m.cascade["held_out"]["linear"])
+    return dict(m.metrics)
+
+
+def tradeoff(
+    settings: Settings,
+    cfg: ThroughputConfig,
+    work: Path,
+    rep: ThroughputReport,
+    best: dict[str, tuple[str, int]],
+) -> dict[str, Any]:
+    """Quality against cost for ``review_sentiment``, on the same events: naive, transformer-only
+    (today's tuned scorer), the cascade, and the linear stage alone. The held-out metric of each
+    is what training recorded on the fixed held-out split; the rest is measured here."""
+    from streamtune.model.onnx_export import ONNX_BACKENDS, export_for
+
+    regs = cascade_registries(settings, cfg, work)
+    backend, batch = best[CASCADE_TASK]
+    rows: dict[str, Any] = {}
+    for name, info in regs.items():
+        if name != "transformer-only":
+            if backend in ONNX_BACKENDS:  # its own artifact: derived from its own manifest
+                reg = LocalRegistry(Path(info["adapter_dir"]))
+                export_for(
+                    settings.replace(adapter_dir=reg.root), reg, CASCADE_TASK, info["version"], backend
+                )
+            backends = {t: b for t, (b, _) in best.items()}
+            batches = {t: n for t, (_, n) in best.items()}
+            dep = E2EConfig(name, backends, batches, tasks=(CASCADE_TASK,), adapter_dir=info["adapter_dir"])
+            e2e = end_to_end(settings, cfg, dep, work)[CASCADE_TASK]
+        else:
+            e2e = rep.end_to_end["tuned"][CASCADE_TASK]
+        answered = e2e.get("answer_paths", {})
+        total = sum(answered.values())
+        rows[name] = {
+            "version": info["version"],
+            "backend": backend,
+            "batch": batch,
+            "held_out": _held_out_quality(info["adapter_dir"], info["version"], name),
+            "events_per_s": e2e["events_per_s"],
+            "share_linear": answered.get("linear", 0) / total if total else 0.0,
+            "latency_at_50pct": e2e["latency_at_50pct"],
+            "latency_at_90pct": e2e["latency_at_90pct"],
+            "scorer_cpu_s_per_1000": e2e["scorer_cpu_s_per_1000"],
+            "usd_per_million_events": cfg.price_per_hour / (e2e["events_per_s"] * 3600) * 1e6,
+        }
+    naive = rep.naive[CASCADE_TASK]
+    rows["naive"] = {
+        "version": regs["transformer-only"]["version"],
+        "held_out": rows["transformer-only"]["held_out"],  # the same model, one message at a time
+        "events_per_s": naive["events_per_s"],
+        "share_linear": 0.0,
+        "usd_per_million_events": cfg.price_per_hour / (naive["events_per_s"] * 3600) * 1e6,
+    }
+    cascade_m = LocalRegistry(Path(regs["cascade"]["adapter_dir"])).manifest(
+        CASCADE_TASK, regs["cascade"]["version"]
+    )
+    return {
+        "task": CASCADE_TASK,
+        "rows": rows,
+        "baselines": dict(cascade_m.baselines),
+        "rule": cascade_m.cascade.get("rule"),
+        "validation_share_linear": cascade_m.cascade.get("share_linear"),
+        "built_by_bench": bool(regs["cascade"].get("built_by_bench")),
+    }
+
+
 def _agreement(ceiling_row: dict[str, Any]) -> float:
     a = ceiling_row["label_agreement_with_fp32"]
     return 1.0 if a is None else float(a)  # None: fp32 itself
@@ -533,6 +687,7 @@ class ThroughputReport:
     ratios: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
+    tradeoff: dict[str, Any] = field(default_factory=dict)
 
 
 def deployments(
@@ -582,6 +737,25 @@ def _targets(rep: ThroughputReport) -> list[dict[str, Any]]:
         p99 = t[task]["latency_at_50pct"]["p99_ms"]
         add(f"{task}: p99 latency at 50 % of max rate", p99, 150.0, higher=False, unit="ms")
     add("scorer peak RSS, three tasks loaded", t["scorer_peak_rss_mib"], 1024.0, higher=False, unit="MiB")
+    if rep.tradeoff:
+        tr = rep.tradeoff["rows"]
+        base = max(v["macro_f1"] for k, v in rep.tradeoff["baselines"].items() if k.startswith("tfidf"))
+        add("reviews: cascade ÷ transformer-only end to end",
+            tr["cascade"]["events_per_s"] / tr["transformer-only"]["events_per_s"], 3.0)  # fmt: skip
+        add(
+            "reviews: cascade ÷ naive end to end",
+            tr["cascade"]["events_per_s"] / tr["naive"]["events_per_s"],
+            8.0,
+        )
+        p99 = tr["cascade"]["latency_at_50pct"]["p99_ms"]
+        add("reviews: cascade p99 at 50 % of its max rate", p99, 250.0, higher=False, unit="ms")
+        add("reviews: share answered by the linear stage alone", tr["cascade"]["share_linear"], 0.60)
+        add("reviews: cascade macro-F1 − best TF-IDF baseline (held out)",
+            tr["cascade"]["held_out"]["macro_f1"] - base, 0.03)  # fmt: skip
+        gain = tr["cascade"]["held_out"]["macro_f1"] - tr["transformer-only"]["held_out"]["macro_f1"]
+        add("reviews: cascade macro-F1 − transformer-only (held out)", gain, 0.0)
+        add("reviews: transformer-only macro-F1 − best TF-IDF baseline (held out)",
+            tr["transformer-only"]["held_out"]["macro_f1"] - base, 0.02)  # fmt: skip
     return rows
 
 
@@ -619,6 +793,7 @@ def run(settings: Settings, cfg: ThroughputConfig, work: Path, out_dir: Path | N
                 "usd_per_million_events": cfg.price_per_hour / (e2e * 3600) * 1e6,
                 "price_per_hour_usd": cfg.price_per_hour,
             }
+    rep.tradeoff = tradeoff(settings, cfg, work, rep, best)
     rep.targets = _targets(rep)
     result = asdict(rep)
     if out_dir is not None:
@@ -677,6 +852,46 @@ def chart(r: dict[str, Any], path: Path) -> None:
 
 def _f(x: Any, fmt: str = ".0f") -> str:
     return "–" if x is None else format(x, fmt)
+
+
+def _tradeoff_markdown(t: dict[str, Any]) -> list[str]:
+    if not t:
+        return []
+    lines = [
+        f"## Quality against cost: {t['task']}",
+        "",
+        "The same events through each configuration. Held-out metrics: what `streamtune train` "
+        "recorded on the fixed held-out split (the naive consumer runs the transformer-only model). "
+        f"Cascade rule {t['rule']}; the validation split predicted {t['validation_share_linear']:.1%} "
+        "answered by the linear stage alone."
+        + (
+            " The cascade version was built by the bench (`training/attach.py`)."
+            if t["built_by_bench"]
+            else ""
+        ),
+        "",
+        "| configuration | version | held-out macro-F1 | accuracy | ev/s | linear share "
+        "| p50 / p95 / p99 ms at 50 % | at 90 % | CPU s / 1000 ev | USD / 1M ev |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in t["rows"].items():
+        q = row["held_out"]
+
+        def lat(key: str, row: dict[str, Any] = row) -> str:
+            x = row.get(key)
+            return "–" if not x else f"{x['p50_ms']:.0f} / {x['p95_ms']:.0f} / {x['p99_ms']:.0f}"
+
+        lines.append(
+            f"| {name} | v{row['version']} | {q['macro_f1']:.3f} | {q['accuracy']:.3f} "
+            f"| {row['events_per_s']:.0f} | {row['share_linear']:.0%} "
+            f"| {lat('latency_at_50pct')} | {lat('latency_at_90pct')} "
+            f"| {_f(row.get('scorer_cpu_s_per_1000'), '.1f')} | {row['usd_per_million_events']:.3f} |"
+        )
+    for name, q in t["baselines"].items():
+        lines.append(
+            f"| baseline: {name} | – | {q['macro_f1']:.3f} | {q['accuracy']:.3f} | – | – | – | – | – | – |"
+        )
+    return [*lines, ""]
 
 
 def markdown(r: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
@@ -785,6 +1000,7 @@ def markdown(r: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
             lines += ["", "Top functions by self time:", ""]
             lines += [f"- `{name}`: {share:.0%}" for name, share in prof["top_self"]]
         lines.append("")
+    lines += _tradeoff_markdown(r.get("tradeoff") or {})
     lines += ["## Targets", "", "| target | goal | measured | met |", "|---|---|---|---|"]
     for t in r["targets"]:
         goal = f"{'≥' if t['higher'] else '≤'} {t['goal']:g}{t['unit']}"
