@@ -152,3 +152,16 @@ def test_a_product_view_of_the_wrong_type_fails_every_time_and_writes_no_ledger_
             raise AssertionError("a write onto a product view that is not a hash succeeded")
     assert redis_client.hlen(product_ledger_key("p-wrong")) == 0
     assert redis_client.get(product_key("p-wrong")) == "not a hash"
+    # the same pipeline wrote the score key; isolating the record deletes it
+    key = score_key("review_sentiment", "e-wrong")
+    assert redis_client.exists(key)
+
+    async def discard() -> None:
+        client = aioredis.from_url(stack.redis_url)
+        try:
+            await RedisSink(client, score_ttl_s=100, session_ttl_s=100).discard("review_sentiment", "e-wrong")
+        finally:
+            await client.aclose()
+
+    asyncio.run(discard())
+    assert not redis_client.exists(key)

@@ -59,11 +59,15 @@ class Sink:
 
     def __init__(self) -> None:
         self.written: list[str] = []
+        self.discarded: list[tuple[str, str]] = []
 
     async def write(self, results: Any, now_iso: str) -> None:
         if any("sinkpoison" in r.event_id for r in results):
             raise SinkError("CROSSSLOT Keys in request don't hash to the same slot")
         self.written.extend(r.event_id for r in results)
+
+    async def discard(self, task: str, event_id: str) -> None:
+        self.discarded.append((task, event_id))
 
 
 class Publisher:
@@ -174,6 +178,8 @@ def test_a_write_redis_refuses_isolates_that_record_at_the_sink_stage() -> None:
     (dl,) = pub.dead_letters()
     assert dl["offset"] == 103 and dl["error"].startswith("sink: SinkError: CROSSSLOT")
     assert dl["stage"] == "sink"
+    # the score key its failed pipeline may have written is deleted: no result for a dead letter
+    assert sink.discarded == [("review_sentiment", "sinkpoison-3")]
 
 
 def test_a_result_the_broker_refuses_is_isolated_and_no_result_is_sent_twice() -> None:

@@ -292,6 +292,8 @@ class BatchProcessor:
             partition=dl.partition, offset=dl.offset, error=dl.error,
         )  # fmt: skip
         self.metrics.isolated.labels(started.task, stage).inc()
+        if stage == SINK:  # its score key may have been written before its aggregate failed
+            await self.sink.discard(started.task, started.events[row].event_id)
         outcome = await self._dead_letter_alone(started.task, dl)
         return BatchOutcome(0, outcome.dead - 1, 1)  # counted as isolated, not as malformed
 

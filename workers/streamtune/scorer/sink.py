@@ -248,6 +248,12 @@ class RedisSink:
         if scripts:
             await asyncio.gather(*(self._product(keys=k, args=a) for k, a in scripts))
 
+    async def discard(self, task: str, event_id: str) -> None:
+        """Delete a record's score key: a record isolated at the sink failed on its aggregate,
+        but the same non-transactional pipeline may have written its score key, which would
+        then be a result for a record that is in the dead-letter topic instead."""
+        await self._retry(lambda: self.client.delete(score_key(task, event_id)))
+
     async def _retry(self, op: Callable[[], Awaitable[T]]) -> T:
         """Retry connection-level failures and server-wide refusals forever with capped
         exponential back-off.
