@@ -97,25 +97,12 @@ def _vectorizers(cfg: LinearConfig) -> tuple[Any, Any]:
     """The word and char_wb hashing vectorizers (raw counts, all non-negative)."""
     from sklearn.feature_extraction.text import HashingVectorizer
 
+    common: dict[str, Any] = {"n_features": cfg.n_features, "lowercase": True, "alternate_sign": False,
+                              "norm": None, "dtype": np.float64}  # fmt: skip
     word = HashingVectorizer(
-        n_features=cfg.n_features,
-        analyzer="word",
-        ngram_range=cfg.word_ngrams,
-        token_pattern=WORD_TOKEN_PATTERN,
-        lowercase=True,
-        alternate_sign=False,
-        norm=None,
-        dtype=np.float64,
+        analyzer="word", ngram_range=cfg.word_ngrams, token_pattern=WORD_TOKEN_PATTERN, **common
     )
-    char = HashingVectorizer(
-        n_features=cfg.n_features,
-        analyzer="char_wb",
-        ngram_range=cfg.char_ngrams,
-        lowercase=True,
-        alternate_sign=False,
-        norm=None,
-        dtype=np.float64,
-    )
+    char = HashingVectorizer(analyzer="char_wb", ngram_range=cfg.char_ngrams, **common)
     return word, char
 
 
