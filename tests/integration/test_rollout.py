@@ -105,7 +105,8 @@ def test_promote_mid_stream_swaps_between_batches_and_refuses_a_corrupt_release(
     assert metric(scorer, 'streamtune_adapter_refusals_total{task="review_sentiment"}') == 0
     assert metric(scorer, 'streamtune_adapter_version{task="review_sentiment"}') == 2
     stood_still = time.time() - 3600
-    os.utime(weights, (stood_still, stood_still))  # the next retry (back-off <= 60 s) refuses it
+    for f in weights.parent.rglob("*"):  # every file of v3 (a fresh checkout's are fresh too)
+        os.utime(f, (stood_still, stood_still))  # the next retry (back-off <= 60 s) refuses it
     wait_until(lambda: metric(scorer, 'streamtune_adapter_refusals_total{task="review_sentiment"}') == 1, 120,
                "the refusal", 0.1, scorer.assert_alive)  # fmt: skip
     refusals = [r for r in ReleaseLog(s).read_all()[0] if r.stage == "refused"]

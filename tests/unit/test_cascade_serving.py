@@ -136,6 +136,20 @@ def test_review_results_carry_their_path_and_reasons_and_validate_against_the_sc
     assert ReviewScore.model_validate(old).path is None
 
 
+def test_rows_of_a_version_without_a_linear_stage_get_no_reasons_in_a_mixed_batch() -> None:
+    """A canary split a batch between a version with a linear stage and one without."""
+    scored = Scored(
+        "review_sentiment", list(CLASSES), np.array([[0.1, 0.1, 0.8], [0.6, 0.3, 0.1]], dtype=np.float32),
+        np.array([1, 2]), paths=np.array([ScorePath.TRANSFORMER, ScorePath.LINEAR], dtype=np.int8),
+        reasons=[None, [("faded", 0.3)]],
+    )  # fmt: skip
+    first, second = (
+        json.loads(r.payload()) for r in encode.review_results([_review(0), _review(1)], scored, NOW)
+    )
+    assert first["reasons"] is None and first["path"] == "transformer"
+    assert second["reasons"] == [{"term": "faded", "weight": 0.3}]
+
+
 def test_a_version_without_a_linear_stage_says_transformer_and_gives_no_reasons() -> None:
     scored = Scored(
         "query_class", ["a", "b"], np.array([[0.3, 0.7]], dtype=np.float32), np.array([1]),

@@ -217,6 +217,12 @@ def test_a_dead_letter_refused_for_no_size_reason_pauses_the_batch_and_loses_not
             await proc.finish(await proc.start("review_sentiment", records))
         assert is_transient(err.value), "the scorer pauses and re-reads; it does not commit"
         assert value(metrics, "streamtune_dead_letters_lost_total", task="review_sentiment") == 0
+        # an ACL or a closing producer is an outage everywhere (batch failures count it); an
+        # unforeseen refusal of both letters is counted here
+        unforeseen = not isinstance(refusal, TopicAuthorizationFailedError | ProducerClosed)
+        assert (
+            value(metrics, "streamtune_dead_letters_unavailable_total", task="review_sentiment") == unforeseen
+        )
         pub.dlq_refuses = None  # the operator fixes the ACL
         outcome = await proc.finish(await proc.start("review_sentiment", records))  # read again
         assert (outcome.scored, outcome.isolated) == (2, 1)

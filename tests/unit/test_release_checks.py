@@ -409,6 +409,29 @@ def test_a_swap_that_outlasts_its_wait_is_finished_and_recorded_when_the_model_t
         busy.close()
 
 
+def test_a_newer_release_supersedes_a_swap_still_queued(regs: tuple[LocalRegistry, LocalRegistry]) -> None:
+    """The late swap lands first (FIFO model thread), the newer one after it and decides the
+    route; the late one is logged as superseded, not as applied."""
+    _, reg = regs
+    busy = BusyModelThread()
+    try:
+        swapper, runtime, _ = _slow_swapper(reg, busy)
+        runtime.set_route(TASK, Route(live=runtime.load(TASK, 1)))
+        assert not swapper.apply(promote(TASK, 2, reg.manifest_sha256(TASK, 2)))
+        swapper.swap_timeout_s = 10.0
+        with capture_logs() as logs:
+            threading.Timer(0.2, busy.release).start()
+            assert swapper.apply(promote(TASK, 1, reg.manifest_sha256(TASK, 1)))
+            wait_until(lambda: any(e["event"] == "release_applied_late_superseded" for e in logs), 10,
+                       "the superseded swap to be recorded")  # fmt: skip
+        assert runtime.serving() == (1, None)
+        assert gauge(swapper.metrics, "streamtune_releases_pending") == 0
+        assert gauge(swapper.metrics, "streamtune_adapter_version") == 1
+        assert not [e for e in logs if e["event"] == "release_applied_late"]
+    finally:
+        busy.close()
+
+
 def test_a_late_swap_that_fails_is_refused_and_published(regs: tuple[LocalRegistry, LocalRegistry]) -> None:
     _, reg = regs
     busy = BusyModelThread()
@@ -417,10 +440,12 @@ def test_a_late_swap_that_fails_is_refused_and_published(regs: tuple[LocalRegist
         runtime.set_route(TASK, Route(live=runtime.load(TASK, 1)))
         assert not swapper.apply(promote(TASK, 2, reg.manifest_sha256(TASK, 2)))
         busy.release()
-        wait_until(lambda: releases.refusals != [], 10, "the late refusal")
+        # the counter moves after the refusal is published (Swapper.refuse): wait on it
+        wait_until(
+            lambda: gauge(swapper.metrics, "streamtune_adapter_refusals_total") == 1, 10, "the late refusal"
+        )
         [refusal] = releases.refusals
         assert "non-finite" in refusal.reason and refusal.live_version == 1
-        assert gauge(swapper.metrics, "streamtune_adapter_refusals_total") == 1
         wait_until(
             lambda: gauge(swapper.metrics, "streamtune_releases_pending") == 0, 10, "the gauge to clear"
         )
@@ -495,6 +520,24 @@ def test_a_fresh_wrong_file_is_refused_once_it_has_stood_still(
     assert len(releases.refusals) == 1 and swapper.pending == {} and runtime.serving() == (1, None)
 
 
+def test_a_fresh_version_failing_for_another_reason_than_its_files_is_refused_at_once(
+    regs: tuple[LocalRegistry, LocalRegistry],
+) -> None:
+    """Settling is for a copy in progress: a bad signature (or base model) on files written a
+    moment ago is refused at once, not after release_settle_s."""
+    swapper, runtime, releases, _, sha3 = _serving_v1_with_v3_on_disk(regs, Clock())
+
+    def unsigned(task: str, version: int) -> Manifest:
+        if version == 3:
+            raise AdapterError(f"{task} v3: manifest unsigned or tampered")
+        return runtime.registry.verify(task, version)
+
+    runtime.verify = unsigned  # type: ignore[method-assign]
+    assert not swapper.apply(promote(TASK, 3, sha3))
+    [refusal] = releases.refusals
+    assert "unsigned" in refusal.reason and swapper.pending == {}
+
+
 def test_still_written_names_what_moved_or_is_fresh() -> None:
     before = {"a": (10, 1_000 * 10**9), "b": (4, 1_000 * 10**9)}
     assert still_written(before, before, now=2_000.0, settle_s=120) == ""
@@ -507,6 +550,8 @@ def test_still_written_names_what_moved_or_is_fresh() -> None:
     )
     assert "file(s) c changed" in still_written(before, {**before, "c": (1, 0)}, now=2_000.0)
     assert still_written(before, before, now=1_100.0, settle_s=0) == ""
+    from_the_future = {"a": (10, 9_000 * 10**9)}  # another clock: not "fresh", or it holds for ever
+    assert still_written(from_the_future, from_the_future, now=2_000.0, settle_s=120) == ""
     fresh_manifest = {
         **before,
         "manifest.json": (9, 1_099 * 10**9),

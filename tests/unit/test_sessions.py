@@ -357,6 +357,17 @@ def test_a_future_dated_click_on_a_lagging_partition_expires_nothing() -> None:
     assert sorted(k for k, _ in _sweep(store, {0}, t)) == ["ahead", "s0", "s1", "s2", "s3", "s4"]
 
 
+def test_a_producer_clock_slightly_ahead_still_moves_the_watermark() -> None:
+    """Clicks a second ahead of the scorer's clock (NTP skew) are the live stream, not future
+    dates: leaving them out would freeze the watermark and keep every session for hours."""
+    store = SessionStore({})
+    for i in range(3):
+        now = T0 + timedelta(minutes=40 * i)
+        store.apply([_at(_click(f"s{i}", ts=now + timedelta(seconds=1)), 0, i)], now=now.timestamp())
+    assert store.watermarks == {0: (T0 + timedelta(minutes=80)).timestamp()}
+    assert sorted(k for k, _ in _sweep(store, {0}, T0 + timedelta(minutes=80))) == ["s0", "s1"]
+
+
 def test_a_session_stored_before_stream_seen_existed_seeds_from_last_seen() -> None:
     old = SessionState(partition=0, last_offset=3, last_seen=T0.timestamp()).model_dump(mode="json")
     del old["stream_seen"]

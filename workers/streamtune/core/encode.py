@@ -82,7 +82,10 @@ def _paths(scored: Scored) -> list[AnswerPath | None]:
 def _reasons(scored: Scored) -> list[list[TermWeight] | None]:
     if scored.reasons is None:
         return [None] * len(scored.versions)
-    return [[TermWeight(term=t, weight=round(w, 6)) for t, w in row] for row in scored.reasons]
+    return [
+        None if row is None else [TermWeight(term=t, weight=round(w, 6)) for t, w in row]
+        for row in scored.reasons
+    ]
 
 
 def review_results(events: list[ReviewEvent], scored: Scored, now: datetime) -> list[Result]:

@@ -26,6 +26,11 @@ class AdapterError(StreamtuneError):
     """An adapter version is missing, corrupt, incompatible or fails verification."""
 
 
+class FileMismatch(AdapterError):
+    """A version's file is missing or its checksum differs from its manifest's: what a copy still
+    in progress looks like too (the swapper waits before it refuses one)."""
+
+
 class SinkError(StreamtuneError):
     """Writing results to Redis or the output topics failed."""
 

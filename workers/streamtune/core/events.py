@@ -211,7 +211,8 @@ class ClassProbability(BaseModel):
 AnswerPath = Literal["linear", "blend", "transformer"]
 PATH_DESCRIPTION = (
     "Which model answered (text tasks): the version's linear stage alone, a blend of it with the"
-    " transformer, or the transformer alone. Absent from results of versions before the cascade"
+    " transformer, or the transformer alone (every result of a version without a linear stage)."
+    " Absent (null) from results written before this field existed"
 )
 
 

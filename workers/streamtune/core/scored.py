@@ -36,8 +36,9 @@ class Scored:
     shadow: Shadow | None = None
     # text tasks: the ScorePath code (int8) of each row: which model(s) answered it
     paths: np.ndarray | None = None
-    # review_sentiment with a linear stage: per row, the terms that pushed hardest towards its label
-    reasons: list[list[tuple[str, float]]] | None = None
+    # review_sentiment with a linear stage: per row, the terms that pushed hardest towards its
+    # label (None for the rows of a version without one, in a batch split by a canary)
+    reasons: list[list[tuple[str, float]] | None] | None = None
 
     @property
     def version(self) -> int:

@@ -139,7 +139,7 @@ class FirstStage(Protocol):
 class Answer:
     probs: np.ndarray  # served, float32 [rows, classes]
     paths: np.ndarray  # ScorePath codes, int8 [rows]
-    reasons: list[list[tuple[str, float]]] | None  # per row, towards its served label
+    reasons: list[list[tuple[str, float]] | None] | None  # per row, towards its served label
 
 
 def answer(
@@ -160,7 +160,7 @@ def answer(
     if len(need):
         transformer_probs[need] = transformer([texts[int(i)] for i in need])
     probs = combine(paths, linear_probs, transformer_probs, rule).astype(np.float32)
-    why = None
+    why: list[list[tuple[str, float]] | None] | None = None
     if reasons > 0:
         served = probs.argmax(axis=1)
         why = [stage.reasons_of(t, features[i], int(served[i]), reasons) for i, t in enumerate(texts)]

@@ -311,7 +311,7 @@ class ModelRuntime:
         probs: np.ndarray | None = None
         versions = np.zeros(len(keys), dtype=np.int64)
         paths: np.ndarray | None = None
-        reasons: list[list[tuple[str, float]]] | None = None
+        reasons: list[list[tuple[str, float]] | None] | None = None
         shadow_stats = None
         for rows, adapter in ((live_rows, route.live), (canary_rows, route.canary)):
             if not rows:
@@ -325,7 +325,7 @@ class ModelRuntime:
                 paths = np.full(len(keys), ScorePath.TRANSFORMER, dtype=np.int8) if paths is None else paths
                 paths[rows] = part.paths
             if part.reasons is not None:
-                reasons = [[] for _ in keys] if reasons is None else reasons
+                reasons = [None] * len(keys) if reasons is None else reasons  # None: a version without
                 for i, r in zip(rows, part.reasons, strict=True):
                     reasons[i] = r
             if shadow and adapter is route.live:

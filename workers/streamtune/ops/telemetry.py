@@ -133,6 +133,12 @@ class ScorerMetrics:
             ["task"],
             registry=r,
         )
+        self.dead_letters_unavailable = Counter(
+            "streamtune_dead_letters_unavailable",
+            "Dead letters refused for another reason than their size: the batch paused and is read again",
+            ["task"],
+            registry=r,
+        )
         self.offset_skips = Counter(
             "streamtune_offset_skips",
             "Input records the consumer skipped and the scorer sought back to (see offsets.py)",

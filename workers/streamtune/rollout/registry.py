@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
-from streamtune.core.errors import AdapterError
+from streamtune.core.errors import AdapterError, FileMismatch
 from streamtune.core.events import TaskName
 
 MANIFEST = "manifest.json"
@@ -130,13 +130,6 @@ class Artifact(BaseModel):
     passed: bool
     fp32_nodes: list[str] = Field(default_factory=list, description="graph nodes left unquantized")
     details: dict[str, Any] = {}
-    cascade: dict[str, Any] = Field(
-        default_factory=dict,
-        description=(
-            "Text versions with a linear stage (linear.safetensors, linear.json): the cascade's"
-            " rule (threshold, weight, min_coverage) and the validation report it was chosen on"
-        ),
-    )
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
     signature: str = ""
 
@@ -298,10 +291,10 @@ class LocalRegistry:
         for name, digest in m.files.items():
             path = d / name
             if not path.is_file():
-                raise AdapterError(f"{task} v{version}: file {name} missing")
+                raise FileMismatch(f"{task} v{version}: file {name} missing")
             actual = sha256_file(path)
             if actual != digest:
-                raise AdapterError(f"{task} v{version}: checksum mismatch for {name}")
+                raise FileMismatch(f"{task} v{version}: checksum mismatch for {name}")
         if base_sha256 is not None and m.kind == "text-lora" and m.base_model.sha256 != base_sha256:
             raise AdapterError(
                 f"{task} v{version}: trained for base model {m.base_model.name} "
@@ -377,9 +370,9 @@ class LocalRegistry:
             raise AdapterError(f"{where}: the {backend} artifact lists no files")
         for name, digest in art.files.items():
             if not (d / name).is_file():
-                raise AdapterError(f"{where}: {backend} artifact file {name} missing")
+                raise FileMismatch(f"{where}: {backend} artifact file {name} missing")
             if sha256_file(d / name) != digest:
-                raise AdapterError(f"{where}: checksum mismatch for {backend} artifact file {name}")
+                raise FileMismatch(f"{where}: checksum mismatch for {backend} artifact file {name}")
         return art, d / next(iter(art.files))
 
     @contextmanager

@@ -298,11 +298,13 @@ class BatchProcessor:
         return BatchOutcome(0, outcome.dead - 1, 1)  # counted as isolated, not as malformed
 
     async def _dead_letter_alone(self, task: str, dl: DeadLetter) -> BatchOutcome:
-        """Send one dead letter; if it is refused for its size, once more without the raw value
-        (the record stays findable by topic, partition and offset); if that is refused too, log
-        it as lost. Refused for any other reason (an outage, an ACL, a closing producer, an
-        error nobody foresaw), it raises a transient error: the batch is read again later and
-        its offsets are not committed past a record that reached no topic."""
+        """Send one dead letter; if it is refused, once more without the raw value (the record
+        stays findable by topic, partition and offset). If that is refused for its size too,
+        log it as lost: it can never fit. Refused for any other reason (an ACL, a closing
+        producer, an error nobody foresaw), it raises a transient error: the batch is read
+        again later and its offsets are not committed past a record that reached no topic
+        (``streamtune_dead_letters_unavailable_total`` counts those pauses)."""
+        refusal: Exception | None = None
         for letter in (dl, dl.model_copy(update={"raw": None, "raw_b64": None})):
             sent: list[Sent] = []
             try:
@@ -312,16 +314,19 @@ class BatchProcessor:
                 await self.delivered.settle(sent, self.settings.scorer.batch_step_timeout_s)
                 if is_transient(e):
                     raise
-                if not is_size_refusal(e):
-                    log.error("dead_letter_unavailable", topic=dl.source_topic, partition=dl.partition,
-                              offset=dl.offset, error=describe(e))  # fmt: skip
-                    raise DeadLetterUnavailable(f"dead letter of {dl.source_topic}[{dl.partition}]@"
-                                                f"{dl.offset} refused: {describe(e)}") from e  # fmt: skip
                 log.warning("dead_letter_refused", topic=dl.source_topic, partition=dl.partition,
                             offset=dl.offset, error=describe(e))  # fmt: skip
+                refusal = e
                 continue
             self.delivered.settle_now(sent)
             return BatchOutcome(0, 1)
+        assert refusal is not None
+        if not is_size_refusal(refusal):
+            self.metrics.dead_letters_unavailable.labels(task).inc()
+            log.error("dead_letter_unavailable", topic=dl.source_topic, partition=dl.partition,
+                      offset=dl.offset, error=describe(refusal))  # fmt: skip
+            raise DeadLetterUnavailable(f"dead letter of {dl.source_topic}[{dl.partition}]@{dl.offset} "
+                                        f"refused: {describe(refusal)}") from refusal  # fmt: skip
         self.metrics.dead_letters_lost.labels(task).inc()
         log.error("dead_letter_lost", topic=dl.source_topic, partition=dl.partition, offset=dl.offset)
         return BatchOutcome(0, 1)

@@ -26,7 +26,8 @@ again from one page view. The rules, per partition ``p`` of the click topic:
   ``max_future_skew_s`` ahead; within that skew, a click dated a day ahead would otherwise keep
   its session for a day after its last click, and push the watermark a day ahead, expiring every
   live session of its partition. Clamped, it counts as a click made now for its own session, but
-  it does **not** move the watermark: on a lagging partition (a backlog read hours late) the
+  (dated more than ``CLOCK_SKEW_S`` ahead: a producer clock a little fast still counts) it does
+  **not** move the watermark: on a lagging partition (a backlog read hours late) the
   clamped time would be hours ahead of the stream and expire every live session there. Each
   stored session keeps ``stream_seen``, its latest click time that counted, so the watermark
   recomputed after a restart leaves clamped clicks out too.
@@ -57,6 +58,11 @@ from typing import Any
 from streamtune.core.decode import Decoded, Source
 from streamtune.core.events import ClickEvent
 from streamtune.core.features import SessionState, apply_click, click_time, is_expired
+
+# A click dated at most this far ahead of the wall clock is a producer's clock running slightly
+# fast, not a future date: it still moves the watermark (at its clamped time, now). Without this
+# margin, producers a few milliseconds ahead of the scorer would freeze every watermark.
+CLOCK_SKEW_S = 5.0
 
 # The context one table write runs in, given the source of the click it comes from.
 Attribute = Callable[[Source], AbstractContextManager[Any]]
@@ -108,7 +114,7 @@ class SessionStore:
             new, applied = apply_click(self.state(sid), d.event, partition, d.source.offset)
             if applied:
                 t = click_time(d.event, now)
-                clamped = t < d.event.ts.timestamp()
+                clamped = d.event.ts.timestamp() - t > CLOCK_SKEW_S
                 if clamped:  # counts as made now for its session, not for the watermark
                     before = self._stream_seen(self.state(sid))
                     new = new.model_copy(update={"last_seen": t, "stream_seen": before})

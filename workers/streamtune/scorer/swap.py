@@ -30,7 +30,7 @@ from typing import Literal
 
 import structlog
 
-from streamtune.core.errors import AdapterError
+from streamtune.core.errors import AdapterError, FileMismatch
 from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.model.runtime import ModelRuntime, Route
 from streamtune.ops.telemetry import ScorerMetrics
@@ -211,8 +211,9 @@ _RECORDS = frozenset({MANIFEST, ARTIFACT_MANIFEST, ARTIFACTS_LOCK})
 def still_written(before: FileStats, after: FileStats, now: float, settle_s: float = SETTLE_S) -> str:
     """Why a checksum that failed between ``before`` and ``after`` may be a copy in progress
     rather than a bad file: a file changed during the check, or was modified less than
-    ``settle_s`` before ``now`` (epoch seconds; manifests and locks aside). "" when every file
-    stood still: the failure
+    ``settle_s`` before ``now`` (epoch seconds; manifests and locks aside; a modification time
+    ahead of ``now``, a clock mismatch, does not count as fresh, or it could hold a release for
+    ever). "" when every file stood still: the failure
     is the file's own, and the version is refused."""
     changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
     if changed:
@@ -220,7 +221,7 @@ def still_written(before: FileStats, after: FileStats, now: float, settle_s: flo
     recent = sorted(
         name
         for name, (_, mtime_ns) in after.items()
-        if now - mtime_ns / 1e9 < settle_s and Path(name).name not in _RECORDS
+        if 0 <= now - mtime_ns / 1e9 < settle_s and Path(name).name not in _RECORDS
     )
     if recent:
         return f"file(s) {', '.join(recent)} modified less than {settle_s:.0f} s ago"
@@ -314,6 +315,7 @@ class Swapper:
         refused (a refusal record) or is pending (retried until its files are on disk)."""
         with self._lock:
             self._pending.pop(release.task, None)  # a newer record replaces a pending one
+            self._swapping.pop(release.task, None)  # ... and supersedes a swap still queued
             outcome = self._apply(release)
             self._publish_pending(release.task)
             return outcome == "applied"
@@ -344,7 +346,11 @@ class Swapper:
                 again = look()
                 if isinstance(again, Pending):
                     return again
-                moving = still_written(before, file_stats(directory), self.wall_clock(), self.settle_s)
+                # only a file's content can be a copy in progress: a bad signature, another base
+                # model or an unreadable manifest are refused at once, however fresh the files
+                moving = isinstance(e, FileMismatch) and still_written(
+                    before, file_stats(directory), self.wall_clock(), self.settle_s
+                )
                 if moving:
                     return Pending(f"{task} v{version}: {e}, but {moving} (a copy in progress?)", (version,))
                 return Refuse(str(e), version)
@@ -402,21 +408,27 @@ class Swapper:
 
     def _finish(self, release: Release, done: Future[None], started: float) -> None:
         with self._lock:
-            if self._swapping.get(release.task) is release:
+            # a newer record of the task was applied since: its swap queued behind this one and
+            # decides the route; this one is only logged (a refusal is still published: true)
+            superseded = self._swapping.get(release.task) is not release
+            if not superseded:
                 del self._swapping[release.task]
-            if done.cancelled():  # the model thread shut down first: nothing was swapped
-                log.warning("release_swap_cancelled", task=release.task, version=release.version)
+            try:
+                if done.cancelled():  # the model thread shut down first: nothing was swapped
+                    log.warning("release_swap_cancelled", task=release.task, version=release.version)
+                    return
+                error = done.exception()
+                if isinstance(error, AdapterError):
+                    self.refuse(release, str(error))
+                elif error is not None:
+                    log.error("release_swap_failed", task=release.task, version=release.version,
+                              error=repr(error))  # fmt: skip
+                elif superseded:
+                    log.info("release_applied_late_superseded", task=release.task, version=release.version)
+                else:
+                    self._applied(release, started, late=True)
+            finally:  # whatever happened above (a refusal that could not be published), the gauge
                 self._publish_pending(release.task)
-                return
-            error = done.exception()
-            if isinstance(error, AdapterError):
-                self.refuse(release, str(error))
-            elif error is not None:
-                log.error("release_swap_failed", task=release.task, version=release.version,
-                          error=repr(error))  # fmt: skip
-            else:
-                self._applied(release, started, late=True)
-            self._publish_pending(release.task)
 
     def refuse(self, release: Release, reason: str) -> None:
         """Log and publish the refusal, then count it: once the counter moves, the refusal's

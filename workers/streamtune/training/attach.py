@@ -43,13 +43,21 @@ from streamtune.training.candidate import _TextModel
 log = structlog.get_logger(__name__)
 
 
-def seen_by(source: Manifest, data_dir: Path) -> frozenset[str]:
-    """The training texts of a version trained by ``streamtune train`` before the validation
-    split existed (its record has no ``validation_rows``): it sampled ``train_rows`` of the whole
-    training split with its seed (0: all of it). Versions trained since never saw validation
-    rows, and online versions trained on labels from the stream: nothing known to leave out."""
+def seen_by(registry: AdapterStore, source: Manifest, data_dir: Path) -> frozenset[str]:
+    """The shipped training texts ``source``'s transformer was trained on, as far as known.
+
+    A version trained by ``streamtune train`` before the validation split existed (its record
+    has no ``validation_rows``) sampled ``train_rows`` of the whole training split with its seed
+    (0: all of it). A version trained since never saw validation rows. A version whose
+    transformer came from another (``transformer_from``: attached here; an online candidate:
+    fine-tuned from its parent on labels from the stream) saw what that one saw."""
     record = source.training
-    if "validation_rows" in record or record.get("source") == "trainer" or "seed" not in record:
+    parent = record.get("transformer_from") or (
+        source.parent_version if record.get("source") == "trainer" else None
+    )
+    if parent:
+        return seen_by(registry, registry.manifest(source.task, int(parent)), data_dir)
+    if "validation_rows" in record or "seed" not in record:
         return frozenset()
     rows = int(record.get("train_rows") or 0)
     return v1_training_texts(source.task, data_dir, rows=rows, seed=int(record["seed"]))
@@ -76,7 +84,7 @@ def cascade_from(
     if split.names != source.labels:
         raise StreamtuneError(f"{task} v{version}: its labels are not the data's classes")
     names = split.names
-    seen = seen_by(source, data_dir)
+    seen = seen_by(registry, source, data_dir)
     xva, yva = split.validation
     kept = [i for i, x in enumerate(xva) if x not in seen]
     if not kept:
