@@ -4,7 +4,7 @@ bootstrap), the holdout is the labels that arrived last, and the reference set h
 
 from __future__ import annotations
 
-import time
+import math
 
 import numpy as np
 import pytest
@@ -193,15 +193,15 @@ def test_without_per_row_predictions_the_gate_refuses() -> None:
     assert not v.passed and "per-row" in v.reason
 
 
-def test_a_gate_on_500_rows_takes_well_under_a_second() -> None:
+def test_a_gate_on_500_rows_of_every_task_judges_the_gain_with_its_test() -> None:
+    """Every task's metric family goes through the paired test (no timing asserted: the bench
+    and the trainer's logs measure time)."""
     rng = np.random.default_rng(7)
     for task, n_classes in (("review_sentiment", 3), ("purchase_intent", 2), ("query_class", 188)):
         y = rng.integers(0, n_classes, N)
         live, cand = rng.dirichlet(np.ones(n_classes), N), rng.dirichlet(np.ones(n_classes), N)
-        paired = PairedHoldout(list(y), live, cand)
-        started = time.perf_counter()
-        judge(task, paired)
-        assert time.perf_counter() - started < 1.0, task
+        verdict = judge(task, PairedHoldout(list(y), live, cand))
+        assert "holdout_test" in verdict.details and math.isfinite(verdict.details["holdout_gain"]), task
 
 
 @pytest.mark.parametrize(

@@ -316,26 +316,17 @@ def gate(
       floor. ``reference_first`` None: that check is skipped (callers that have no first
       version's score).
     """
-    refused = refuse_undefined(
+    comparison = Comparison(
         task, holdout_live, holdout_candidate, reference_live, reference_candidate,
         margin, tolerance, holdout_rows, reference_rows,
     )  # fmt: skip
+    refused = refuse_undefined(comparison)
     if refused is not None:  # an undefined gate metric: refused, saying why
         return refused
     metric = GATE_METRIC[task]
     hl, hc = holdout_live.get(metric), holdout_candidate.get(metric)
     rl, rc = reference_live.get(metric), reference_candidate.get(metric)
-    details: dict[str, Any] = {
-        "metric": metric,
-        "margin": margin,
-        "reference_tolerance": tolerance,
-        "holdout": {"rows": holdout_rows, "live": dict(holdout_live), "candidate": dict(holdout_candidate)},
-        "reference": {
-            "rows": reference_rows,
-            "live": dict(reference_live),
-            "candidate": dict(reference_candidate),
-        },
-    }
+    details = comparison.details()
     details["alpha"] = alpha
     rf = None if reference_first is None else reference_first.get(metric)
     if reference_first is not None:
@@ -429,25 +420,53 @@ def undefined_of(metrics: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def refuse_undefined(
-    task: str,
-    holdout_live: Mapping[str, float],
-    holdout_candidate: Mapping[str, float],
-    reference_live: Mapping[str, float],
-    reference_candidate: Mapping[str, float],
-    margin: float,
-    tolerance: float,
-    holdout_rows: int,
-    reference_rows: int,
-) -> GateVerdict | None:
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """What the gate compares: each model's metrics on the holdout and on the reference set,
+    with the margin and tolerance it applies."""
+
+    task: str
+    holdout_live: Mapping[str, float]
+    holdout_candidate: Mapping[str, float]
+    reference_live: Mapping[str, float]
+    reference_candidate: Mapping[str, float]
+    margin: float
+    tolerance: float
+    holdout_rows: int
+    reference_rows: int
+
+    def details(self) -> dict[str, Any]:
+        """The part of a verdict's details every verdict has (JSON-safe, for the manifest)."""
+        return {
+            "metric": GATE_METRIC[self.task],
+            "margin": self.margin,
+            "reference_tolerance": self.tolerance,
+            "holdout": {
+                "rows": self.holdout_rows,
+                "live": dict(self.holdout_live),
+                "candidate": dict(self.holdout_candidate),
+            },
+            "reference": {
+                "rows": self.reference_rows,
+                "live": dict(self.reference_live),
+                "candidate": dict(self.reference_candidate),
+            },
+        }
+
+
+def refuse_undefined(c: Comparison) -> GateVerdict | None:
     """The gate's first check: the verdict refusing a comparison whose gate metric is undefined
     (NaN or missing) for either model on the holdout or the reference set, saying where and why;
     None when it is defined everywhere. Undefined is not "worse": no decision can be made on it,
     and NaN would otherwise slip through comparisons (every comparison with NaN is false)."""
-    metric = GATE_METRIC[task]
+    metric = GATE_METRIC[c.task]
     sets = {
-        "holdout": (f"the holdout ({holdout_rows} rows)", holdout_live, holdout_candidate),
-        "reference": (f"the reference set ({reference_rows} rows)", reference_live, reference_candidate),
+        "holdout": (f"the holdout ({c.holdout_rows} rows)", c.holdout_live, c.holdout_candidate),
+        "reference": (
+            f"the reference set ({c.reference_rows} rows)",
+            c.reference_live,
+            c.reference_candidate,
+        ),
     }
     undefined: dict[str, dict[str, str]] = {}
     reason = ""
@@ -467,16 +486,4 @@ def refuse_undefined(
             reason = f"{metric} undefined on {name}: {why}"
     if not undefined:
         return None
-    details: dict[str, Any] = {
-        "metric": metric,
-        "margin": margin,
-        "reference_tolerance": tolerance,
-        "holdout": {"rows": holdout_rows, "live": dict(holdout_live), "candidate": dict(holdout_candidate)},
-        "reference": {
-            "rows": reference_rows,
-            "live": dict(reference_live),
-            "candidate": dict(reference_candidate),
-        },
-        "undefined": undefined,
-    }
-    return GateVerdict(False, reason, details)
+    return GateVerdict(False, reason, {**c.details(), "undefined": undefined})
