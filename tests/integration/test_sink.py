@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import redis
 import redis.asyncio as aioredis
 
-from streamtune.core.encode import ProductUpdate, Result, SessionUpdate
-from streamtune.core.events import AdapterRef, ClickScore, ReviewScore
+from streamtune.core.encode import Result
 from streamtune.scorer.isolation import is_transient
 from streamtune.scorer.sink import (
     RedisSink,
@@ -19,49 +17,7 @@ from streamtune.scorer.sink import (
     score_key,
     session_key,
 )
-
-NOW = datetime(2026, 11, 28, tzinfo=UTC)
-
-
-def review(
-    event_id: str, product: str, label: str, p_pos: float, version: int = 1, terms: tuple[str, ...] = ()
-) -> Result:
-    probs = {"negative": 0.0, "neutral": round(1 - p_pos, 6), "positive": p_pos}
-    score = ReviewScore(
-        event_id=event_id,
-        task="review_sentiment",
-        adapter=AdapterRef(task="review_sentiment", version=version),
-        label=label,
-        event_ts=NOW,
-        scored_at=NOW,
-        product_id=product,
-        probabilities=probs,  # type: ignore[arg-type]
-    )
-    return Result(
-        "review_sentiment",
-        event_id,
-        product,
-        score,
-        NOW,
-        ProductUpdate(product, event_id, label, p_pos, terms),
-    )
-
-
-def click(event_id: str, session: str, views: int, p: float) -> Result:
-    score = ClickScore(
-        event_id=event_id,
-        task="purchase_intent",
-        adapter=AdapterRef(task="purchase_intent", version=1),
-        label="no_purchase",
-        event_ts=NOW,
-        scored_at=NOW,
-        session_id=session,
-        purchase_probability=p,
-        page_views=views,
-    )
-    return Result(
-        "purchase_intent", event_id, session, score, NOW, SessionUpdate(session, views, p, event_id, 1)
-    )
+from support.results import NOW, click, review
 
 
 def _write(url: str, results: list[Result]) -> None:

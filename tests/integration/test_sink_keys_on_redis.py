@@ -15,10 +15,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from test_sink import NOW, click, review
 
 from streamtune.core.encode import Result
 from streamtune.scorer.sink import RedisSink, product_key, product_ledger_key, score_key, session_key
+from support.results import NOW, click, review
 
 pytestmark = pytest.mark.integration
 

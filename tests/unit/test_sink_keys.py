@@ -12,14 +12,11 @@ import asyncio
 import binascii
 import hashlib
 import string
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from redis.crc import key_slot
 
-from streamtune.core.encode import ProductUpdate, Result, SessionUpdate
-from streamtune.core.events import AdapterRef, ClickScore, ReviewScore
 from streamtune.scorer import sink
 from streamtune.scorer.sink import (
     RedisSink,
@@ -30,6 +27,7 @@ from streamtune.scorer.sink import (
     score_key,
     session_key,
 )
+from support.results import NOW, click, review
 
 HOSTILE_IDS = [
     "}",  # old keys: "streamtune:product:{}}", an empty tag, so view and ledger hashed apart
@@ -49,7 +47,6 @@ HOSTILE_IDS = [
     "}{" * 64,  # the longest id a payload may carry (128 characters)
     "{" * 128,
 ]
-NOW = datetime(2026, 11, 28, tzinfo=UTC)
 SLOTS = 16384
 
 
@@ -179,37 +176,6 @@ class RecordingClient:
     def pipeline(self, transaction: bool = True) -> RecordingPipeline:
         self.pipelines.append(RecordingPipeline())
         return self.pipelines[-1]
-
-
-def review(event_id: str, product_id: str) -> Result:
-    score = ReviewScore(
-        event_id=event_id,
-        task="review_sentiment",
-        adapter=AdapterRef(task="review_sentiment", version=1),
-        label="positive",
-        event_ts=NOW,
-        scored_at=NOW,
-        product_id=product_id,
-        probabilities={"negative": 0.1, "neutral": 0.1, "positive": 0.8},
-    )
-    update = ProductUpdate(product_id, event_id, "positive", 0.8)
-    return Result("review_sentiment", event_id, product_id, score, NOW, update)
-
-
-def click(event_id: str, session_id: str) -> Result:
-    score = ClickScore(
-        event_id=event_id,
-        task="purchase_intent",
-        adapter=AdapterRef(task="purchase_intent", version=1),
-        label="no_purchase",
-        event_ts=NOW,
-        scored_at=NOW,
-        session_id=session_id,
-        purchase_probability=0.2,
-        page_views=1,
-    )
-    update = SessionUpdate(session_id, 1, 0.2, event_id, 1)
-    return Result("purchase_intent", event_id, session_id, score, NOW, update)
 
 
 @pytest.mark.parametrize("cluster", [False, True], ids=["pipeline", "cluster"])
