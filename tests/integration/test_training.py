@@ -10,7 +10,16 @@ from streamtune.core.settings import Settings
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.training.bootstrap import TrainConfig, train_task
 
-SMALL = TrainConfig(seed=3, epochs=1, train_rows=48, eval_rows=48, max_len=32, batch_size=16)
+SMALL = TrainConfig(
+    seed=3,
+    epochs=1,
+    train_rows=48,
+    eval_rows=48,
+    max_len=32,
+    batch_size=16,
+    linear_rows=400,
+    validation_rows=100,
+)
 
 
 def _weights(reg: LocalRegistry, task: str, version: int) -> dict[str, str]:
@@ -34,7 +43,8 @@ def test_query_class_trains_and_reports_baselines(tmp_path: Path) -> None:
     reg = LocalRegistry(tmp_path)
     m = train_task("query_class", s.model.base_model, s.model.data_dir, reg, SMALL)
     assert set(m.metrics) == {"top1", "top3"}
-    assert set(m.baselines) == {"majority", "tfidf_logreg"}
+    assert set(m.baselines) == {"majority", "tfidf_logreg", "tfidf_logreg_unbalanced"}
+    assert m.cascade == {} and "linear.json" not in m.files  # query_class has no linear stage (yet)
     assert m.metrics["top3"] >= m.metrics["top1"]
     assert m.training["held_out_rows"] == 48 and "" not in m.labels
     # Held-out rows are never trained on: the split is a property of the row id.
