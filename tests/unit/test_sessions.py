@@ -363,7 +363,10 @@ def test_a_producer_clock_slightly_ahead_still_moves_the_watermark() -> None:
     store = SessionStore({})
     for i in range(3):
         now = T0 + timedelta(minutes=40 * i)
-        store.apply([_at(_click(f"s{i}", ts=now + timedelta(seconds=1)), 0, i)], now=now.timestamp())
+        (state,) = store.apply(
+            [_at(_click(f"s{i}", ts=now + timedelta(seconds=1)), 0, i)], now=now.timestamp()
+        )
+        assert state.last_seen == state.stream_seen == now.timestamp()  # clamped all the same
     assert store.watermarks == {0: (T0 + timedelta(minutes=80)).timestamp()}
     assert sorted(k for k, _ in _sweep(store, {0}, T0 + timedelta(minutes=80))) == ["s0", "s1"]
 

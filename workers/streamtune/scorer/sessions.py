@@ -111,13 +111,15 @@ class SessionStore:
             sid = d.event.session_id
             partition = d.source.partition
             self.last_click_at[partition] = now
-            new, applied = apply_click(self.state(sid), d.event, partition, d.source.offset)
+            stored = self.state(sid)
+            new, applied = apply_click(stored, d.event, partition, d.source.offset)
             if applied:
                 t = click_time(d.event, now)
+                # far ahead: counts as made now for its session, not for the watermark
                 clamped = d.event.ts.timestamp() - t > CLOCK_SKEW_S
-                if clamped:  # counts as made now for its session, not for the watermark
-                    before = self._stream_seen(self.state(sid))
-                    new = new.model_copy(update={"last_seen": t, "stream_seen": before})
+                seen = self._stream_seen(stored) if clamped else t
+                if (new.last_seen, new.stream_seen) != (t, seen):
+                    new = new.model_copy(update={"last_seen": t, "stream_seen": seen})
                 with attribute(d.source):
                     self.table[sid] = new.model_dump(mode="json")
                 if not clamped:
