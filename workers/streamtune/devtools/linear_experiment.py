@@ -100,10 +100,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    report = run(args.task, Settings().model.data_dir, seed=args.seed)
+    emit(run(args.task, Settings().model.data_dir, seed=args.seed), args.out)
+
+
+def emit(report: dict[str, Any], out: Path | None) -> None:
+    """Print an experiment's JSON report, and write it to ``out`` when given."""
     text = json.dumps(report, indent=2) + "\n"
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
     print(text, end="")
 
 

@@ -17,7 +17,6 @@ Prints one JSON document (and writes it to ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import TASKS
 from streamtune.datasets import loaders
+from streamtune.devtools.linear_experiment import emit
 from streamtune.model.cascade import combine, route, shares
 from streamtune.model.linear import LinearConfig, LinearStage
 from streamtune.rollout.registry import LocalRegistry
@@ -50,15 +50,19 @@ def run(settings: Settings, departments: list[str], version: int = 1, seed: int 
     index = {n: i for i, n in enumerate(names)}
     shifted_ids = set(departments)
 
-    def part(items: list[tuple[str, Any, str]], shifted: bool) -> tuple[list[str], list[int]]:
-        keep = [(str(x), index[y]) for rid, x, y in items if (department[rid] in shifted_ids) == shifted]
+    def part(
+        items: list[tuple[str, Any, str]], shifted: bool, unseen: bool = False
+    ) -> tuple[list[str], list[int]]:
+        keep = [
+            (str(x), index[y])
+            for rid, x, y in items
+            if (department[rid] in shifted_ids) == shifted and not (unseen and str(x) in seen)
+        ]
         return [x for x, _ in keep], [y for _, y in keep]
 
     xtr, ytr = part(rows.train, shifted=False)
-    xva, yva = part(rows.validation, shifted=False)
-    xva, yva = [x for x in xva if x not in seen], [y for x, y in zip(xva, yva, strict=True) if x not in seen]
-    sx, sy = part(rows.validation + rows.held_out, shifted=True)
-    sx, sy = [x for x in sx if x not in seen], [y for x, y in zip(sx, sy, strict=True) if x not in seen]
+    xva, yva = part(rows.validation, shifted=False, unseen=True)
+    sx, sy = part(rows.validation + rows.held_out, shifted=True, unseen=True)
 
     stage = LinearStage.fit(xtr, [names[y] for y in ytr], names, LinearConfig(), seed)
     model = _TextModel(
@@ -97,11 +101,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    report = run(Settings(), args.departments, args.transformer_version, args.seed)
-    text = json.dumps(report, indent=2) + "\n"
-    if args.out is not None:
-        args.out.write_text(text, encoding="utf-8")
-    print(text, end="")
+    emit(run(Settings(), args.departments, args.transformer_version, args.seed), args.out)
 
 
 if __name__ == "__main__":
