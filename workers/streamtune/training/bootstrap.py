@@ -190,10 +190,11 @@ def text_baselines(split: TextSplit, score: cascade.Scores, seed: int) -> dict[s
     majority class, and TF-IDF + logistic regression with and without class balancing, trained
     on the linear stage's rows."""
     (x, y), (xte, yte), n = split.train, split.held_out, len(split.names)
+    balanced, unbalanced = M.tfidf_logreg_variants(x, y, xte, n, seed, (True, False))
     return {
         "majority": score(yte, M.majority_probs(y, len(yte), n)),
-        "tfidf_logreg": score(yte, M.tfidf_logreg_probs(x, y, xte, n, seed)),
-        "tfidf_logreg_unbalanced": score(yte, M.tfidf_logreg_probs(x, y, xte, n, seed, balanced=False)),
+        "tfidf_logreg": score(yte, balanced),
+        "tfidf_logreg_unbalanced": score(yte, unbalanced),
     }
 
 

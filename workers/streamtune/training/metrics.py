@@ -61,19 +61,35 @@ def tfidf_logreg_probs(
 ) -> np.ndarray:
     """TF-IDF (word 1-2 grams + char 2-4 grams) and a logistic regression, class-balanced unless
     ``balanced`` is false."""
+    return tfidf_logreg_variants(x_train, y_train, x_test, n_classes, seed, (balanced,))[0]
+
+
+def tfidf_logreg_variants(
+    x_train: list[str],
+    y_train: list[int],
+    x_test: list[str],
+    n_classes: int,
+    seed: int,
+    balanced: tuple[bool, ...] = (True, False),
+) -> list[np.ndarray]:
+    """:func:`tfidf_logreg_probs` for each class weighting in ``balanced``, on TF-IDF features
+    computed once (they do not depend on the weighting)."""
     from scipy.sparse import hstack
 
     word = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
     char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), min_df=1, sublinear_tf=True)
     xtr = hstack([word.fit_transform(x_train), char.fit_transform(x_train)]).tocsr()
     xte = hstack([word.transform(x_test), char.transform(x_test)]).tocsr()
-    clf = LogisticRegression(
-        max_iter=2000, class_weight="balanced" if balanced else None, random_state=seed, C=4.0
-    )
-    clf.fit(xtr, y_train)
-    out = np.zeros((len(x_test), n_classes))
-    out[:, clf.classes_] = clf.predict_proba(xte)
-    return out
+    outs = []
+    for weighted in balanced:
+        clf = LogisticRegression(
+            max_iter=2000, class_weight="balanced" if weighted else None, random_state=seed, C=4.0
+        )
+        clf.fit(xtr, y_train)
+        out = np.zeros((len(x_test), n_classes))
+        out[:, clf.classes_] = clf.predict_proba(xte)
+        outs.append(out)
+    return outs
 
 
 def logreg_binary(x_train: np.ndarray, y_train: list[int], x_test: np.ndarray, seed: int) -> np.ndarray:
