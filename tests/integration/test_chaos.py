@@ -22,6 +22,8 @@ def test_scenario_loses_nothing_and_counts_nothing_twice(
     if report.extra.get("skipped"):
         pytest.skip(report.detail)
     assert report.events_in > 0
+    for line in report.extra.get("worker_warnings", []):  # shown with a failure's captured output
+        print(line)
     assert report.passed, report
     assert report.lost == 0 and report.double_counted == 0 and report.undercounted == 0
     if report.audited:  # the trainer's scenarios count labels, not results

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
+from pathlib import Path
 
 from streamtune.devtools.chaos import (
     FIRST_FULL_RUN,
@@ -11,6 +13,7 @@ from streamtune.devtools.chaos import (
     ScenarioReport,
     markdown,
     merge_reports,
+    worker_warnings,
 )
 
 
@@ -42,3 +45,28 @@ def test_the_table_leaves_result_columns_empty_for_the_trainers_scenarios() -> N
     (trainer,) = [x for x in lines if x.startswith("| trainer_down")]
     assert poison == "| poison_mix | p | 5 | 5 | 0 | 0 | 1.50 |  | yes | d1 |"
     assert trainer == "| trainer_down | t | 9 |  | 2 |  |  |  | NO | d2 |"
+
+
+def test_worker_warnings_are_the_latest_warnings_of_every_log_in_time_order(tmp_path: Path) -> None:
+    def line(ts: str, level: str, event: str) -> str:
+        return json.dumps({"event": event, "level": level, "timestamp": ts})
+
+    (tmp_path / "scorer-1.log").write_text(
+        "\n".join(
+            [
+                line("2026-12-02T10:00:01Z", "info", "started"),
+                line("2026-12-02T10:00:03Z", "warning", "offsets_skipped"),
+                "not json at all",
+                "\x1b[?25h" + line("2026-12-02T10:00:05Z", "error", "batch_failed"),
+            ]
+        )
+    )
+    (tmp_path / "scorer-2.log").write_text(line("2026-12-02T10:00:04Z", "warning", "redis_unavailable"))
+    got = worker_warnings(tmp_path)
+    assert [g.split(":")[0] for g in got] == ["scorer-1", "scorer-2", "scorer-1"]
+    assert ["offsets_skipped" in got[0], "redis_unavailable" in got[1], "batch_failed" in got[2]] == [
+        True,
+        True,
+        True,
+    ]
+    assert worker_warnings(tmp_path, limit=1) == got[-1:]

@@ -253,6 +253,27 @@ def finish(
     problems = a.missing[:5] + a.double_counted[:5] + a.undercounted[:5]
     if problems:
         report.detail = "; ".join(problems)
+    if not a.ok:  # what the workers warned about: the report is often all a CI run keeps
+        report.extra["worker_warnings"] = worker_warnings(run.root)
+
+
+def worker_warnings(log_dir: Path, limit: int = 40) -> list[str]:
+    """The last ``limit`` warning and error lines of the worker logs in ``log_dir`` (JSON lines),
+    each as ``log name: event (fields)``, cut to 300 characters."""
+    lines: list[tuple[str, str]] = []
+    for path in sorted(log_dir.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            start = line.find("{")
+            if start < 0:
+                continue
+            try:
+                rec = json.loads(line[start:])
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("level") in ("warning", "error", "critical"):
+                stamp = str(rec.get("timestamp", ""))
+                lines.append((stamp, f"{path.stem}: {json.dumps(rec, default=str)[:300]}"))
+    return [text for _, text in sorted(lines)[-limit:]]
 
 
 # -- scenarios ---------------------------------------------------------------------------------------
