@@ -6,6 +6,7 @@ leaving records unacknowledged (:mod:`streamtune.kafka.compat`)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -151,11 +152,22 @@ class SkipGuard:
             self.app.consumer.ack(m)
 
     async def _seek(self, topic: str, partition: int, back: int, got: int) -> None:
-        last = self._sought.get((topic, partition))
+        """Seek ``topic``/``partition`` back to ``back``. A second skip to the same offset within
+        ``RESEEK_AFTER_S`` is a stale prefetched record of the first seek; it waits out the
+        rest of that interval and seeks again, unless ``back`` arrived meanwhile. It must not
+        just return: Faust raises its read offset to every record it hands out (``got`` here)
+        and then drops the re-fetched records below it, so when ``got`` was the partition's last
+        record nothing else would ever arrive to trigger the seek, and the partition stalled
+        (stop 16's CI: 24 clicks never scored after a scorer restart)."""
+        tp = (topic, partition)
+        last = self._sought.get(tp)
         now = time.monotonic()
         if last is not None and last[0] == back and now - last[1] <= self.RESEEK_AFTER_S:
-            return
-        self._sought[(topic, partition)] = (back, now)
+            await asyncio.sleep(self.RESEEK_AFTER_S - (now - last[1]))
+            if self.guard.expected(tp) != back:  # arrived, rewound or reset meanwhile
+                return
+            now = time.monotonic()
+        self._sought[tp] = (back, now)
         log.warning("offsets_skipped", topic=topic, partition=partition, expected=back, got=got)
         if self.on_skip is not None:
             self.on_skip()
