@@ -162,7 +162,7 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
         "every event scored after the restart",
         0.5,
         second.assert_alive,
-        context=lambda: first.log_tail(3000) + "\n" + second.log_tail() + "\n" + second.stacks(),
+        context=lambda: second.stacks() + "\n" + first.log_tail(3000) + "\n" + second.log_tail(),
     )
     check_aggregates(redis_client, outs)
     # The restarted scorer learned where the group resumes from the broker, in the assignment.
@@ -190,6 +190,8 @@ def test_events_keep_flowing_while_producing(
         v = json.loads(m.value)
         views[v["session_id"]].append(v["page_views"])
     assert views and all(seq == sorted(seq) for seq in views.values())
+    # A stalled test's message starts with this dump (SIGUSR2): it names the agents' frames.
+    assert "streamtune/scorer/app.py" in scorer.stacks()
     scorer.stop()
 
 

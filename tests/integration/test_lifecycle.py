@@ -69,7 +69,7 @@ def test_rolling_restart_of_two_scorers_loses_nothing_and_redoes_nothing(
             0.2,
             guard.assert_alive,
             context=lambda: "\n".join(
-                w.log_tail(3000) + "\n" + w.stacks() for w in dict.fromkeys((a, b, guard))
+                w.stacks() + "\n" + w.log_tail(3000) for w in dict.fromkeys((a, b, guard))
             ),
         )
 
@@ -93,7 +93,7 @@ def test_rolling_restart_of_two_scorers_loses_nothing_and_redoes_nothing(
             if json.loads(m.value)["event_id"] in gone
         )
         # Who owns what, and what each live scorer is doing (its threads and asyncio tasks).
-        workers = "\n".join(w.log_tail(6000) + "\n" + w.stacks() for w in (a2, b2))
+        workers = "\n".join(w.stacks() + "\n" + w.log_tail(6000) for w in (a2, b2))
         return f"not scored: {where}\n{workers}"
 
     wait_until(

@@ -3,6 +3,7 @@ demo's own code starts them), settings isolated per test, and real scorer proces
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ def settings(stack: Stack, tmp_path: Path) -> Settings:
         # the demo test (trainer export + canary hot-swap) and the benchmark's quick mode.
         backend="torch",
         log_json=True,
+        # STREAMTUNE_TEST_LOG_LEVEL=DEBUG makes the workers log every batch's partitions and offsets.
+        log_level=os.environ.get("STREAMTUNE_TEST_LOG_LEVEL", "INFO"),
         lib_log_level="INFO",  # rebalances and table recovery in the worker logs a failed test prints
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,14 +65,32 @@ class ScorerProcess:
         return self.log_path.read_text(errors="replace")
 
     def log_tail(self, chars: int = 8000) -> str:
-        return f"--- {self.log_path.name} (last {chars} chars) ---\n{self.log()[-chars:]}"
+        text = "".join(line for line in self.log().splitlines(keepends=True) if '"asyncio_tasks"' not in line)
+        return f"--- {self.log_path.name} (last {chars} chars) ---\n{text[-chars:]}"
 
     def stacks(self) -> str:
-        """What a stalled worker is doing, for a timeout's message: every thread's Python stack
-        from outside (py-spy: works while the event loop is blocked) and, from inside, every
-        asyncio task's (mode's SIGUSR1 handler; needs the loop to run), bounded by 10 s."""
+        """What a stalled worker is doing, for a timeout's message: from inside, every asyncio
+        task's await chain, ours first (SIGUSR2: streamtune/ops/tasks_dump.py; needs the loop to
+        run), then every thread's Python stack from outside (py-spy: works while the event loop
+        is blocked). Compact, and tasks first: CI keeps the start of a long message."""
         if self.proc is None or self.proc.poll() is not None:
             return ""
+        size = self.log_path.stat().st_size
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            return f"--- {self.log_path.name}: (the process ended meanwhile)"
+        tasks = "(no asyncio_tasks line within 10 s: the event loop is blocked)"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as f:
+                f.seek(size)
+                lines = f.read().decode(errors="replace").splitlines()
+            found = [line for line in lines if '"asyncio_tasks"' in line]
+            if found:
+                tasks = _format_tasks(found[0])
+                break
+            time.sleep(0.2)
         spy = Path(sys.executable).with_name("py-spy")
         try:
             dump = subprocess.run(
@@ -80,22 +99,7 @@ class ScorerProcess:
             threads = dump.stdout + dump.stderr
         except (OSError, subprocess.TimeoutExpired) as e:
             threads = f"(py-spy failed: {e})"
-        size = self.log_path.stat().st_size
-        try:
-            os.kill(self.proc.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            return f"--- {self.log_path.name}: threads ---\n{threads}\n(the process ended meanwhile)"
-        deadline, last = time.monotonic() + 10, -1
-        while time.monotonic() < deadline:
-            now = self.log_path.stat().st_size
-            if now > size and now == last:  # the dump started and stopped growing
-                break
-            last = now
-            time.sleep(0.5)
-        with self.log_path.open("rb") as f:
-            f.seek(size)
-            tasks = f.read().decode(errors="replace")
-        return f"--- {self.log_path.name}: threads ---\n{threads}\n--- asyncio tasks ---\n{tasks[-20000:]}"
+        return f"--- {self.log_path.name}: asyncio tasks ---\n{tasks}\n--- threads ---\n{threads[-6000:]}"
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -112,3 +116,12 @@ class ScorerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
         return int(self.proc.returncode)
+
+
+def _format_tasks(line: str) -> str:
+    """One ``asyncio_tasks`` log line as a task per paragraph, the await chain innermost last."""
+    try:
+        tasks = json.loads(line)["tasks"]
+    except (ValueError, KeyError, TypeError):
+        return line
+    return "\n".join(f"{name}\n    " + "\n    ".join(chain) for name, chain in tasks.items())

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from faust.types import TP
+
 from streamtune.kafka.guard import SkipGuard
 
 TOPIC = "events.click"
@@ -32,11 +34,25 @@ class Event:
 @dataclass
 class Consumer:
     seeks: list[tuple[int, int]] = field(default_factory=list)
+    resumed: list[Any] = field(default_factory=list)
+    assigned: set[Any] = field(default_factory=set)
     _committed_offset: dict[Any, int] = field(default_factory=dict)
     _unacked_messages: set[Any] = field(default_factory=set)
+    _read_offset: dict[Any, int] = field(default_factory=dict)
+    _paused_partitions: set[Any] = field(default_factory=set)
+    _buffered_partitions: set[Any] = field(default_factory=set)
+    _active_partitions: set[Any] = field(default_factory=set)
 
     async def seek(self, tp: Any, offset: int) -> None:
         self.seeks.append((tp.partition, offset))
+
+    def assignment(self) -> set[Any]:
+        return self.assigned
+
+    def resume_partitions(self, tps: set[Any]) -> None:
+        self.resumed.extend(tps)
+        self._paused_partitions -= tps
+        self._active_partitions |= tps
 
 
 class Signal:
@@ -48,6 +64,8 @@ class Signal:
 class App:
     consumer: Consumer = field(default_factory=Consumer)
     on_partitions_revoked: Signal = field(default_factory=Signal)
+    rebalancing: bool = False
+    in_recovery: bool = False
 
 
 def guard_from(first: int) -> tuple[SkipGuard, Consumer]:
@@ -91,3 +109,65 @@ def test_no_second_seek_once_the_missing_record_arrived_meanwhile() -> None:
 
     asyncio.run(skip_then_arrival())
     assert consumer.seeks == [(0, 5)]
+
+
+TP0 = TP(TOPIC, 0)
+
+
+def idle_guard(first: int) -> tuple[SkipGuard, Consumer, App]:
+    """A guard whose partition 0 is assigned and was last seen long ago (``idle_s`` is 0 in the
+    tests below unless they say otherwise)."""
+    app = App()
+    app.consumer.assigned = {TP0}
+    app.consumer._active_partitions = {TP0}
+    guard = SkipGuard(app)  # type: ignore[arg-type]
+    guard.guard.start((TOPIC, 0), first)
+    return guard, app.consumer, app
+
+
+def test_a_partition_whose_last_records_were_dropped_is_sought_back_once_idle() -> None:
+    """The restart stall: Faust dropped a partition's last records (its fetch position moved
+    past them), so no later record ever shows the skip. An idle partition with records beyond
+    the expected offset is sought back to it."""
+    guard, consumer, _ = idle_guard(5)
+    assert asyncio.run(guard.admit([Event(Message(5))]))  # expects 6 now
+    assert asyncio.run(guard.nudge(TP0, highwater=9, idle_s=0.0)) is True
+    assert consumer.seeks == [(0, 6)]
+    assert consumer.resumed == []  # it was active: nothing to resume
+
+
+def test_no_nudge_without_records_beyond_the_expected_offset_or_before_the_idle_time() -> None:
+    guard, consumer, _ = idle_guard(5)
+    assert asyncio.run(guard.nudge(TP0, highwater=5, idle_s=0.0)) is False  # caught up
+    assert asyncio.run(guard.nudge(TP0, highwater=None, idle_s=0.0)) is False  # unknown end
+    asyncio.run(guard.admit([Event(Message(5))]))
+    assert asyncio.run(guard.nudge(TP0, highwater=9, idle_s=60.0)) is False  # seen just now
+    assert consumer.seeks == []
+
+
+def test_a_nudge_waits_for_the_idle_time_again_and_never_runs_in_a_rebalance() -> None:
+    guard, consumer, app = idle_guard(5)
+    app.rebalancing = True
+    assert asyncio.run(guard.nudge(TP0, highwater=9, idle_s=0.0)) is False
+    app.rebalancing, app.in_recovery = False, True
+    assert asyncio.run(guard.nudge(TP0, highwater=9, idle_s=0.0)) is False
+    app.in_recovery = False
+    guard._assigned_at -= 10.0  # assigned 10 s ago, never seen since
+    assert asyncio.run(guard.nudge(TP0, highwater=9, idle_s=5.0)) is True
+    assert asyncio.run(guard.nudge(TP0, highwater=9, idle_s=5.0)) is False  # just nudged
+    assert consumer.seeks == [(0, 5)]
+
+
+def test_a_partition_left_paused_outside_a_rebalance_is_resumed_by_the_nudge() -> None:
+    guard, consumer, _ = idle_guard(5)
+    consumer._paused_partitions = {TP0}
+    consumer._active_partitions = set()
+    assert asyncio.run(guard.nudge(TP0, highwater=9, idle_s=0.0)) is True
+    assert consumer.resumed == [TP0] and consumer.seeks == [(0, 5)]
+
+
+def test_an_unassigned_partition_is_not_nudged() -> None:
+    guard, consumer, _ = idle_guard(5)
+    consumer.assigned = set()
+    assert asyncio.run(guard.nudge(TP0, highwater=9, idle_s=0.0)) is False
+    assert consumer.seeks == []

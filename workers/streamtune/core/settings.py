@@ -201,6 +201,15 @@ class ScorerSettings(_Group):
             " and no committed progress for this long"
         ),
     )
+    nudge_after_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "An assigned input partition with records beyond the next expected offset, none of"
+            " them delivered for this long while its agent is idle, is sought back to that offset"
+            " (faust-streaming can drop a partition's last records after a seek: docs/faust-workarounds.md)"
+        ),
+    )
     release_retry_initial_s: float = Field(
         2.0,
         gt=0,
@@ -502,6 +511,7 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "commit_interval_s": ("kafka", "commit_interval_s"),
     "shutdown_grace_s": ("scorer", "shutdown_grace_s"),
     "stall_after_s": ("scorer", "stall_after_s"),
+    "nudge_after_s": ("scorer", "nudge_after_s"),
     "redis_retry_max_s": ("redis", "retry_max_s"),
 }
 NESTED_FIELDS: dict[tuple[str, str], str] = {where: flat for flat, where in FLAT_FIELDS.items()}

@@ -39,6 +39,10 @@ TOUCHED: dict[str, list[tuple[str, str]]] = {
         ("on_partitions_assigned", "coroutine"),
         ("on_partitions_revoked", "coroutine"),
         ("force_commit", "coroutine"),
+        ("_read_offset", "instance"),
+        ("_paused_partitions", "instance"),
+        ("_buffered_partitions", "instance"),
+        ("_active_partitions", "instance"),
     ],
     "mode.worker.Worker": [("_stop_on_signal", "coroutine")],
     "faust.streams": [("_current_event", "contextvar")],
@@ -98,6 +102,22 @@ def committed_offset(app: faust.App, tp: Any) -> int | None:
 async def force_commit(app: faust.App) -> bool:
     """``Consumer.force_commit``: commit now, even while another commit is in flight."""
     return bool(await app.consumer.force_commit())  # type: ignore[attr-defined]
+
+
+def fetch_state(app: faust.App, tp: Any) -> dict[str, Any]:
+    """What Faust's consumer holds about ``tp``'s fetching, for the log line of a stalled
+    partition (:meth:`streamtune.kafka.guard.SkipGuard.nudge`): its read offset (records below
+    it are dropped as already read), whether it is paused, buffered (its stream queue is full)
+    or active (fetched), and whether the flow is on."""
+    consumer: Any = app.consumer
+    active = consumer._active_partitions
+    return {
+        "read_offset": consumer._read_offset.get(tp),
+        "paused": tp in consumer._paused_partitions,
+        "buffered": tp in consumer._buffered_partitions,
+        "active": None if active is None else tp in active,
+        "flow_active": bool(getattr(consumer, "flow_active", True)),
+    }
 
 
 # --- 4. our code before Faust's rebalance handlers -------------------------------------------

@@ -54,11 +54,17 @@ class SkipGuard:
             track_in_progress=overlapping,
         )
         self._sought: dict[tuple[str, int], tuple[int, float]] = {}
+        # When each partition last delivered a record, or was last nudged; and since when the
+        # current assignment is held (a partition not seen yet counts from there).
+        self._seen: dict[tuple[str, int], float] = {}
+        self._assigned_at = time.monotonic()
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def _forget(app: faust.App, revoked: Any, **_: Any) -> None:
             self.guard.reset()
             self._sought.clear()
+            self._seen.clear()
+            self._assigned_at = time.monotonic()
             self._install_start_lookup()
 
     def _install_start_lookup(self) -> None:
@@ -104,9 +110,11 @@ class SkipGuard:
         """The events to process, in order; the others stay pending and come again, or were
         processed already (the stream acknowledges those as usual)."""
         kept, skipping = [], set()
+        now = time.monotonic()
         for ev in events:
             m = ev.message
             tp = (m.topic, m.partition)
+            self._seen[tp] = now
             if tp in skipping:
                 leave_pending(self.app, m)
                 continue
@@ -150,6 +158,38 @@ class SkipGuard:
             m = ev.message
             self.guard.mark_done((m.topic, m.partition), m.offset)
             self.app.consumer.ack(m)
+
+    async def nudge(self, tp: Any, highwater: int | None, idle_s: float) -> bool:
+        """Seek ``tp`` back to its next expected offset when records beyond it exist (the log
+        ends at ``highwater``) and none of the partition's records has been delivered for
+        ``idle_s`` seconds (the caller checks that the agent is idle, not busy with a batch).
+
+        Faust drops records while its fetch position moves past them in several places (a
+        record at or below its read offset after a seek, a getmany batch cut short by a
+        rebalance or a paused partition: docs/faust-workarounds.md §2). A skip makes the guard
+        seek back, but only a later record shows the skip: when the dropped records were the
+        partition's last ones, nothing arrives and the partition would stall for good (the
+        restart stall of stops 16 and 17's CI). The consumer's view of the partition is logged
+        with the nudge, and a partition Faust left inactive outside a rebalance is resumed."""
+        key = (tp.topic, tp.partition)
+        expected = self.guard.expected(key)
+        if expected is None or highwater is None or expected >= highwater:
+            return False
+        now = time.monotonic()
+        if now - max(self._seen.get(key, self._assigned_at), self._assigned_at) < idle_s:
+            return False
+        if self.app.rebalancing or self.app.in_recovery or tp not in self.app.consumer.assignment():
+            return False
+        self._seen[key] = now  # next nudge after another idle_s at the earliest
+        state = compat.fetch_state(self.app, tp)
+        log.warning("partition_nudged", topic=tp.topic, partition=tp.partition, expected=expected,
+                    highwater=highwater, **state)  # fmt: skip
+        if self.on_skip is not None:
+            self.on_skip()
+        if state["paused"] or (state["active"] is False and not state["buffered"]):
+            self.app.consumer.resume_partitions({tp})
+        await self.app.consumer.seek(tp, expected)
+        return True
 
     async def _seek(self, topic: str, partition: int, back: int, got: int) -> None:
         """Seek ``topic``/``partition`` back to ``back``. A second skip to the same offset within

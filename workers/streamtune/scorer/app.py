@@ -33,6 +33,7 @@ from streamtune.kafka.handover import hand_over_cleanly
 from streamtune.kafka.security import async_redis_client
 from streamtune.model.runtime import ModelRuntime
 from streamtune.ops.progress import ProgressWatch, stall_reason
+from streamtune.ops.tasks_dump import install_task_dump
 from streamtune.ops.telemetry import Readiness, ScorerMetrics
 from streamtune.rollout.releases import ReleaseFollower
 from streamtune.scorer.gate import BatchGate
@@ -115,6 +116,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
     hand_over_cleanly(app, res.gate, timeout_s=settings.kafka.session_timeout_s / 2)
 
     overlaps: dict[str, Overlap[Started]] = {}  # per task, the agent's current one (health timer)
+    last_batch_at: dict[str, float] = {}  # per task, when its agent last took a batch (nudges)
 
     def overlap(spec: TaskSpec, events_by_pos: dict[tuple[int, int], Any] | None) -> Overlap[Started]:
         task = spec.name
@@ -153,6 +155,7 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         take = settings.batch_max_events_for(spec.name)
         batches = overlap(spec, events_by_pos)
         async for batch in stream.take_events(take, within=within):  # type: ignore[attr-defined]
+            last_batch_at[spec.name] = time.monotonic()
             if res.gate.closed:  # handing over or stopping: leave these to the partition's next owner
                 for ev in batch:
                     leave_pending(app, ev.message)
@@ -259,9 +262,10 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
         except Exception:  # any failure means "not reachable now"; the sink retries on its own
             res.readiness.redis_reachable = False
         lag: dict[str, int] = dict.fromkeys(TASKS, 0)
+        highs: dict[Any, int | None] = {}
         try:
             for tp in assignment:
-                high = app.consumer.highwater(tp)
+                high = highs[tp] = app.consumer.highwater(tp)
                 # bounded: position() waits while a partition is being reset, and this timer
                 # also beats the readiness heartbeat
                 pos = await asyncio.wait_for(app.consumer.position(tp), 5.0)
@@ -278,6 +282,29 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             res.readiness.problems["progress"] = stall_reason(progress.stalled(time.monotonic()))
         for task, n in lag.items():
             res.metrics.consumer_lag.labels(task).set(n)
+        await nudge_idle(highs, now)
+
+    async def nudge_idle(highs: dict[Any, int | None], now: float) -> None:
+        """Partitions of an idle task (no batch taken for ``nudge_after_s``, none in progress)
+        that still have records beyond the next expected offset are sought back to it
+        (:meth:`SkipGuard.nudge`); a task that is busy or flowing is left alone."""
+        idle_s = settings.scorer.nudge_after_s
+        if res.gate.closed:
+            return
+        for tp, high in highs.items():
+            task = task_of_topic[tp.topic]
+            busy = task in overlaps and overlaps[task].oldest_started_at() is not None
+            if busy or now - last_batch_at.get(task, 0.0) < idle_s:
+                continue
+            try:
+                await skip_guard.nudge(tp, high, idle_s)
+            except Exception as e:  # revoked meanwhile (aiokafka IllegalStateError): next round
+                error = str(e) or type(e).__name__
+                log.info("nudge_skipped", topic=tp.topic, partition=tp.partition, error=error)
+
+    @app.task
+    async def _dump_on_signal() -> None:
+        install_task_dump(asyncio.get_running_loop())
 
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def _close(app: faust.App, **_: Any) -> None:
