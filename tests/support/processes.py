@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 from streamtune.core.settings import REPO_ROOT, Settings
 from streamtune.devtools.workers import settings_env as worker_env
+from streamtune.ops.tasks_dump import DUMP_EVENT, DUMP_SIGNAL
 from support.waiting import wait_until
 
 
@@ -65,7 +65,7 @@ class ScorerProcess:
         return self.log_path.read_text(errors="replace")
 
     def log_tail(self, chars: int = 8000) -> str:
-        text = "".join(line for line in self.log().splitlines(keepends=True) if '"asyncio_tasks"' not in line)
+        text = "".join(line for line in self.log().splitlines(keepends=True) if DUMP_MARK not in line)
         return f"--- {self.log_path.name} (last {chars} chars) ---\n{text[-chars:]}"
 
     def stacks(self) -> str:
@@ -77,20 +77,20 @@ class ScorerProcess:
             return ""
         size = self.log_path.stat().st_size
         try:
-            os.kill(self.proc.pid, signal.SIGUSR2)
+            os.kill(self.proc.pid, DUMP_SIGNAL)
         except ProcessLookupError:
             return f"--- {self.log_path.name}: (the process ended meanwhile)"
-        tasks = "(no asyncio_tasks line within 10 s: the event loop is blocked)"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def dumped() -> str | None:
             with self.log_path.open("rb") as f:
                 f.seek(size)
                 lines = f.read().decode(errors="replace").splitlines()
-            found = [line for line in lines if '"asyncio_tasks"' in line]
-            if found:
-                tasks = _format_tasks(found[0])
-                break
-            time.sleep(0.2)
+            return next((line for line in lines if DUMP_MARK in line), None)
+
+        try:
+            tasks = _format_tasks(wait_until(dumped, 10, f"an {DUMP_EVENT} line", 0.2))
+        except AssertionError:
+            tasks = f"(no {DUMP_EVENT} line within 10 s: the event loop is blocked)"
         spy = Path(sys.executable).with_name("py-spy")
         try:
             dump = subprocess.run(
@@ -116,6 +116,9 @@ class ScorerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
         return int(self.proc.returncode)
+
+
+DUMP_MARK = f'"{DUMP_EVENT}"'  # the dump's event name, as it appears in a JSON log line
 
 
 def _format_tasks(line: str) -> str:

@@ -176,7 +176,7 @@ class SkipGuard:
         if expected is None or highwater is None or expected >= highwater:
             return False
         now = time.monotonic()
-        if now - max(self._seen.get(key, self._assigned_at), self._assigned_at) < idle_s:
+        if now - self._seen.get(key, self._assigned_at) < idle_s:  # cleared with each assignment
             return False
         if self.app.rebalancing or self.app.in_recovery or tp not in self.app.consumer.assignment():
             return False
