@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,12 @@ from streamtune.datasets import loaders as data
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.training.candidate import OnlineConfig, reference_set, train_candidate
 from streamtune.training.online import Example, select
+from support.registry import pinned_registry
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> LocalRegistry:
-    shutil.copytree(Settings().model.adapter_dir, tmp_path / "adapters")
+    pinned_registry(tmp_path / "adapters")
     return LocalRegistry(tmp_path / "adapters")
 
 

@@ -30,6 +30,7 @@ from streamtune.scorer.sink import score_key
 from streamtune.training.attach import cascade_from
 from streamtune.training.bootstrap import TrainConfig
 from support import ScorerProcess, consume_all, read_topic, wait_until
+from support.registry import pinned_registry
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,7 @@ CFG = TrainConfig(linear_rows=3000, validation_rows=400, eval_rows=300)
 @pytest.fixture(scope="module")
 def cascade_registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cascade") / "adapters"
-    shutil.copytree(Settings().model.adapter_dir, root)
+    pinned_registry(root)
     s = Settings()
     registry = LocalRegistry(root)
     m = cascade_from(TASK, 1, s.model.base_model, s.model.data_dir, registry, CFG)

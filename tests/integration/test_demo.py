@@ -6,6 +6,7 @@ import pytest
 
 from streamtune.core.settings import Settings
 from streamtune.devtools.demo.main import DemoOptions, DemoState, run_demo
+from streamtune.rollout.registry import LocalRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -21,12 +22,15 @@ def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision() -> 
         duration=900, rate=20, drift_after=8, label_delay=2, train_after=100, train_budget=30, judge_min=15,
         live_view=False, until=operator_acted,
     )  # fmt: skip
+    live = LocalRegistry(base.model.adapter_dir).latest("review_sentiment")  # the demo starts from it
+    assert live is not None
     st = run_demo(base, opts)
     lines = "\n".join(st.timeline.all)
     assert "the review stream drifts" in lines
-    trained = [line for line in st.timeline.all if "trainer: review_sentiment v2 from v1" in line]
+    new = f"review_sentiment v{live + 1}"
+    trained = [line for line in st.timeline.all if f"trainer: {new} from v{live}" in line]
     assert trained and "gate PASSED" in trained[0], lines
-    assert "scorer: review_sentiment v2 in canary for 50%" in lines, lines
+    assert f"scorer: {new} in canary for 50%" in lines, lines
     assert operator_acted(st), lines
     judged = st.book.by_version(drifted_only=False)
-    assert judged[1][1] >= 15 and judged[2][1] >= 15  # both versions served labelled traffic
+    assert judged[live][1] >= 15 and judged[live + 1][1] >= 15  # both versions served labelled traffic

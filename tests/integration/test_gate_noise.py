@@ -10,7 +10,6 @@ fine-tune (200 labels, one epoch, 64 tokens)."""
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from streamtune.datasets import loaders as data
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.training.candidate import OnlineConfig, reference_set, train_candidate
 from streamtune.training.online import Example, select
+from support.registry import pinned_registry
 
 SHIPPED = Settings()
 GATE = OnlineConfig(
@@ -34,7 +34,7 @@ GATE = OnlineConfig(
 
 @pytest.fixture
 def registry(tmp_path: Path) -> LocalRegistry:
-    shutil.copytree(SHIPPED.model.adapter_dir, tmp_path / "adapters")
+    pinned_registry(tmp_path / "adapters")
     return LocalRegistry(tmp_path / "adapters")
 
 

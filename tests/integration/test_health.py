@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import pytest
 from streamtune.core.settings import Settings
 from streamtune.kafka.topics import ensure_topics
 from support import ScorerProcess, wait_until
+from support.registry import pinned_registry
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,7 @@ def test_scorer_is_live_then_ready_and_exports_lag(
 
 
 def test_trainer_readiness(settings: Settings, tmp_path: Path) -> None:
-    shutil.copytree(Settings().model.adapter_dir, tmp_path / "adapters")
+    pinned_registry(tmp_path / "adapters")
     s = settings.replace(adapter_dir=tmp_path / "adapters", trainer_group_id=f"tr-{settings.kafka.group_id}")
     ensure_topics(s)
     trainer = ScorerProcess(s, tmp_path / "trainer.log", command="trainer").start()

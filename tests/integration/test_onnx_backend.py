@@ -16,6 +16,7 @@ from streamtune.model.onnx_export import ensure_artifact, export_for
 from streamtune.model.runtime import ModelRuntime
 from streamtune.rollout.registry import Artifact, LocalRegistry, sha256_file
 from streamtune.training.candidate import reference_set
+from support.registry import pinned_registry
 
 TASK = "query_class"
 
@@ -23,7 +24,7 @@ TASK = "query_class"
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
     root = tmp_path_factory.mktemp("onnx") / "adapters"
-    shutil.copytree(Settings().model.adapter_dir, root, ignore=shutil.ignore_patterns("artifacts"))
+    pinned_registry(root, artifacts=False)
     return LocalRegistry(root)
 
 

@@ -26,6 +26,7 @@ from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import canary_bucket, promote
 from streamtune.scorer.sink import score_key
 from support import ScorerProcess, consume_all, wait_until
+from support.registry import pinned_registry
 
 pytestmark = pytest.mark.integration
 TASK = "review_sentiment"
@@ -44,7 +45,7 @@ def new_version(settings: Settings, src: int, dst: int) -> None:
 @pytest.fixture
 def rsettings(settings: Settings, tmp_path: Path) -> Settings:
     registry = tmp_path / "adapters"
-    shutil.copytree(Settings().model.adapter_dir, registry)
+    pinned_registry(registry)
     s = settings.replace(adapter_dir=registry)
     ensure_topics(s)
     return s

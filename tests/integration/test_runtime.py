@@ -15,6 +15,7 @@ from streamtune.core.settings import Settings
 from streamtune.core.tasks import TASK_NAMES
 from streamtune.model.runtime import ModelRuntime
 from streamtune.rollout.registry import LocalRegistry
+from support.registry import pinned_registry
 
 REVIEWS = [
     "Absolutely love this dress, fits perfectly and the fabric is beautiful. Buying another color!",
@@ -25,7 +26,7 @@ REVIEWS = [
 @pytest.fixture(scope="module")
 def registry_copy(tmp_path_factory: pytest.TempPathFactory) -> LocalRegistry:
     root = tmp_path_factory.mktemp("registry") / "adapters"
-    shutil.copytree(Settings().model.adapter_dir, root)
+    pinned_registry(root)
     return LocalRegistry(root)
 
 

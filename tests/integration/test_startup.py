@@ -11,6 +11,7 @@ import pytest
 from streamtune.core.settings import Settings
 from streamtune.devtools.stack import find_free_port
 from support import Stack, settings_env
+from support.registry import pinned_registry
 
 pytestmark = pytest.mark.integration
 
@@ -67,10 +68,9 @@ def test_invalid_setting_names_the_variable() -> None:
 def test_signing_key_refuses_unsigned_adapters_and_is_never_logged(
     settings: Settings, tmp_path: Path
 ) -> None:
-    import shutil
 
     registry = tmp_path / "adapters"
-    shutil.copytree(Settings().model.adapter_dir, registry)
+    pinned_registry(registry)
     secret = "planted-secret-7f3a"
     s = settings.replace(adapter_dir=registry, manifest_hmac_key=secret)
     proc = run_scorer(s)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import islice
@@ -20,6 +19,7 @@ from streamtune.kafka.topics import ensure_topics
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.rollout.releases import ReleaseLog
 from support import ScorerProcess, wait_until
+from support.registry import pinned_registry
 
 pytestmark = pytest.mark.integration
 TASK = "review_sentiment"
@@ -27,7 +27,7 @@ TASK = "review_sentiment"
 
 @pytest.fixture
 def tsettings(settings: Settings, tmp_path: Path) -> Settings:
-    shutil.copytree(Settings().model.adapter_dir, tmp_path / "adapters")
+    pinned_registry(tmp_path / "adapters")
     s = settings.replace(
         adapter_dir=tmp_path / "adapters",
         trainer_group_id=f"trainer-{settings.kafka.group_id}",

@@ -15,6 +15,7 @@ import redis
 from streamtune.core.settings import Settings
 from streamtune.devtools.stack import EmbeddedKafka, EmbeddedRedis, find_free_port
 from support.processes import ScorerProcess
+from support.registry import pinned_registry
 
 
 @dataclass
@@ -57,6 +58,7 @@ def settings(stack: Stack, tmp_path: Path) -> Settings:
         topic_partitions=2,
         metrics_port=find_free_port(),
         state_dir=tmp_path / "state",
+        adapter_dir=pinned_registry(tmp_path / "adapters-pinned"),  # each task's v1 (support/registry.py)
         batch_max_events=16,
         batch_max_ms=30,
         commit_interval_s=0.2,

@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 from streamtune.cli import app
 from streamtune.core.errors import StreamtuneError
-from streamtune.core.settings import Settings
+from support.registry import pinned_registry
 
 
 def test_promoting_a_rejected_version_needs_force(tmp_path: Path) -> None:
     root = tmp_path / "adapters"
-    shutil.copytree(Settings().model.adapter_dir, root)
+    pinned_registry(root)
     v2 = root / "review_sentiment" / "2"
     shutil.copytree(root / "review_sentiment" / "1", v2)
     manifest = json.loads((v2 / "manifest.json").read_text())
@@ -37,7 +37,7 @@ def test_promoting_a_rejected_version_needs_force(tmp_path: Path) -> None:
 def test_releasing_a_version_without_its_onnx_artifact_is_refused(tmp_path: Path) -> None:
     """Scorers on an ONNX backend would refuse it: the CLI says so and how to export it."""
     root = tmp_path / "adapters"
-    shutil.copytree(Settings().model.adapter_dir, root, ignore=shutil.ignore_patterns("artifacts"))
+    pinned_registry(root, artifacts=False)
     v2 = root / "query_class" / "2"
     shutil.copytree(root / "query_class" / "1", v2)
     manifest = json.loads((v2 / "manifest.json").read_text())

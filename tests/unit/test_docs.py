@@ -11,7 +11,9 @@ import pytest
 
 from streamtune.core.errors import StreamtuneError
 from streamtune.core.settings import REPO_ROOT, Settings
+from streamtune.core.tasks import TASK_NAMES
 from streamtune.devtools import docs
+from streamtune.rollout.registry import LocalRegistry
 
 ADAPTERS = REPO_ROOT / "adapters"
 PACKAGE = REPO_ROOT / "workers" / "streamtune"
@@ -65,7 +67,16 @@ def test_every_setting_is_documented() -> None:
 
 def test_quality_table_reports_the_manifest_numbers() -> None:
     table = docs.quality_table(ADAPTERS)
-    assert "| review_sentiment |" in table and "macro_f1" in table and "top3" in table and "pr_auc" in table
+    registry = LocalRegistry(ADAPTERS)
+    for task in TASK_NAMES:
+        for version in registry.versions(task):
+            m = registry.manifest(task, version)
+            for metric, value in m.metrics.items():
+                if metric != "positive_rate":  # every served metric, on its version's row
+                    assert (
+                        f"| {task} | {version} | {m.training['held_out_rows']} | {metric} | **{value:.3f}** |"
+                        in table
+                    )
 
 
 def test_readme_is_short() -> None:

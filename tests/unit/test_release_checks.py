@@ -36,6 +36,7 @@ from streamtune.scorer.swap import (
     observe,
     still_written,
 )
+from support.registry import pinned_registry
 from support.waiting import wait_until
 
 TASK = "review_sentiment"
@@ -657,7 +658,7 @@ def test_the_cli_marks_a_forced_release(tmp_path: Path, monkeypatch: pytest.Monk
     import streamtune.rollout.cli as cli
 
     root = tmp_path / "adapters"
-    shutil.copytree(Settings().model.adapter_dir, root)
+    pinned_registry(root)
     v2 = root / TASK / "2"
     shutil.copytree(root / TASK / "1", v2, ignore=shutil.ignore_patterns("artifacts"))
     manifest = json.loads((v2 / "manifest.json").read_text())

@@ -307,7 +307,7 @@ def test_a_one_class_holdout_candidate_is_published_readable_refused_and_recover
     """The reported case end to end: a purchase-intent run whose 10 held-out labels are all
     non-buyers. Before, its manifest held nulls the registry refused to read, and the trainer
     exited at every restart."""
-    shutil.copytree(ADAPTERS / CLICK, tmp_path / CLICK)
+    shutil.copytree(ADAPTERS / CLICK / "1", tmp_path / CLICK / "1")  # v1 only: the candidate is v2
     registry = LocalRegistry(tmp_path)
     ts = select(click_labels(50, one_class_from=40), -1, holdout_fraction=0.2, replay_ratio=0.0, seed=1)
     assert len(ts.holdout) == 10 and {e.y for e in ts.holdout} == {"no_purchase"}
@@ -336,7 +336,7 @@ def test_a_run_stopped_at_its_budget_reports_how_far_it_got(
 ) -> None:
     """train_candidate reports the watermark its fit reached, to the trainer (the set's
     progress, read by run_job) and to the next start (the manifest's joined_seq)."""
-    shutil.copytree(ADAPTERS / CLICK, tmp_path / CLICK)
+    shutil.copytree(ADAPTERS / CLICK / "1", tmp_path / CLICK / "1")  # v1 only: the candidate is v2
     registry = LocalRegistry(tmp_path)
     real_fit = _ClickModel.fit
 

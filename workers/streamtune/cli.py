@@ -113,6 +113,8 @@ def train(
             table.add_column(k, justify="right")
         table.add_row("streamtune (served)", *[f"{v:.3f}" for v in m.metrics.values()])
         held = m.cascade.get("held_out", {})
+        for part, vals in m.training.get("trees", {}).get("held_out", {}).items():  # click: MLP, trees
+            table.add_row(f"  {part} alone", *[f"{vals.get(k, float('nan')):.3f}" for k in m.metrics])
         for path in ("linear", "transformer"):
             if path in held:
                 table.add_row(

@@ -35,7 +35,18 @@ RATE_COLUMNS = ["BounceRates", "ExitRates", "PageValues", "SpecialDay"]
 CATEGORICAL = {"Month": 12, "OperatingSystems": 8, "Browser": 13, "Region": 9, "TrafficType": 20}
 BINARY_COLUMNS = ["ReturningVisitor", "Weekend"]
 NUMERIC_COLUMNS = COUNT_COLUMNS + DURATION_COLUMNS + RATE_COLUMNS
-FEATURE_DIM = len(NUMERIC_COLUMNS) + sum(CATEGORICAL.values()) + len(BINARY_COLUMNS)
+# The columns version 1 of the click model reads. Later columns are only ever appended (see
+# :func:`vectorize`), and a model reads the first ``dim`` columns it was trained on, so every
+# version keeps serving from the same feature vector.
+BASE_FEATURE_DIM = len(NUMERIC_COLUMNS) + sum(CATEGORICAL.values()) + len(BINARY_COLUMNS)
+# Appended after the base columns: log page value and whether there is one, log mean duration per
+# page of each page type, log pages in all, the product pages' share, log exit and bounce rates.
+DERIVED_COLUMNS = (
+    "log_page_value", "has_page_value",
+    *(f"log_mean_{page}_duration" for page in PAGE_COLUMNS),
+    "log_pages", "product_share", "log_exit_rate", "log_bounce_rate",
+)  # fmt: skip
+FEATURE_DIM = BASE_FEATURE_DIM + len(DERIVED_COLUMNS)
 # A session row's values stay within float32 (what the model reads).
 ROW_LIMIT = FLOAT32_LIMIT
 # Each model feature stays within +-FEATURE_LIMIT. Counts and durations are log-scaled and rates
@@ -158,6 +169,20 @@ def vectorize(row: Mapping[str, Any]) -> list[float]:
         onehot[idx] = 1.0
         out += onehot
     out += [float(row[c]) for c in BINARY_COLUMNS]
+    out += derived(row)
+    return out
+
+
+def derived(row: Mapping[str, Any]) -> list[float]:
+    """The :data:`DERIVED_COLUMNS` of one row (finite, within :data:`FEATURE_LIMIT`)."""
+    value = max(clip(float(row["PageValues"]), FEATURE_LIMIT), 0.0)
+    counts = [max(clip(float(row[c]), ROW_LIMIT), 0.0) for c in COUNT_COLUMNS]
+    durations = [max(clip(float(row[d]), ROW_LIMIT), 0.0) for d in DURATION_COLUMNS]
+    pages = sum(counts)
+    out = [math.log1p(value), 1.0 if value > 0 else 0.0]
+    out += [math.log1p(d / max(c, 1.0)) for c, d in zip(counts, durations, strict=True)]
+    out += [math.log1p(pages), counts[COUNT_COLUMNS.index("ProductRelated")] / max(pages, 1.0)]
+    out += [math.log(max(clip(float(row[c]), 1.0), 0.0) + 1e-3) for c in ("ExitRates", "BounceRates")]
     return out
 
 

@@ -57,25 +57,43 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
-def quality_table(adapter_dir: Path, version: int = 1) -> str:
-    """Markdown table of a version's held-out metrics beside the baselines its manifest records."""
+def _cell(value: float | None, bold: bool = False) -> str:
+    if value is None:
+        return ""
+    return f"**{value:.3f}**" if bold else f"{value:.3f}"
+
+
+def quality_table(adapter_dir: Path) -> str:
+    """Markdown table of every shipped version's held-out metrics beside the baselines its
+    manifest records, on the same rows. A version with a linear stage adds what each of its
+    models scores alone and the share of rows its linear stage answers alone; a click version
+    with boosted trees, what its MLP and its trees score alone (it serves their blend)."""
     registry = LocalRegistry(adapter_dir)
     lines = [
-        f"| task | held-out rows | metric | streamtune v{version} | majority | TF-IDF/logistic regression |",
-        "|---|---|---|---|---|---|",
+        "| task | version | held-out rows | metric | served | transformer / MLP alone "
+        "| linear stage / trees alone | linear share | majority | best other baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task in TASK_NAMES:
-        m = registry.manifest(task, version)
-        other = next((k for k in m.baselines if k != "majority"), None)
-        for metric, value in m.metrics.items():
-            if metric == "positive_rate":
-                continue
-            maj = m.baselines.get("majority", {}).get(metric)
-            alt = m.baselines.get(other, {}).get(metric) if other else None
-            lines.append(
-                f"| {task} | {m.training.get('held_out_rows', '')} | {metric} | **{value:.3f}** | "
-                f"{'' if maj is None else f'{maj:.3f}'} | {'' if alt is None else f'{alt:.3f}'} |"
-            )
+        for version in registry.versions(task):
+            m = registry.manifest(task, version)
+            held = m.cascade.get("held_out", {})
+            share = held.get("shares", {}).get("linear")
+            parts = m.training.get("trees", {}).get("held_out", {})
+            neural = held.get("transformer", parts.get("mlp", {}))
+            cheap = held.get("linear", parts.get("trees", {}))
+            for metric, value in m.metrics.items():
+                if metric == "positive_rate":
+                    continue
+                others = {k: b[metric] for k, b in m.baselines.items() if k != "majority" and metric in b}
+                best = max(others, key=lambda k: others[k]) if others else None
+                alt = f"{others[best]:.3f} ({best})" if best else ""
+                lines.append(
+                    f"| {task} | {version} | {m.training.get('held_out_rows', '')} | {metric} | "
+                    f"{_cell(value, bold=True)} | {_cell(neural.get(metric))} | {_cell(cheap.get(metric))} | "
+                    f"{'' if share is None else f'{share:.0%}'} | "
+                    f"{_cell(m.baselines.get('majority', {}).get(metric))} | {alt} |"
+                )
     return "\n".join(lines)
 
 

@@ -279,15 +279,12 @@ def _text_model(registry: AdapterStore, base_path: str, manifest: Manifest) -> T
 
 def _click_model(registry: AdapterStore, manifest: Manifest) -> nn.Module:
     from peft import PeftModel
-    from safetensors.torch import load_file
 
-    from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
+    from streamtune.model.click import load_click_net
 
     path = registry.fetch(manifest.task, manifest.version)
-    net = ClickNet()
     try:
-        net.load_state_dict(load_file(str(path / CLICK_BASE_WEIGHTS)))
-        merged: nn.Module = PeftModel.from_pretrained(net, str(path)).merge_and_unload()
+        merged: nn.Module = PeftModel.from_pretrained(load_click_net(path), str(path)).merge_and_unload()
     except Exception as e:
         raise AdapterError(f"{manifest.task} v{manifest.version}: cannot load for export: {e}") from e
     return merged.eval()

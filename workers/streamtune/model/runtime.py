@@ -25,6 +25,7 @@ from streamtune.model.cascade import CascadeRule, ScorePath, answer
 from streamtune.model.linear import LinearStage
 from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
 from streamtune.model.tokens import TextBatcher, base_model_sha256
+from streamtune.model.trees import TREES_META, TreeStage, blend
 from streamtune.rollout.registry import AdapterStore, Manifest
 from streamtune.rollout.state import in_canary
 
@@ -49,6 +50,7 @@ class LoadedAdapter:
     backend: str = "torch"
     linear: LinearStage | None = None  # text versions with a cascade: the first stage
     rule: CascadeRule | None = None  # ... and which events it answers alone
+    trees: TreeStage | None = None  # click versions with boosted trees, blended with the MLP
     name: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +156,8 @@ class ModelRuntime:
                 loaded.rule = CascadeRule.from_dict(manifest.cascade["rule"])
                 if loaded.linear.classes != tuple(manifest.labels):
                     raise AdapterError(f"{task} v{version}: its linear stage's classes are not its labels")
+            if TREES_META in manifest.files:
+                loaded.trees = TreeStage.load(path, self.threads)
         except Exception as e:  # safetensors/peft raise many types for corrupt files
             self._drop_adapter(adapter_name(task, version))  # what the failed load added, if anything
             if isinstance(e, AdapterError):
@@ -198,13 +202,10 @@ class ModelRuntime:
 
     def _load_click(self, manifest: Manifest, path: Path) -> LoadedAdapter:
         from peft import PeftModel
-        from safetensors.torch import load_file
 
-        from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
+        from streamtune.model.click import load_click_net
 
-        net = ClickNet()
-        net.load_state_dict(load_file(str(path / CLICK_BASE_WEIGHTS)))
-        model = PeftModel.from_pretrained(net, str(path))
+        model = PeftModel.from_pretrained(load_click_net(path), str(path))
         model.eval()
         return LoadedAdapter(manifest=manifest, click=model)
 
@@ -219,7 +220,7 @@ class ModelRuntime:
             probe = ["smoke test"]
         # the transformer itself (a cascade may answer the probe without it), then what is served
         probs = self._transformer(loaded, probe).probs
-        if loaded.linear is not None:
+        if loaded.linear is not None or loaded.trees is not None:
             probs = np.concatenate([probs, self._forward(loaded, probe).probs])
         if not np.all(np.isfinite(probs)):
             raise AdapterError(
@@ -338,13 +339,16 @@ class ModelRuntime:
     def _forward(self, loaded: LoadedAdapter, inputs: list[str] | list[list[float]]) -> Scored:
         """What one version serves for ``inputs``: with a linear stage, its cascade (the
         transformer runs on the rows that need it only); a text version without one answers
-        every row from the transformer."""
+        every row from the transformer; a click version with trees, their blend with the MLP."""
         m = loaded.manifest
         if loaded.linear is not None and loaded.rule is not None:
             return self._cascade(loaded, inputs)  # type: ignore[arg-type]
         scored = self._transformer(loaded, inputs)
         if m.kind != "text-lora":
-            return scored
+            if loaded.trees is None:
+                return scored
+            trees = loaded.trees.predict(inputs)[:, None]  # type: ignore[arg-type]
+            return replace(scored, probs=blend(scored.probs, trees, loaded.trees.weight))
         return replace(scored, paths=np.full(len(inputs), ScorePath.TRANSFORMER, dtype=np.int8))
 
     def _cascade(self, loaded: LoadedAdapter, texts: list[str]) -> Scored:

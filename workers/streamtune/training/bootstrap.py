@@ -336,39 +336,75 @@ def fit_click(
     module.eval()
 
 
+# The click recipe, chosen on validation rows by ``streamtune.devtools.click_experiment``
+# (docs/training.md): the base MLP reads every feature column (derived ones included), trains 15
+# epochs at lr 1e-3 without class weighting; the LoRA adapter on top trains 3 more.
+CLICK_BASE_EPOCHS = 15
+CLICK_BASE_LR = 1e-3
+CLICK_LORA_EPOCHS = 3
+CLICK_LORA_LR = 1e-3
+
+
 def train_click_task(data_dir: Path, registry: AdapterStore, cfg: TrainConfig) -> Manifest:
-    """Train the click MLP (its "base"), then a LoRA adapter on top of it through peft."""
+    """Train the click MLP (its "base") and a LoRA adapter on top of it through peft, and
+    boosted trees beside it (``model/trees.py``), on the training split minus its validation
+    split; the blend weight is chosen on validation rows, the held-out rows only score."""
+    from streamtune.model import trees
+
     seed_everything(cfg.seed)
     started = time.monotonic()
     spec = CLICK
     pct = spec.held_out_percent
     rows = data.load_sessions(data_dir)
-    train = [r for r in rows if not data.is_held_out(r["session_id"], pct)]
+    train_all = [r for r in rows if not data.is_held_out(r["session_id"], pct)]
+    fit_rows = [r for r in train_all if not data.is_validation(r["session_id"], cfg.validation_percent)]
+    val_rows = [r for r in train_all if data.is_validation(r["session_id"], cfg.validation_percent)]
     test = [r for r in rows if data.is_held_out(r["session_id"], pct)]
-    xtr, ytr = _session_arrays(train)
+    xall, yall = _session_arrays(train_all)
+    xtr, ytr = _session_arrays(fit_rows)
+    xva, yva = _session_arrays(val_rows)
     xte, yte = _session_arrays(test)
     net = ClickNet(dim=xtr.shape[1])
     with torch.no_grad():
         net.mean.copy_(torch.from_numpy(xtr.mean(0)))
         net.std.copy_(torch.from_numpy(xtr.std(0) + 1e-6))
     xt, yt = torch.from_numpy(xtr), torch.tensor(ytr, dtype=torch.float32)
-    pos_weight = torch.tensor((len(ytr) - sum(ytr)) / max(sum(ytr), 1))
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    loss_fn = nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def fit(module: nn.Module, params: list[nn.Parameter], epochs: int, lr: float) -> None:
         fit_click(module, params, xt, yt, epochs, lr, gen, loss_fn)
 
-    fit(net, list(net.parameters()), epochs=15 * cfg.epochs, lr=3e-3)
+    fit(net, list(net.parameters()), epochs=CLICK_BASE_EPOCHS * cfg.epochs, lr=CLICK_BASE_LR)
     base_state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=CLICK_LORA_TARGETS))
-    fit(model, [p for p in model.parameters() if p.requires_grad], epochs=3 * cfg.epochs, lr=1e-3)
-    with torch.inference_mode():
-        p = torch.sigmoid(model(torch.from_numpy(xte))).numpy()
-    metrics = M.binary_metrics(yte, p)
-    baselines = {
-        "majority": M.binary_metrics(yte, np.full(len(yte), float(np.mean(ytr)))),
-        "logreg": M.binary_metrics(yte, M.logreg_binary(xtr, ytr, xte, cfg.seed)),
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    fit(model, lora_params, epochs=CLICK_LORA_EPOCHS * cfg.epochs, lr=CLICK_LORA_LR)
+
+    def mlp(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out: np.ndarray = torch.sigmoid(model(torch.from_numpy(x))).numpy()
+        return out
+
+    forest = trees.fit(xtr, ytr, cfg.seed)
+    tree_p = lambda x: forest.predict_proba(x)[:, 1]  # noqa: E731
+    roc = lambda y, p: M.binary_metrics(y, p)["roc_auc"]  # noqa: E731
+    weight, by_weight = trees.choose_weight(mlp(xva), tree_p(xva), yva, roc)
+    served = trees.blend(mlp(xte), tree_p(xte), weight)
+    metrics = M.binary_metrics(yte, served)
+    baselines = {  # trained on the whole training split, validation rows included
+        "majority": M.binary_metrics(yte, np.full(len(yte), float(np.mean(yall)))),
+        "logreg": M.binary_metrics(yte, M.logreg_binary(xall, yall, xte, cfg.seed)),
+        "hist_gradient_boosting": M.binary_metrics(
+            yte, trees.fit(xall, yall, cfg.seed).predict_proba(xte)[:, 1]
+        ),
+    }
+    blend_record = {
+        "metric": "roc_auc",
+        "weight": weight,
+        "validation_rows": len(yva),
+        "validation_by_weight": by_weight,
+        "held_out": {"mlp": M.binary_metrics(yte, mlp(xte)), "trees": M.binary_metrics(yte, tree_p(xte))},
     }
     seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory() as tmp:
@@ -377,6 +413,8 @@ def train_click_task(data_dir: Path, registry: AdapterStore, cfg: TrainConfig) -
         model.save_pretrained(str(build), safe_serialization=True, save_embedding_layers=False)
         (build / "README.md").unlink(missing_ok=True)
         _portable_adapter_config(build / "adapter_config.json", CLICK_BASE_NAME)
+        trees.export(forest, xva, weight, build, {"train_rows": len(ytr), "seed": cfg.seed})
+        training = _training_record(cfg, len(ytr), len(yte), seconds, data.SESSIONS)
         manifest = Manifest(
             task=spec.name,
             version=registry.next_version(spec.name),
@@ -384,7 +422,7 @@ def train_click_task(data_dir: Path, registry: AdapterStore, cfg: TrainConfig) -
             base_model=BaseModelRef(name=CLICK_BASE_NAME, sha256=sha256_file(build / CLICK_BASE_WEIGHTS)),
             labels=list(spec.labels or ()),
             created_at=datetime.now(UTC),
-            training=_training_record(cfg, len(ytr), len(yte), seconds, data.SESSIONS),
+            training={**training, "validation_rows": len(yva), "trees": blend_record},
             metrics=metrics,
             baselines=baselines,
         )

@@ -33,9 +33,10 @@ from streamtune.core.errors import AdapterError, StreamtuneError
 from streamtune.core.tasks import TASKS, MetricFamily
 from streamtune.datasets.reference import Reference, reference_set
 from streamtune.model.cascade import CascadeRule, answer
-from streamtune.model.click import CLICK_BASE_WEIGHTS, ClickNet
+from streamtune.model.click import CLICK_BASE_WEIGHTS, load_click_net
 from streamtune.model.encoder import Head, base_model_sha256, load_base
 from streamtune.model.linear import LinearStage
+from streamtune.model.trees import TREES_META, TREES_MODEL, TreeStage, blend
 from streamtune.rollout.registry import AdapterStore, Manifest
 from streamtune.training import metrics as M
 from streamtune.training.bootstrap import (
@@ -229,17 +230,21 @@ class _TextModel:
 
 
 class _ClickModel:
+    """The click MLP's LoRA adapter, trained online. A parent with boosted trees passes them on
+    unchanged: the candidate predicts (and is gated on) the same blend that serving computes."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        net = ClickNet()
-        net.load_state_dict(load_file(str(path / CLICK_BASE_WEIGHTS)))
-        self.model = PeftModel.from_pretrained(net, str(path), is_trainable=True)
+        self.model = PeftModel.from_pretrained(load_click_net(path), str(path), is_trainable=True)
         self.model.eval()
+        self.trees = TreeStage.load(path) if (path / TREES_META).is_file() else None
         self.trained: list[int] = []  # rows of the last fit's inputs it trained on, in that order
 
     def predict(self, xs: list[Any]) -> np.ndarray:
         with torch.inference_mode():
             p = torch.sigmoid(self.model(torch.tensor(xs, dtype=torch.float32))).numpy()
+        if self.trees is not None:
+            p = blend(p, self.trees.predict(xs), self.trees.weight)
         out: np.ndarray = np.stack([1 - p, p], axis=1)
         return out
 
@@ -258,6 +263,9 @@ class _ClickModel:
 
     def save(self, build: Path, base_name: str) -> None:
         shutil.copy2(self.path / CLICK_BASE_WEIGHTS, build / CLICK_BASE_WEIGHTS)
+        if self.trees is not None:
+            for name in (TREES_MODEL, TREES_META):
+                shutil.copy2(self.path / name, build / name)
         self.model.save_pretrained(str(build), safe_serialization=True, save_embedding_layers=False)
         (build / "README.md").unlink(missing_ok=True)
         _portable_adapter_config(build / "adapter_config.json", base_name)

@@ -541,13 +541,16 @@ CASCADE_TASK = "review_sentiment"
 
 def cascade_registries(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, Any]:
     """Registries for the quality/cost trade-off of ``review_sentiment``, each a copy of the
-    bench's with one default version: ``transformer-only`` (the newest without a linear stage),
-    ``cascade`` (the newest with one; built from the former with ``training/attach.py`` when the
-    registry has none) and ``linear-only`` (the cascade's files with a rule that answers every
-    in-domain review from the linear stage). Returns, per name, its directory and version."""
+    bench's with one default version: ``cascade`` (the newest with a linear stage; built with
+    ``training/attach.py`` from the newest without one when the registry has none),
+    ``transformer-only`` (the cascade's transformer files without its linear stage, so both
+    rows serve the same transformer) and ``linear-only`` (the cascade's files with a rule that
+    answers every in-domain review from the linear stage). Returns, per name, its directory and
+    version."""
     import shutil
 
     from streamtune.model.cascade import LINEAR_ONLY
+    from streamtune.model.linear import LINEAR_META, LINEAR_WEIGHTS
     from streamtune.training.attach import cascade_from
     from streamtune.training.bootstrap import TrainConfig
 
@@ -568,7 +571,6 @@ def cascade_registries(settings: Settings, cfg: ThroughputConfig, work: Path) ->
         out[name] = {"adapter_dir": str(root), "version": version}
         return LocalRegistry(root)
 
-    keep_only("transformer-only", without[-1])
     if with_stage:
         cascade_reg = keep_only("cascade", with_stage[-1])
     else:
@@ -585,18 +587,22 @@ def cascade_registries(settings: Settings, cfg: ThroughputConfig, work: Path) ->
             "built_by_bench": True,
         }
     cascade_m = cascade_reg.manifest(CASCADE_TASK, out["cascade"]["version"])
-    linear_root = work / "registry-linear-only"
-    shutil.copytree(cascade_reg.root, linear_root)
-    linear_reg = LocalRegistry(linear_root)
-    build = work / "build-linear-only"
-    shutil.copytree(cascade_reg.fetch(CASCADE_TASK, cascade_m.version), build,
-                    ignore=shutil.ignore_patterns("manifest.json", "artifacts"))  # fmt: skip
-    cascade_info = {**cascade_m.cascade, "rule": LINEAR_ONLY.as_dict()}
-    linear_m = linear_reg.publish(build, cascade_m.model_copy(update={
-        "version": cascade_m.version + 1, "parent_version": cascade_m.version, "cascade": cascade_info,
-        "files": {}, "signature": ""}))  # fmt: skip
-    shutil.rmtree(task_dir(linear_root) / str(cascade_m.version))
-    out["linear-only"] = {"adapter_dir": str(linear_root), "version": linear_m.version}
+
+    def derived(name: str, cascade_info: dict[str, Any], ignore: tuple[str, ...]) -> None:
+        """The cascade version's files (less ``ignore``) as the only version of a new registry."""
+        root = work / f"registry-{name}"
+        shutil.copytree(cascade_reg.root, root)
+        build = work / f"build-{name}"
+        shutil.copytree(cascade_reg.fetch(CASCADE_TASK, cascade_m.version), build,
+                        ignore=shutil.ignore_patterns("manifest.json", "artifacts", *ignore))  # fmt: skip
+        m = LocalRegistry(root).publish(build, cascade_m.model_copy(update={
+            "version": cascade_m.version + 1, "parent_version": cascade_m.version, "cascade": cascade_info,
+            "files": {}, "signature": ""}))  # fmt: skip
+        shutil.rmtree(task_dir(root) / str(cascade_m.version))
+        out[name] = {"adapter_dir": str(root), "version": m.version}
+
+    derived("transformer-only", {}, (LINEAR_WEIGHTS, LINEAR_META))
+    derived("linear-only", {**cascade_m.cascade, "rule": LINEAR_ONLY.as_dict()}, ())
     return out
 
 
@@ -627,18 +633,14 @@ def tradeoff(
     backend, batch = best[CASCADE_TASK]
     rows: dict[str, Any] = {}
     for name, info in regs.items():
-        if name != "transformer-only":
-            if backend in ONNX_BACKENDS:  # its own artifact: derived from its own manifest
-                reg = LocalRegistry(Path(info["adapter_dir"]))
-                export_for(
-                    settings.replace(adapter_dir=reg.root), reg, CASCADE_TASK, info["version"], backend
-                )
-            backends = {t: b for t, (b, _) in best.items()}
-            batches = {t: n for t, (_, n) in best.items()}
-            dep = E2EConfig(name, backends, batches, tasks=(CASCADE_TASK,), adapter_dir=info["adapter_dir"])
-            e2e = end_to_end(settings, cfg, dep, work)[CASCADE_TASK]
-        else:
-            e2e = rep.end_to_end["tuned"][CASCADE_TASK]
+        reg = LocalRegistry(Path(info["adapter_dir"]))
+        if backend in ONNX_BACKENDS and reg.artifact(CASCADE_TASK, info["version"], backend) is None:
+            # its own artifact, derived from its own manifest (a copied version has its own already)
+            export_for(settings.replace(adapter_dir=reg.root), reg, CASCADE_TASK, info["version"], backend)
+        backends = {t: b for t, (b, _) in best.items()}
+        batches = {t: n for t, (_, n) in best.items()}
+        dep = E2EConfig(name, backends, batches, tasks=(CASCADE_TASK,), adapter_dir=info["adapter_dir"])
+        e2e = end_to_end(settings, cfg, dep, work)[CASCADE_TASK]
         answered = e2e.get("answer_paths", {})
         total = sum(answered.values())
         rows[name] = {
