@@ -15,7 +15,9 @@ def operator_acted(st: DemoState) -> bool:
     return any("operator:" in line and "review_sentiment" in line for line in st.timeline.all)
 
 
-def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision() -> None:
+def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # A permissive gate: this test is about the loop, not about whether 100 labels help.
     base = Settings(trainer_margin=-1.0, trainer_reference_tolerance=1.0)
     opts = DemoOptions(
@@ -34,3 +36,9 @@ def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision() -> 
     assert operator_acted(st), lines
     judged = st.book.by_version(drifted_only=False)
     assert judged[live][1] >= 15 and judged[live + 1][1] >= 15  # both versions served labelled traffic
+    # Without the live view: progress lines and each timeline event as it happens, not only at the end.
+    out = capsys.readouterr().out
+    during, _, summary = out.partition("\ntimeline\n")
+    assert summary, out[-2000:]
+    assert "labels joined" in during and "query_class v" in during
+    assert "the review stream drifts" in during and f"scorer: {new} in canary" in during

@@ -44,7 +44,11 @@ def test_query_class_trains_and_reports_baselines(tmp_path: Path) -> None:
     m = train_task("query_class", s.model.base_model, s.model.data_dir, reg, SMALL)
     assert set(m.metrics) == {"top1", "top3"}
     assert set(m.baselines) == {"majority", "tfidf_logreg", "tfidf_logreg_unbalanced"}
-    assert m.cascade == {} and "linear.json" not in m.files  # query_class has no linear stage (yet)
+    # Its cascade rule is chosen out of fold: no validation split, fold transformers instead.
+    assert "linear.json" in m.files and m.training["validation_rows"] == 0
+    assert m.cascade["chosen_on"] == "out_of_fold" and m.cascade["out_of_fold"]["folds"] == 5
+    assert m.cascade["out_of_fold"]["rows"] == m.training["linear_train_rows"] > 300
+    assert m.cascade["held_out"]["rows"] == 48 and m.metrics == m.cascade["held_out"]["cascade"]
     assert m.metrics["top3"] >= m.metrics["top1"]
     assert m.training["held_out_rows"] == 48 and "" not in m.labels
     # Held-out rows are never trained on: the split is a property of the row id.

@@ -91,8 +91,11 @@ class TaskSpec:
     text_of: Callable[[Any], str] | None = None  # TEXT tasks: what the model reads of an event
     reasons: int = 0  # terms explaining each result (from a version's linear stage); 0: none
     # ``streamtune train`` fits a linear stage and a cascade rule beside the transformer
-    # (docs/linear-stage.md says why query_class does not, yet)
     cascade: bool = False
+    # 0: the rule is chosen on the validation split; K: on out-of-fold predictions of the whole
+    # training split over K folds, for a task too small for a validation split
+    # (``training/out_of_fold.py``; no validation split is carved then)
+    rule_folds: int = 0
 
     @property
     def is_text(self) -> bool:
@@ -167,6 +170,8 @@ QUERY = TaskSpec(
     data_file="wands_queries.tsv",
     prototype_head=True,  # 188 classes, some with few or no training queries
     text_of=lambda ev: ev.query,
+    cascade=True,  # it pays: docs/linear-stage.md ("query_class")
+    rule_folds=5,  # 375 training rows: a validation split would hold about 38
 )
 CLICK = TaskSpec(
     name="purchase_intent",

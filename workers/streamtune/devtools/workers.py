@@ -39,16 +39,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class Worker:
-    """One worker process; its output goes to ``log``."""
+    """One worker process; its output goes to ``log``; ``nice`` lowers its CPU priority."""
 
-    def __init__(self, command: str, settings: Settings, log: Path) -> None:
+    def __init__(self, command: str, settings: Settings, log: Path, nice: int = 0) -> None:
         self.command = command
         self.settings = settings
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streamtune.cli", command],
+                ["nice", "-n", str(nice), sys.executable, "-m", "streamtune.cli", command]
+                if nice
+                else [sys.executable, "-m", "streamtune.cli", command],
                 env=settings_env(settings),
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -66,13 +68,16 @@ class Worker:
             tail = self.log.read_text(errors="replace").splitlines()[-15:]
             raise StartupError(f"{self.command} exited with {self.proc.returncode}:\n" + "\n".join(tail))
 
-    def wait_ready(self, timeout_s: float = 600.0) -> Worker:
+    def wait_ready(self, timeout_s: float = 600.0, progress: Callable[[], None] | None = None) -> Worker:
         """Until /metrics answers (the worker has loaded its model and started). The bound covers
         a scorer that exports its ONNX artifacts at start (``export_on_start``): about 60 s per
-        artifact on 2 idle cores, several times that on busy ones."""
+        artifact on 2 idle cores, several times that on busy ones. ``progress`` runs at each poll
+        (the demo prints the exports from the log)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive()
+            if progress is not None:
+                progress()
             with contextlib.suppress(OSError):
                 self.metrics()
                 return self
@@ -88,10 +93,15 @@ class Worker:
                 raise StartupError(f"timed out after {timeout_s:.0f} s waiting for {what}")
             time.sleep(0.05)
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def terminate(self) -> None:
+        """SIGTERM to the worker's process group, without waiting (:meth:`stop` waits)."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:

@@ -186,6 +186,7 @@ def export_artifact(
     if not eval_inputs:
         raise AdapterError(f"{task}: empty evaluation slice")
     started = time.monotonic()
+    log.info("export_started", task=task, version=version, backend=backend, eval_rows=len(eval_inputs))
     tried: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="streamtune-export-") as tmp:
         work = Path(tmp)

@@ -3,7 +3,8 @@
 
 The new version keeps version N's adapter and head files unchanged, adds a linear stage fitted
 on the training rows, and a cascade rule chosen on validation rows with N's own transformer
-probabilities there. Validation rows the transformer was trained on are left out of the choice
+probabilities there (a task with ``rule_folds``: on out-of-fold rows of the training split,
+``training/out_of_fold.py``). Validation rows the transformer was trained on are left out of the choice
 when they are known (:func:`seen_by`; for the committed v1, its recipe's seeded sample): a
 transformer scores its own training rows too well, which would bias the
 rule towards it. Held-out rows are only scored, beside the same baselines ``streamtune train``
@@ -29,7 +30,7 @@ from streamtune.core.tasks import TASKS
 from streamtune.model.encoder import base_model_sha256
 from streamtune.model.linear import LINEAR_FILES, LinearStage
 from streamtune.rollout.registry import AdapterStore, Manifest
-from streamtune.training import cascade
+from streamtune.training import cascade, out_of_fold
 from streamtune.training import metrics as M
 from streamtune.training.bootstrap import (
     TrainConfig,
@@ -84,17 +85,22 @@ def cascade_from(
     if split.names != source.labels:
         raise StreamtuneError(f"{task} v{version}: its labels are not the data's classes")
     names = split.names
-    seen = seen_by(registry, source, data_dir)
-    xva, yva = split.validation
-    kept = [i for i, x in enumerate(xva) if x not in seen]
-    if not kept:
-        raise StreamtuneError(f"{task} v{version}: its transformer trained on every validation row")
-    xva, yva = [xva[i] for i in kept], [yva[i] for i in kept]
     (all_x, all_y), (xte, yte) = split.train, split.held_out
     model = _TextModel(base_path, registry.fetch(task, version), names, cfg.max_len)
     score = M.METRICS[spec.metric_family]
     stage = LinearStage.fit(all_x, [names[y] for y in all_y], names, cfg.linear, cfg.seed)
-    chosen = cascade.choose(stage, xva, yva, model.predict_transformer(xva), score, spec.gate_metric)
+    xva: list[str] = []
+    if spec.rule_folds:  # no validation split: the rule is chosen out of fold (fold transformers)
+        rule, report = out_of_fold.choose(task, base_path, names, all_x, all_y, cfg, cfg.linear, score)
+        chosen = cascade.FittedCascade(stage, rule, report)
+    else:
+        seen = seen_by(registry, source, data_dir)
+        xva, yva = split.validation
+        kept = [i for i, x in enumerate(xva) if x not in seen]
+        if not kept:
+            raise StreamtuneError(f"{task} v{version}: its transformer trained on every validation row")
+        xva, yva = [xva[i] for i in kept], [yva[i] for i in kept]
+        chosen = cascade.choose(stage, xva, yva, model.predict_transformer(xva), score, spec.gate_metric)
     metrics, fitted = cascade.evaluate(chosen, xte, yte, model.predict_transformer(xte), score)
     baselines = text_baselines(split, score, cfg.seed)
     seconds = time.monotonic() - started

@@ -160,7 +160,8 @@ class TextSplit:
 
 def text_split(task: str, data_dir: Path, cfg: TrainConfig) -> TextSplit:
     spec = TASKS[task]
-    rows = data.splits(task, data_dir, cfg.validation_percent)  # unlabelled queries dropped
+    # unlabelled queries dropped; a task whose rule is chosen out of fold has no validation split
+    rows = data.splits(task, data_dir, 0 if spec.rule_folds else cfg.validation_percent)
     # fixed class names, else the taxonomy as the data knows it (known up front)
     every = (*rows.train, *rows.validation, *rows.held_out)
     names = list(spec.labels) if spec.labels is not None else sorted({y for _, _, y in every})
@@ -214,19 +215,14 @@ def v1_training_texts(task: str, data_dir: Path, rows: int = 3000, seed: int = 1
     return frozenset(train[i] for i in idx)
 
 
-def train_text_task(
-    task: str, base_path: str, data_dir: Path, registry: AdapterStore, cfg: TrainConfig
-) -> Manifest:
-    seed_everything(cfg.seed)
-    started = time.monotonic()
-    spec = TASKS[task]
-    split = text_split(task, data_dir, cfg)
-    names = split.names
-    (xtr, ytr), (xva, yva), (xte, yte) = split.transformer, split.validation, split.held_out
+def fit_transformer(
+    task: str, base_path: str, names: list[str], xtr: list[str], ytr: list[int], cfg: TrainConfig
+) -> tuple[Any, Head, Any]:
+    """A fresh base model with a LoRA adapter and a head, trained on ``xtr`` by the task's
+    recipe: (peft model, head, tokenizer)."""
     tok, base = load_base(base_path)
-    hidden = int(base.config.hidden_size)
-    head = Head(hidden, len(names))
-    if spec.prototype_head:
+    head = Head(int(base.config.hidden_size), len(names))
+    if TASKS[task].prototype_head:
         # Prototype init: each class starts at the embedding of its own name, so classes
         # with few (or no) training queries are still reachable.
         protos = torch.nn.functional.normalize(_embed(tok, base, names, cfg.max_len), dim=-1)
@@ -236,6 +232,19 @@ def train_text_task(
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.05, target_modules=LORA_TARGETS)
     model = get_peft_model(base, lora)
     fit_text(model, head, tok, xtr, ytr, len(names), cfg, task)
+    return model, head, tok
+
+
+def train_text_task(
+    task: str, base_path: str, data_dir: Path, registry: AdapterStore, cfg: TrainConfig
+) -> Manifest:
+    seed_everything(cfg.seed)
+    started = time.monotonic()
+    spec = TASKS[task]
+    split = text_split(task, data_dir, cfg)
+    names = split.names
+    (xtr, ytr), (xva, yva), (xte, yte) = split.transformer, split.validation, split.held_out
+    model, head, tok = fit_transformer(task, base_path, names, xtr, ytr, cfg)
     probs = predict_text(model, head, tok, xte, cfg.max_len)
     score = M.METRICS[spec.metric_family]
     metrics = score(yte, probs)
@@ -244,8 +253,14 @@ def train_text_task(
     fitted = None
     if spec.cascade and cfg.cascade:
         stage = LinearStage.fit(all_x, [names[y] for y in all_y], names, cfg.linear, cfg.seed)
-        val_probs = predict_text(model, head, tok, xva, cfg.max_len)
-        chosen = cascade.choose(stage, xva, yva, val_probs, score, spec.gate_metric)
+        if spec.rule_folds:
+            from streamtune.training import out_of_fold  # it trains fold transformers with this module
+
+            rule, report = out_of_fold.choose(task, base_path, names, all_x, all_y, cfg, cfg.linear, score)
+            chosen = cascade.FittedCascade(stage, rule, report)
+        else:
+            val_probs = predict_text(model, head, tok, xva, cfg.max_len)
+            chosen = cascade.choose(stage, xva, yva, val_probs, score, spec.gate_metric)
         metrics, fitted = cascade.evaluate(chosen, xte, yte, probs, score)
         log.info("cascade_chosen", task=task, rule=fitted.rule.as_dict(), held_out=fitted.report["held_out"])
     seconds = time.monotonic() - started

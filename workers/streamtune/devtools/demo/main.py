@@ -8,8 +8,9 @@ Online phase: after ``drift_after`` seconds the review stream drifts to a "criti
 (:mod:`streamtune.devtools.demo.drift`). The view shows labels joining, the trainer's runs and gate
 verdicts, the new version going canary and then live (a small operator promotes the canary
 when its accuracy on labelled traffic holds up, or rolls it back), and the accuracy of each
-version on the drifted traffic. Stops on Ctrl-C or after ``duration`` seconds and prints the
-timeline.
+version on the drifted traffic. Stops on Ctrl-C, SIGTERM or SIGHUP (a closed terminal), or
+after ``duration`` seconds, and prints the timeline. Without the live view it prints a progress
+line every :data:`PROGRESS_EVERY_S` seconds and each timeline event as it happens.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import contextlib
 import functools
 import json
 import shutil
+import signal
 import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kafka import KafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,13 +39,57 @@ from streamtune.core.settings import REPO_ROOT, Settings
 from streamtune.core.tasks import TASK_NAMES, TASKS
 from streamtune.datasets.loaders import sentiment_of_rating
 from streamtune.devtools.demo.tail import describe
-from streamtune.devtools.demo.view import AccuracyBook, Timeline, TrainerView, judge_canary, scrape_trainer
+from streamtune.devtools.demo.view import (
+    AccuracyBook,
+    Timeline,
+    TrainerView,
+    export_progress,
+    judge_canary,
+    progress_line,
+    scrape_trainer,
+)
 from streamtune.devtools.stack import EmbeddedKafka, ensure_redis, find_free_port
 from streamtune.devtools.workers import Worker
 from streamtune.kafka.security import redact_url
+from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import promote, rollback
+
+PROGRESS_EVERY_S = 5.0
+TRAINER_NICE = 10  # the trainer yields the shared cores to the scorer (issue 13: click latency)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[Callable[[], None]]:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does: the first of the three raises
+    KeyboardInterrupt in the main thread. The context yields ``shield``, which makes all three
+    ignored: the demo calls it before it stops the stack, so a signal while it shuts down (a
+    terminal closed 15 s after Ctrl-C) cannot cut the shutdown short and leave the broker,
+    Redis or a worker running (the workers run in their own sessions: only the demo stops them).
+    The previous handlers are restored on exit. Off the main thread, where Python allows no
+    handlers, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+
+    def shield() -> None:
+        for s in _STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+    def interrupt(signum: int, frame: object) -> None:
+        shield()
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for s in _STOP_SIGNALS:
+        signal.signal(s, interrupt)
+    try:
+        yield shield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -225,7 +272,7 @@ def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: t
     # Both phases: all tasks, paced, labels following their events after the delay.
     phase = functools.partial(
         replay, settings, list(TASK_NAMES), 1_000_000, opts.rate, opts.malformed,
-        labels=True, label_delay_s=opts.label_delay, on_label=on_label,
+        labels=True, label_delay_s=opts.label_delay, on_label=on_label, cycle_queries=True,
     )  # fmt: skip
     first = phase(should_stop=lambda: stop.is_set() or time.monotonic() - began > opts.drift_after)
     if stop.is_set():
@@ -297,13 +344,57 @@ def _observe(
         st.canary_seen[task] = 0.0
 
 
+def planned_exports(settings: Settings, registry: LocalRegistry) -> int:
+    """How many ONNX artifacts the demo's scorer exports before it serves: one per task whose
+    backend is ONNX and whose version to serve (no release yet: the default one) has none."""
+    n = 0
+    for task in TASK_NAMES:
+        backend = settings.backend_for(task)
+        version = registry.default_version(task, backend)
+        missing = version is not None and registry.artifact(task, version, backend) is None
+        n += backend in ONNX_BACKENDS and missing
+    return n
+
+
+class _StartupLog:
+    """Follows the scorer's log while it starts, printing its export progress."""
+
+    def __init__(self, path: Path, planned: int, say: Callable[[str], None]) -> None:
+        self.path, self.planned, self.say = path, planned, say
+        self.offset = 0
+        self.done = 0
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # whole lines only
+        self.offset += len(complete)
+        for raw in complete.decode(errors="replace").splitlines():
+            line, self.done = export_progress(raw, self.done, self.planned)
+            if line is not None:
+                self.say(line)
+
+
 def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
+    with stop_signals() as shield:
+        return _run_demo(base, opts, shield)
+
+
+def _run_demo(base: Settings, opts: DemoOptions, shield: Callable[[], None]) -> DemoState:
     from rich.console import Console
 
     from streamtune.ops.logs import configure_logging
     from streamtune.training.bootstrap import TrainConfig, train_task
 
     console = Console()
+
+    def say(line: str) -> None:
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
     work = REPO_ROOT / "var" / "demo"
     shutil.rmtree(work, ignore_errors=True)  # every demo starts from a clean broker and registry
     work.mkdir(parents=True)
@@ -343,27 +434,33 @@ def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
             torch_threads=1,
         )
         trainer_settings = settings.replace(metrics_port=find_free_port())
+        registry = LocalRegistry(settings.model.adapter_dir)
         console.print(
             f"  Kafka {settings.kafka.bootstrap_servers}  Redis {redact_url(redis_url)}  "
             f"registry {settings.model.adapter_dir}"
         )
-        console.print("  starting a scorer and a trainer (loading the model)…")
+        planned = planned_exports(settings, registry)
+        console.print(
+            "  starting a scorer and a trainer (loading the model"
+            + (f"; {planned} ONNX export(s) first, about a minute each)…" if planned else ")…")
+        )
         scorer = Worker("scorer", settings, work / "scorer.log")
         workers.append(scorer)
-        scorer.wait_ready()
-        trainer = Worker("trainer", trainer_settings, work / "trainer.log")
+        scorer.wait_ready(progress=_StartupLog(scorer.log, planned, say).poll)
+        trainer = Worker("trainer", trainer_settings, work / "trainer.log", nice=TRAINER_NICE)
         workers.append(trainer)
         trainer.wait_ready()
-        registry = LocalRegistry(settings.model.adapter_dir)
         releases = ReleaseLog(settings)
         threading.Thread(target=_follow, args=(settings, st, stop), daemon=True).start()
         threading.Thread(target=_replay_phases, args=(settings, opts, st, stop), daemon=True).start()
         st.timeline.add(
             f"replaying at {opts.rate:.0f} events/s, labels {opts.label_delay:.0f} s late; drift after "
-            f"{opts.drift_after:.0f} s; training after {opts.train_after} new labels"
+            f"{opts.drift_after:.0f} s; training after {opts.train_after} new labels (the trainer "
+            f"shares the cores with the scorer, at nice {TRAINER_NICE})"
         )
         started = time.monotonic()
-        first = prev = scrape(settings.ops.metrics_port)
+        first = prev = last_line = scrape(settings.ops.metrics_port)
+        printed = 0  # timeline lines printed so far (without the live view)
         view = Live(render(first, prev, prev, st, 0), console=console, refresh_per_second=2)
         live_ctx = view if opts.live_view else contextlib.nullcontext()
         with live_ctx as live:
@@ -379,19 +476,37 @@ def run_demo(base: Settings, opts: DemoOptions) -> DemoState:
                 _observe(settings, registry, releases, cur, st, opts)
                 if live is not None:
                     live.update(render(first, prev, cur, st, time.monotonic() - started))
+                else:
+                    for line in st.timeline.all[printed:]:
+                        say(line)
+                    printed = len(st.timeline.all)
+                    if cur.at - last_line.at >= PROGRESS_EVERY_S:
+                        say(_progress(cur, last_line, st, time.monotonic() - started))
+                        last_line = cur
                 prev = cur
-    except KeyboardInterrupt:
-        console.print("stopping…")
+    except KeyboardInterrupt as e:
+        shield()
+        say(f"stopping ({e or 'Ctrl-C'})…")
     finally:
+        shield()  # from here on no signal can cut the shutdown short
         stop.set()
+        for w in workers:
+            w.terminate()  # all at once, then wait for each
         for w in workers:
             w.stop()
         if redis_srv is not None:
             redis_srv.stop()
         kafka.stop()
-    console.print("\n[bold]timeline[/]")
+    say("\ntimeline")
     for line in st.timeline.all:
-        console.print("  " + line)
-    console.print(f"[bold]review accuracy on drifted traffic[/]: {accuracy_line(st.book)}")
-    console.print("demo stopped; stack shut down.")
+        say("  " + line)
+    say(f"review accuracy on drifted traffic: {accuracy_line(st.book)}")
+    say("demo stopped; stack shut down.")
     return st
+
+
+def _progress(cur: Snapshot, before: Snapshot, st: DemoState, elapsed: float) -> str:
+    dt = max(cur.at - before.at, 1e-6)
+    rates = {t: (cur.scored.get(t, 0) - before.scored.get(t, 0)) / dt for t in TASK_NAMES}
+    dead, joined = sum(cur.dead.values()), sum(st.trainer.joined.values())
+    return progress_line(elapsed, TASK_NAMES, cur.scored, rates, cur.versions, dead, joined)

@@ -7,6 +7,7 @@ expected aggregates from the same events; only :func:`replay` touches Kafka.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import random
 import time
@@ -65,16 +66,21 @@ def review_events(
 
 
 def search_events(
-    data_dir: Path, now: datetime | None = None
+    data_dir: Path, now: datetime | None = None, cycle: bool = False
 ) -> Iterator[tuple[SearchEvent, LabelEvent | None]]:
-    """Queries; the few without a class in the data set get no label."""
-    for q in data.load_queries(data_dir):
-        ts = _ts(now)
-        ev = SearchEvent(event_id=f"search-{q.query_id}", ts=ts, session_id=f"qs-{q.query_id}", query=q.query)
-        label = (
-            LabelEvent(event_id=ev.event_id, task="query_class", label=q.label, ts=ts) if q.label else None
-        )
-        yield ev, label
+    """Queries; the few without a class in the data set get no label. With ``cycle`` the
+    480 queries repeat without end, each round with fresh event and session ids (``-r1``,
+    ``-r2``, ...; the first round keeps the plain ids), so a long replay keeps search traffic
+    flowing and no repeat is taken for a duplicate."""
+    queries = data.load_queries(data_dir)
+    for round_no in itertools.count() if cycle else range(1):
+        suffix = f"-r{round_no}" if round_no else ""
+        for q in queries:
+            ts = _ts(now)
+            qid = f"{q.query_id}{suffix}"
+            ev = SearchEvent(event_id=f"search-{qid}", ts=ts, session_id=f"qs-{qid}", query=q.query)
+            label = q.label and LabelEvent(event_id=ev.event_id, task="query_class", label=q.label, ts=ts)
+            yield ev, label or None
 
 
 def session_clicks(row: dict[str, str], now: datetime | None = None) -> list[ClickEvent]:
@@ -158,14 +164,14 @@ def malform(task: str, valid: dict[str, object], kind: str) -> bytes:
 
 
 def _events(
-    task: str, data_dir: Path, reviews: ReviewSource = "natural"
+    task: str, data_dir: Path, reviews: ReviewSource = "natural", cycle_queries: bool = False
 ) -> Iterator[tuple[str, list[bytes], LabelEvent | None]]:
     if task == "review_sentiment":
         rows = critical_wave(data_dir, "train") if reviews == "critical" else None
         for review, review_label in review_events(data_dir, rows=rows):
             yield review.product_id, [review.model_dump_json().encode()], review_label
     elif task == "query_class":
-        for s, lab in search_events(data_dir):
+        for s, lab in search_events(data_dir, cycle=cycle_queries):
             yield s.session_id, [s.model_dump_json().encode()], lab
     else:
         for clicks, lab in click_events(data_dir):
@@ -180,10 +186,11 @@ def _task_records(
     rng: random.Random,
     skip: int,
     reviews: ReviewSource = "natural",
+    cycle_queries: bool = False,
 ) -> Iterator[Outgoing]:
     """One task's records: at most ``limit`` valid ones, some replaced by broken ones."""
     sent = 0
-    for n, (key, values, label) in enumerate(_events(task, data_dir, reviews)):
+    for n, (key, values, label) in enumerate(_events(task, data_dir, reviews, cycle_queries)):
         if n < skip:
             continue
         if sent >= limit:
@@ -208,13 +215,17 @@ def plan(
     seed: int = 7,
     skip: int = 0,
     reviews: ReviewSource = "natural",
+    cycle_queries: bool = False,
 ) -> Iterator[Outgoing]:
     """Records of the given tasks interleaved one by one, ``limit`` valid events per task at most
     (a click session is finished even when it crosses the limit). ``malformed_share`` of the
     records are replaced by broken ones (reported as invalid). Deterministic for a seed.
+    ``cycle_queries``: the queries repeat with fresh ids (:func:`search_events`) until ``limit``.
     """
     streams = {
-        t: _task_records(t, data_dir, limit, malformed_share, random.Random(f"{seed}-{t}"), skip, reviews)
+        t: _task_records(
+            t, data_dir, limit, malformed_share, random.Random(f"{seed}-{t}"), skip, reviews, cycle_queries
+        )
         for t in tasks
     }
     while streams:
@@ -261,6 +272,7 @@ def replay(
     reviews: ReviewSource = "natural",
     label_delay_s: float = 0.0,
     on_label: Callable[[LabelEvent], None] | None = None,
+    cycle_queries: bool = False,
 ) -> ReplayReport:
     """Produce events; ``rate`` events/s in total (0: as fast as possible).
 
@@ -281,7 +293,8 @@ def replay(
             on_label(lab)
 
     try:
-        records = plan(settings.model.data_dir, tasks, limit, malformed_share, seed, skip, reviews)
+        data_dir = settings.model.data_dir
+        records = plan(data_dir, tasks, limit, malformed_share, seed, skip, reviews, cycle_queries)
         while True:
             if should_stop is not None and should_stop():
                 break

@@ -7,10 +7,12 @@ loop in :mod:`streamtune.devtools.demo.main` does the I/O.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -121,3 +123,44 @@ class Timeline:
         line = f"{datetime.now().strftime('%H:%M:%S')}  {text}"
         self.lines.append(line)
         self.all.append(line)
+
+
+def export_progress(line: str, done: int, planned: int) -> tuple[str | None, int]:
+    """What one scorer log line says about its start-up exports, as a line for the console
+    (None: nothing), and the count of exports done after it. The scorer exports the ONNX
+    artifacts its versions lack before it serves (``export_on_start``), about a minute each on
+    two cores; ``planned`` is how many the demo expects (:func:`planned_exports`)."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None, done
+    if not isinstance(event, dict):
+        return None, done
+    what = f"{event.get('task')} v{event.get('version')} ({event.get('backend')})"
+    if event.get("event") == "export_started":
+        return f"  exporting {what}: export {done + 1} of {max(planned, done + 1)}…", done
+    if event.get("event") == "export_done":
+        verdict = "passed" if event.get("passed") else "REFUSED (served in torch)"
+        return (
+            f"  exported {what} in {event.get('seconds')} s, agreement {event.get('agreement')}: {verdict}",
+            done + 1,
+        )
+    return None, done
+
+
+def progress_line(
+    elapsed: float,
+    tasks: Sequence[str],
+    scored: dict[str, float],
+    rates: dict[str, float],
+    versions: dict[str, float],
+    dead: float,
+    joined: float,
+) -> str:
+    """The one line the demo prints every few seconds without its live view: per task its
+    serving version, results so far and their rate."""
+    parts = "  ".join(
+        f"{task} v{versions.get(task, 0):.0f} {scored.get(task, 0):,.0f} ({rates.get(task, 0):.1f}/s)"
+        for task in tasks
+    )
+    return f"[{elapsed:5.0f} s] {parts}  dead letters {dead:,.0f}  labels joined {joined:,.0f}"
