@@ -15,6 +15,16 @@ def operator_acted(st: DemoState) -> bool:
     return any("operator:" in line and "review_sentiment" in line for line in st.timeline.all)
 
 
+def drift_detected(st: DemoState) -> bool:
+    return any(
+        line.split("  ", 1)[-1].startswith("detector: review_sentiment drift in") for line in st.timeline.all
+    )
+
+
+def done(st: DemoState) -> bool:
+    return operator_acted(st) and drift_detected(st)
+
+
 def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -22,7 +32,7 @@ def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision(
     base = Settings(trainer_margin=-1.0, trainer_reference_tolerance=1.0)
     opts = DemoOptions(
         duration=900, rate=20, drift_after=8, label_delay=2, train_after=100, train_budget=30, judge_min=15,
-        live_view=False, until=operator_acted,
+        live_view=False, until=done,
     )  # fmt: skip
     live = LocalRegistry(base.model.adapter_dir).latest("review_sentiment")  # the demo starts from it
     assert live is not None
@@ -34,6 +44,9 @@ def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision(
     assert trained and "gate PASSED" in trained[0], lines
     assert f"scorer: {new} in canary for 50%" in lines, lines
     assert operator_acted(st), lines
+    # the scorer's detectors saw the review stream change (river ADWIN on what v2 answers)
+    detected = [line for line in st.timeline.all if "detector: review_sentiment drift in" in line]
+    assert detected and "s after the drift began" in detected[0], lines
     judged = st.book.by_version(drifted_only=False)
     assert judged[live][1] >= 15 and judged[live + 1][1] >= 15  # both versions served labelled traffic
     # Without the live view: progress lines and each timeline event as it happens, not only at the end.

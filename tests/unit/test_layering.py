@@ -7,10 +7,10 @@ module under ``workers/streamtune``, at module level and inside functions, read 
 - ``streamtune.core`` imports only ``streamtune.core`` and third-party libraries, never Kafka,
   Faust, Redis or torch;
 - the serving side (scorer, model, kafka, rollout, ops) never imports training or the trainer;
-- the pure stages (batch gate, overlap, sessions, offset guard, core) do not import Faust, not
+- the pure stages (batch gate, overlap, sessions, offset guard, core, drift) do not import Faust, not
   even through the package modules they import;
 - matplotlib and py-spy (the ``bench`` extra) are used by devtools only;
-- the torch-free model modules (the linear stage, the cascade, tokenization) import neither torch,
+- the torch-free modules (the linear stage, the cascade, tokenization, the trees, drift) import neither torch,
   transformers nor peft, nor pickle in any form, at any level or through the package modules
   they import.
 """
@@ -47,9 +47,16 @@ FAUST_FREE = [
     "streamtune.ops.progress",
     "streamtune.kafka.offsets",
     "streamtune.core",  # and every module in it
+    "streamtune.drift",
 ]
 BENCH_ONLY = ["matplotlib", "py_spy"]
-TORCH_FREE = ["streamtune.model.linear", "streamtune.model.cascade", "streamtune.model.tokens"]
+TORCH_FREE = [
+    "streamtune.model.linear",
+    "streamtune.model.cascade",
+    "streamtune.model.tokens",
+    "streamtune.model.trees",
+    "streamtune.drift",
+]
 TORCH = ["torch", "transformers", "peft"]
 PICKLE = ["pickle", "joblib", "dill", "cloudpickle"]
 CLI = "streamtune.cli"

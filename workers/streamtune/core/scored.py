@@ -39,6 +39,9 @@ class Scored:
     # review_sentiment with a linear stage: per row, the terms that pushed hardest towards its
     # label (None for the rows of a version without one, in a batch split by a canary)
     reasons: list[list[tuple[str, float]] | None] | None = None
+    # versions with a linear stage: its top probability per row (NaN for the rows of a version
+    # without one); what the drift detectors watch (``streamtune.drift``)
+    linear_confidence: np.ndarray | None = None
 
     @property
     def version(self) -> int:

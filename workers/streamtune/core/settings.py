@@ -391,6 +391,27 @@ class ModelSettings(_Group):
         return resolve_backend(task, self.backend, self.task_backends)
 
 
+class DriftSettings(_Group):
+    """The drift detectors (``streamtune.drift``): the scorer's over what each version answers,
+    the trainer's over the error rate of each version on labelled traffic."""
+
+    delta: float = Field(
+        0.002,
+        gt=0,
+        lt=1,
+        description="Confidence of the drift detectors (river ADWIN's delta): smaller fires later",
+    )
+    grace: int = Field(100, ge=1, description="Observations of a version before its drift detectors may fire")
+    min_labels: int = Field(
+        100, ge=1, description="Fresh labels a training run started early by a detected drift needs"
+    )
+    served_max: int = Field(
+        100_000,
+        ge=1,
+        description="Served answers the trainer keeps to judge labels against (oldest go first)",
+    )
+
+
 class OpsSettings(_Group):
     state_dir: Path = Field(Path("/tmp/streamtune"), description="Local worker state (Faust data dir)")
     metrics_port: int = Field(9108, ge=0, description="Prometheus /metrics port (0: disabled)")
@@ -414,6 +435,7 @@ GROUPS: dict[str, type[_Group]] = {
     "scorer": ScorerSettings,
     "trainer": TrainerSettings,
     "model": ModelSettings,
+    "drift": DriftSettings,
     "ops": OpsSettings,
 }
 
@@ -487,6 +509,11 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "trainer_canary_fraction": ("trainer", "canary_fraction"),
     "trainer_check_s": ("trainer", "check_s"),
     "trainer_seed": ("trainer", "seed"),
+    # Drift detection
+    "drift_delta": ("drift", "delta"),
+    "drift_grace": ("drift", "grace"),
+    "drift_min_labels": ("drift", "min_labels"),
+    "drift_served_max": ("drift", "served_max"),
     # Results
     "score_ttl_s": ("redis", "score_ttl_s"),
     "session_ttl_s": ("redis", "session_ttl_s"),
@@ -560,6 +587,7 @@ class Settings(BaseSettings):
     scorer: ScorerSettings = Field(default_factory=ScorerSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
 
     @classmethod

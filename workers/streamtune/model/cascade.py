@@ -140,6 +140,7 @@ class Answer:
     probs: np.ndarray  # served, float32 [rows, classes]
     paths: np.ndarray  # ScorePath codes, int8 [rows]
     reasons: list[list[tuple[str, float]] | None] | None  # per row, towards its served label
+    confidence: np.ndarray | None = None  # the linear stage's top probability, per row
 
 
 def answer(
@@ -164,7 +165,7 @@ def answer(
     if reasons > 0:
         served = probs.argmax(axis=1)
         why = [stage.reasons_of(t, features[i], int(served[i]), reasons) for i, t in enumerate(texts)]
-    return Answer(probs, paths, why)
+    return Answer(probs, paths, why, linear_probs.max(axis=1).astype(np.float32))
 
 
 def shares(paths: Any) -> dict[str, float]:

@@ -313,6 +313,7 @@ class ModelRuntime:
         versions = np.zeros(len(keys), dtype=np.int64)
         paths: np.ndarray | None = None
         reasons: list[list[tuple[str, float]] | None] | None = None
+        confidence: np.ndarray | None = None
         shadow_stats = None
         for rows, adapter in ((live_rows, route.live), (canary_rows, route.canary)):
             if not rows:
@@ -329,12 +330,19 @@ class ModelRuntime:
                 reasons = [None] * len(keys) if reasons is None else reasons  # None: a version without
                 for i, r in zip(rows, part.reasons, strict=True):
                     reasons[i] = r
+            if part.linear_confidence is not None:
+                confidence = (
+                    np.full(len(keys), np.nan, dtype=np.float32) if confidence is None else confidence
+                )
+                confidence[rows] = part.linear_confidence
             if shadow and adapter is route.live:
                 # what each version would serve (its whole cascade), compared row by row
                 cand = self._forward(route.canary, [inputs[i] for i in rows])  # type: ignore[arg-type]
                 shadow_stats = _shadow(part.probs, cand.probs, route.canary.manifest.version)
         assert probs is not None
-        return Scored(task, route.live.manifest.labels, probs, versions, shadow_stats, paths, reasons)
+        return Scored(
+            task, route.live.manifest.labels, probs, versions, shadow_stats, paths, reasons, confidence
+        )
 
     def _forward(self, loaded: LoadedAdapter, inputs: list[str] | list[list[float]]) -> Scored:
         """What one version serves for ``inputs``: with a linear stage, its cascade (the
@@ -359,7 +367,8 @@ class ModelRuntime:
             reasons=TASKS[m.task].reasons,
         )  # fmt: skip
         versions = np.full(len(texts), m.version)
-        return Scored(m.task, m.labels, out.probs, versions, paths=out.paths, reasons=out.reasons)
+        return Scored(m.task, m.labels, out.probs, versions, paths=out.paths, reasons=out.reasons,
+                      linear_confidence=out.confidence)  # fmt: skip
 
     def _transformer(self, loaded: LoadedAdapter, inputs: list[str] | list[list[float]]) -> Scored:
         m = loaded.manifest

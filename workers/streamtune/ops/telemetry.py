@@ -151,6 +151,18 @@ class ScorerMetrics:
         self.results_by_version = Counter(
             "streamtune_results_by_version", "Results per adapter version", ["task", "version"], registry=r
         )
+        self.drift_detected = Counter(
+            "streamtune_drift_detected",
+            "Changes the drift detectors found (river ADWIN), per task, signal and class or kind",
+            ["task", "signal", "detail"],
+            registry=r,
+        )
+        self.drift_last = Gauge(
+            "streamtune_drift_last_detected_timestamp_seconds",
+            "Wall-clock time of the task's latest drift detection",
+            ["task"],
+            registry=r,
+        )
         self.results_by_path = Counter(
             "streamtune_results_by_path",
             "Results per answer path (linear, blend, transformer) of text tasks",
@@ -221,6 +233,18 @@ class TrainerMetrics:
         )
         self.labels_joined = Counter(
             "streamtune_trainer_labels_joined", "Labels joined", ["task"], registry=r
+        )
+        self.served_judged = Counter(
+            "streamtune_trainer_served_judged",
+            "Labels judged against the answer a version served (outcome: right, wrong)",
+            ["task", "version", "outcome"],
+            registry=r,
+        )
+        self.drift_detected = Counter(
+            "streamtune_trainer_drift_detected",
+            "Changes in a served version's error rate on labelled traffic (river ADWIN)",
+            ["task"],
+            registry=r,
         )
         self.labels_duplicate = Counter(
             "streamtune_trainer_labels_duplicate", "Labels dropped as duplicates", ["task"], registry=r

@@ -26,6 +26,7 @@ from streamtune.core.events import ClickEvent, DeadLetter, ReviewEvent, SearchEv
 from streamtune.core.features import SessionState, session_row, vectorize
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import DLQ_TOPIC, TASKS
+from streamtune.drift.watch import DriftWatch
 from streamtune.model.runtime import ModelRuntime, Scored
 from streamtune.ops.telemetry import ScorerMetrics
 from streamtune.scorer.isolation import (
@@ -118,6 +119,7 @@ class BatchProcessor:
         self.publisher = publisher
         self.metrics = metrics
         self.delivered = Delivered()
+        self.drift = DriftWatch(delta=settings.drift.delta, grace=settings.drift.grace)
 
     def _start_scoring(self, task: str, inputs: Sequence[Any], keys: list[str]) -> asyncio.Future[Scored]:
         """Queue the batch on the model thread and return at once; the model threads run while
@@ -256,9 +258,23 @@ class BatchProcessor:
                     self.metrics.results_by_path.labels(task, path).inc(n)
             self.metrics.scored.labels(task).inc(len(results))
             self.metrics.batch_size.labels(task).observe(len(results))
+            if scored is not None:
+                self._watch_drift(scored)
         if isolated:
             self.metrics.isolated.labels(task, MODEL).inc(isolated)
         return BatchOutcome(scored=len(results), dead=len(started.bad), isolated=isolated)
+
+    def _watch_drift(self, scored: Scored) -> None:
+        """Feed the batch's served answers to the drift detectors; log and count what they find."""
+        found = self.drift.observe(
+            scored.task, scored.versions, scored.labels, scored.probs, scored.linear_confidence
+        )
+        for d in found:
+            self.metrics.drift_detected.labels(d.task, d.signal.value, d.detail).inc()
+            self.metrics.drift_last.labels(d.task).set(d.at)
+            log.warning("drift_detected", task=d.task, version=d.version, signal=d.signal.value,
+                        detail=d.detail, before=round(d.before, 4), after=round(d.after, 4),
+                        observations=d.observations)  # fmt: skip
 
     async def _isolate(self, started: Started) -> BatchOutcome:
         """Bisect a batch that keeps failing: its dead letters on their own, then halves of its
@@ -476,7 +492,18 @@ def _rows(started: Started, scored: Scored, rows: list[int]) -> tuple[Started, S
         inputs=pick(started.inputs),
         keys=pick(started.keys),
     )
-    return part, replace(scored, probs=scored.probs[rows], versions=scored.versions[rows])
+
+    def rows_of(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[rows]
+
+    return part, replace(
+        scored,
+        probs=scored.probs[rows],
+        versions=scored.versions[rows],
+        paths=rows_of(scored.paths),
+        reasons=None if scored.reasons is None else pick(scored.reasons),
+        linear_confidence=rows_of(scored.linear_confidence),
+    )
 
 
 async def _sync(fn: Callable[[], T]) -> T:

@@ -37,6 +37,8 @@ from streamtune.core.decode import Decoded, Source, decode
 from streamtune.core.events import DeadLetter, LabelEvent
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS, TaskSpec
+from streamtune.drift.served import ServedBook, label_ident, served_of
+from streamtune.drift.watch import DriftWatch
 from streamtune.kafka.app import JSON_TABLE, worker_app
 from streamtune.kafka.guard import SkipGuard
 from streamtune.ops.telemetry import Readiness, TrainerMetrics
@@ -59,6 +61,7 @@ class TrainerState:
     retry_after: dict[str, float] = field(default_factory=dict)
     running: str | None = None
     runs: int = 0
+    drift_at: dict[str, float] = field(default_factory=dict)  # monotonic time of the last detection
 
 
 @dataclass
@@ -69,6 +72,8 @@ class TrainerResources:
     state: TrainerState
     exclude_inputs: frozenset[str | tuple[float, ...]] = frozenset()
     readiness: Readiness = field(default_factory=lambda: Readiness(needs_redis=False))
+    served: ServedBook = field(default_factory=ServedBook)  # what the scorers answered, until labelled
+    drift: DriftWatch = field(default_factory=DriftWatch)  # error rate per served version
 
 
 def build_app(settings: Settings, res: TrainerResources) -> faust.App:
@@ -80,7 +85,10 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         "pending", default=None, partitions=settings.kafka.topic_partitions, schema=JSON_TABLE
     )
     trigger = Trigger(
-        settings.trainer.min_labels, settings.trainer.interval_s, settings.trainer.interval_min_labels
+        settings.trainer.min_labels,
+        settings.trainer.interval_s,
+        settings.trainer.interval_min_labels,
+        settings.drift.min_labels,
     )
 
     def topic(name: str) -> faust.TopicT:
@@ -151,6 +159,34 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
     for spec in TASKS.values():  # agent names are stable: they name the agents' consumer state
         app.agent(topic(spec.input_topic), name=spec.trainer_agent)(input_agent(spec))
 
+    def served_agent(spec: TaskSpec) -> Callable[[faust.StreamT], Awaitable[None]]:
+        async def remember(stream: faust.StreamT) -> None:
+            async for event in stream.events():
+                served = served_of(spec, event.message.value)
+                if served is not None:  # not a result of ours: nothing to judge labels by
+                    res.served.add(served)
+
+        return remember
+
+    for spec in TASKS.values():  # what the scorers served, to judge each version by its labels
+        app.agent(topic(spec.output_topic), name=f"{spec.trainer_agent}-served")(served_agent(spec))
+
+    def judge(lab: LabelEvent) -> None:
+        """A label against what was served for it: the served version's error rate, watched."""
+        spec = TASKS[lab.task]
+        ident = label_ident(lab.task, lab.event_id, lab.session_id)
+        judged = None if ident is None else res.served.judge(lab.task, ident, spec.label_of(lab.label))
+        if judged is None:
+            return
+        version, wrong = judged
+        m.served_judged.labels(lab.task, str(version), "wrong" if wrong else "right").inc()
+        for d in res.drift.observe_errors(lab.task, version, [wrong]):
+            m.drift_detected.labels(d.task).inc()
+            state.drift_at[d.task] = time.monotonic()
+            log.warning("drift_detected", task=d.task, version=d.version, signal=d.signal.value,
+                        before=round(d.before, 4), after=round(d.after, 4),
+                        observations=d.observations)  # fmt: skip
+
     @app.agent(topic(LABELS_TOPIC), name="trainer-labels")
     async def labels(stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -172,6 +208,8 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             assert isinstance(decoded, Decoded)
             lab: LabelEvent = decoded.event
             outcome = joiner.add_label(lab, src.partition, src.offset, now=time.time())
+            if outcome.status is not LabelStatus.DUPLICATE:
+                judge(lab)
             if outcome.status is LabelStatus.DUPLICATE:
                 m.labels_duplicate.labels(outcome.task).inc()
             elif outcome.status is LabelStatus.JOINED:
@@ -220,7 +258,9 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             m.fresh_labels.labels(task).set(fresh)
             if state.running is not None or now < state.retry_after.get(task, 0.0):
                 continue
-            reason = should_train(fresh, now - state.last_run.setdefault(task, now), trigger)
+            last = state.last_run.setdefault(task, now)
+            drifted = state.drift_at.get(task, float("-inf")) > last
+            reason = should_train(fresh, now - last, trigger, drifted)
             if reason is None:
                 continue
             ts = select(

@@ -12,6 +12,8 @@ import torch
 from streamtune.core.errors import AdapterError, StartupError
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import TASK_NAMES
+from streamtune.drift.served import ServedBook
+from streamtune.drift.watch import DriftWatch
 from streamtune.kafka.topics import ensure_topics
 from streamtune.model.onnx_export import ensure_artifact
 from streamtune.ops.logs import configure_logging
@@ -189,6 +191,8 @@ def run_trainer(settings: Settings) -> None:
         job=TrainJobRunner(settings, registry, releases, references),
         state=state,
         exclude_inputs=exclude,
+        served=ServedBook(limit=settings.drift.served_max),
+        drift=DriftWatch(delta=settings.drift.delta, grace=settings.drift.grace),
     )
     readiness = Readiness(adapters_loaded=True, needs_redis=False)
     resources.readiness = readiness

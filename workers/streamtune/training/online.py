@@ -74,12 +74,17 @@ class Trigger:
     min_labels: int  # M
     interval_s: float  # T
     interval_min_labels: int
+    drift_min_labels: int = 0  # a detected drift starts a run with this many fresh labels (0: never)
 
 
-def should_train(fresh: int, since_last_s: float, trigger: Trigger) -> str | None:
-    """Why to train now ("count" or "interval"), or None."""
+def should_train(fresh: int, since_last_s: float, trigger: Trigger, drifted: bool = False) -> str | None:
+    """Why to train now ("count", "interval" or "drift"), or None. ``drifted``: a drift was
+    detected since the task's last run (the error rate of a served version rose), which starts
+    a run early, on fewer labels than the count trigger needs."""
     if fresh >= trigger.min_labels:
         return "count"
+    if drifted and trigger.drift_min_labels and fresh >= trigger.drift_min_labels:
+        return "drift"
     if since_last_s >= trigger.interval_s and fresh >= trigger.interval_min_labels:
         return "interval"
     return None

@@ -103,6 +103,7 @@ class Snapshot:
     versions: dict[str, float] = field(default_factory=dict)
     canary: dict[str, float] = field(default_factory=dict)
     canary_fraction: dict[str, float] = field(default_factory=dict)
+    drift: dict[tuple[str, str, str], float] = field(default_factory=dict)  # (task, signal, detail)
 
 
 def scrape(port: int) -> Snapshot:
@@ -124,6 +125,8 @@ def scrape(port: int) -> Snapshot:
                 snap.canary[task] = s.value
             elif s.name == "streamtune_canary_fraction":
                 snap.canary_fraction[task] = s.value
+            elif s.name == "streamtune_drift_detected_total":
+                snap.drift[(task, s.labels["signal"], s.labels["detail"])] = s.value
     return snap
 
 
@@ -169,6 +172,15 @@ class DemoState:
     canary_seen: dict[str, float] = field(default_factory=dict)
     canary_since: dict[str, float] = field(default_factory=dict)
     trainer: TrainerView = field(default_factory=TrainerView)
+    drift_seen: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    drift_onset: float | None = None  # monotonic time the replay switched to the drifted wave
+
+    def detector(self, task: str) -> str:
+        """The task's detector state for the view: its detections so far, by signal."""
+        mine = {(sig, det): n for (t, sig, det), n in self.drift_seen.items() if t == task and n}
+        if not mine:
+            return "watching"
+        return ", ".join(f"{sig} {det}".strip() + f" ×{n:.0f}" for (sig, det), n in sorted(mine.items()))
 
 
 def _fmt_ms(v: float | None) -> str:
@@ -192,9 +204,12 @@ def render(first: Snapshot, prev: Snapshot, cur: Snapshot, st: DemoState, elapse
         "dead letters",
         "labels joined",
         "training",
+        "drift detector",
     ):
         table.add_column(
-            col, justify="left" if col in ("task", "adapter", "training") else "right", no_wrap=True
+            col,
+            justify="left" if col in ("task", "adapter", "training", "drift detector") else "right",
+            no_wrap=True,
         )
     dt = max(cur.at - prev.at, 1e-6)
     for task in TASK_NAMES:
@@ -217,6 +232,7 @@ def render(first: Snapshot, prev: Snapshot, cur: Snapshot, st: DemoState, elapse
             f"{cur.dead.get(task, 0):,.0f}",
             f"{st.trainer.joined.get(task, 0):,.0f}",
             training,
+            st.detector(task),
         )
     acc = st.book.by_version()
     acc_line = (
@@ -278,6 +294,7 @@ def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: t
     if stop.is_set():
         return
     st.phase = "drifted"
+    st.drift_onset = time.monotonic()
     st.timeline.add("the review stream drifts: a critical wave (a third negative, a third neutral)")
     phase(skip=max(first.sent.values()), should_stop=stop.is_set, reviews="critical")
 
@@ -308,6 +325,19 @@ def _observe(
                 f"{'PASSED' if m.gate.get('passed') else 'REJECTED'}: {m.gate.get('reason')}"
             )
     now = time.monotonic()
+    for task, n in sorted(st.trainer.drift.items()):  # the trainer's, on labelled traffic
+        first = n > 0 and not st.drift_seen.get((task, "error_rate", ""))
+        st.drift_seen[(task, "error_rate", "")] = n
+        if first:
+            since = "" if st.drift_onset is None else f", {now - st.drift_onset:,.0f} s after the drift began"
+            st.timeline.add(f"detector: {task} drift in error_rate on labelled traffic{since}")
+    for key, n in sorted(cur.drift.items()):  # a signal's first detection goes on the timeline
+        first = n > 0 and not st.drift_seen.get(key)
+        st.drift_seen[key] = n
+        if first:
+            task, what = key[0], f"{key[1]} {key[2]}".strip()
+            since = "" if st.drift_onset is None else f", {now - st.drift_onset:,.0f} s after the drift began"
+            st.timeline.add(f"detector: {task} drift in {what}{since}")
     for task in TASK_NAMES:
         can = cur.canary.get(task, 0.0)
         if can != st.canary_seen.get(task, 0.0):

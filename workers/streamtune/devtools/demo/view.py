@@ -92,6 +92,7 @@ class TrainerView:
     runs: dict[tuple[str, str], float] = field(default_factory=dict)
     orphans: float = 0.0
     duplicates: float = 0.0
+    drift: dict[str, float] = field(default_factory=dict)  # error-rate changes found, per task
 
 
 def scrape_trainer(text: str) -> TrainerView:
@@ -111,6 +112,8 @@ def scrape_trainer(text: str) -> TrainerView:
                 v.orphans += s.value
             elif s.name == "streamtune_trainer_labels_duplicate_total":
                 v.duplicates += s.value
+            elif s.name == "streamtune_trainer_drift_detected_total":
+                v.drift[task] = s.value
     return v
 
 
