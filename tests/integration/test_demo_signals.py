@@ -1,9 +1,10 @@
 """`streamtune demo` stopped by a signal leaves nothing running (issue 13, "leftover processes").
 
-The demo is started as a user would (``streamtune demo --no-live-view``). Once its broker, Redis
-and scorer run, it gets SIGTERM (a process manager, ``kill``); while it stops, SIGHUP (the
-terminal closed after Ctrl-C), which before cut the shutdown short and left the broker, Redis
-and the trainer behind. Every process the demo had started must be gone."""
+The demo is started as a user would (``streamtune demo --no-live-view``). Once its broker,
+Redis, scorer and trainer run and the replay has begun, it gets SIGTERM (a process manager,
+``kill``); while it stops, SIGHUP (the terminal closed after Ctrl-C), which before cut the
+shutdown short and left the broker, Redis and the trainer behind. Every process the demo had
+started must be gone."""
 
 from __future__ import annotations
 
@@ -46,17 +47,18 @@ def test_sigterm_then_sighup_while_stopping_leave_no_process_behind(tmp_path: Pa
     demo = psutil.Process(proc.pid)
     started: list[psutil.Process] = []
     try:
+        names = ("kafka.Kafka", "redis-server", "streamtune.cli scorer", "streamtune.cli trainer")
 
-        def stack_and_scorer_up() -> bool:
+        def running() -> bool:
             kids = demo.children(recursive=True)
-            up = all(_named(kids, n) for n in ("kafka.Kafka", "redis-server", "streamtune.cli scorer"))
-            started[:] = kids
+            up = all(_named(kids, n) for n in names) and "replaying at" in out.read_text(errors="replace")
+            started[:] = kids  # the snapshot right before the signal
             return up
 
         def alive() -> None:
             assert proc.poll() is None, out.read_text(errors="replace")[-3000:]
 
-        wait_until(stack_and_scorer_up, 300, "the demo's broker, Redis and scorer", guard=alive)
+        wait_until(running, 600, "the demo's broker, Redis, scorer, trainer and replay", guard=alive)
         proc.send_signal(signal.SIGTERM)
         wait_until(lambda: "stopping (SIGTERM)" in out.read_text(errors="replace"), 60, "the demo stopping")
         proc.send_signal(signal.SIGHUP)  # while it stops: ignored, the shutdown goes on

@@ -4,6 +4,7 @@ fresh. No services; the one training run is the small purchase-intent MLP on CPU
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -368,3 +369,19 @@ def test_the_pending_bound_is_a_setting_and_drops_are_counted(monkeypatch: pytes
         "streamtune_trainer_labels_dropped_total", {"task": "query_class", "reason": "pending_full"}
     )
     assert value == 3
+
+
+def test_session_examples_of_another_width_are_dropped_not_stacked() -> None:
+    """Click examples joined before the derived feature columns existed come back from the
+    changelog shorter; a run mixing widths would fail at every retry, so they are dropped."""
+    from streamtune.core.features import BASE_FEATURE_DIM, FEATURE_DIM
+    from streamtune.trainer.main import current_width
+
+    labels = click_labels(20)
+    old = [dataclasses.replace(e, x=list(e.x)[:BASE_FEATURE_DIM]) for e in labels[:5]]
+    ts = select(old + labels[5:], -1, holdout_fraction=0.2, replay_ratio=0.0, seed=1)
+    kept = current_width(CLICK, ts)
+    every = kept.fresh + kept.replay + kept.holdout
+    assert len(every) == 15 and all(len(e.x) == FEATURE_DIM for e in every)
+    review = select(labels, -1, holdout_fraction=0.2, replay_ratio=0.0, seed=1)
+    assert current_width("review_sentiment", review) is review  # text tasks: untouched

@@ -403,7 +403,9 @@ class DriftSettings(_Group):
     )
     grace: int = Field(100, ge=1, description="Observations of a version before its drift detectors may fire")
     min_labels: int = Field(
-        100, ge=1, description="Fresh labels a training run started early by a detected drift needs"
+        100,
+        ge=0,
+        description="Fresh labels a run started early by a detected drift needs (0: never)",
     )
     served_max: int = Field(
         100_000,

@@ -29,8 +29,10 @@ def served_of(spec: TaskSpec, value: bytes | str) -> Served | None:
     try:
         doc: Any = json.loads(value)
         ident = doc["session_id"] if spec.labels_session else doc["event_id"]
-        version, label = int(doc["adapter"]["version"]), doc["label"]
+        version, label = doc["adapter"]["version"], doc["label"]
     except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(version, int) or isinstance(version, bool):
         return None
     if not isinstance(ident, str) or not isinstance(label, str) or doc.get("task") != spec.name:
         return None

@@ -18,8 +18,9 @@ needs a threshold per signal scale; ADWIN's one parameter is a confidence.
 
 Detectors are keyed by version as well: a new version answers differently by design, which is
 not drift, so it starts with fresh detectors (and the error rate is "of each served version").
-A detection is reported once per change ADWIN finds; the detector then goes on from the recent
-part of its window, and fires again only on a further change.
+A detection is reported once per change ADWIN finds; river's ADWIN then starts afresh (its
+window empties on the next update, and the grace period applies again), so it fires again
+only on a further change.
 """
 
 from __future__ import annotations

@@ -58,8 +58,13 @@ def run_text(sess: Any, batcher: TextBatcher, texts: Sequence[str], batch_size: 
 
 
 def run_click(sess: Any, rows: Sequence[Sequence[float]]) -> np.ndarray:
-    """Purchase probability per session row, shape [rows, 1]."""
+    """Purchase probability per session row, shape [rows, 1]. A graph with a fixed, narrower
+    input (exported before derived feature columns were appended: ``core/features.py``) reads
+    the leading columns it was exported with, as ``ClickNet`` itself does."""
     x = np.asarray(rows, dtype=np.float32)
+    width = sess.get_inputs()[0].shape[-1]
+    if isinstance(width, int) and x.ndim == 2 and x.shape[1] > width:
+        x = x[:, :width]
     return np.asarray(_run(sess, {"x": x}), dtype=np.float32).reshape(len(rows), 1)
 
 

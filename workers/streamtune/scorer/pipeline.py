@@ -265,10 +265,16 @@ class BatchProcessor:
         return BatchOutcome(scored=len(results), dead=len(started.bad), isolated=isolated)
 
     def _watch_drift(self, scored: Scored) -> None:
-        """Feed the batch's served answers to the drift detectors; log and count what they find."""
-        found = self.drift.observe(
-            scored.task, scored.versions, scored.labels, scored.probs, scored.linear_confidence
-        )
+        """Feed the batch's served answers to the drift detectors; log and count what they find.
+        The batch is published by now: a failure here is logged, never a batch failure."""
+        try:
+            labels = list(TASKS[scored.task].labels or scored.labels)
+            found = self.drift.observe(
+                scored.task, scored.versions, labels, scored.probs, scored.linear_confidence
+            )
+        except Exception as e:
+            log.error("drift_watch_failed", task=scored.task, error=describe(e))
+            return
         for d in found:
             self.metrics.drift_detected.labels(d.task, d.signal.value, d.detail).inc()
             self.metrics.drift_last.labels(d.task).set(d.at)

@@ -61,7 +61,8 @@ class TrainerState:
     retry_after: dict[str, float] = field(default_factory=dict)
     running: str | None = None
     runs: int = 0
-    drift_at: dict[str, float] = field(default_factory=dict)  # monotonic time of the last detection
+    drift_at: dict[str, float] = field(default_factory=dict)  # monotonic time of the last error-rate rise
+    drift_handled: dict[str, float] = field(default_factory=dict)  # start of the last successful run
 
 
 @dataclass
@@ -182,7 +183,8 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         m.served_judged.labels(lab.task, str(version), "wrong" if wrong else "right").inc()
         for d in res.drift.observe_errors(lab.task, version, [wrong]):
             m.drift_detected.labels(d.task).inc()
-            state.drift_at[d.task] = time.monotonic()
+            if d.after > d.before:  # the error rate rose: a fall (traffic back to normal) is no reason
+                state.drift_at[d.task] = time.monotonic()
             log.warning("drift_detected", task=d.task, version=d.version, signal=d.signal.value,
                         before=round(d.before, 4), after=round(d.after, 4),
                         observations=d.observations)  # fmt: skip
@@ -234,6 +236,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             # never reached, stopped at its time budget, stay fresh for the next run.
             reached = ts.reached()
             state.watermarks[task] = reached
+            state.drift_handled[task] = started  # a rise detected during the run stays pending
             m.runs.labels(task, outcome).inc()
             if reached < ts.watermark:
                 left = sum(1 for e in ts.fresh if e.seq > reached)
@@ -259,7 +262,7 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
             if state.running is not None or now < state.retry_after.get(task, 0.0):
                 continue
             last = state.last_run.setdefault(task, now)
-            drifted = state.drift_at.get(task, float("-inf")) > last
+            drifted = state.drift_at.get(task, float("-inf")) > state.drift_handled.get(task, float("-inf"))
             reason = should_train(fresh, now - last, trigger, drifted)
             if reason is None:
                 continue

@@ -3,6 +3,7 @@ sets, run the Faust worker; each training run happens in one background thread."
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import faust
@@ -10,8 +11,9 @@ import structlog
 import torch
 
 from streamtune.core.errors import AdapterError, StartupError
+from streamtune.core.features import FEATURE_DIM
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import TASK_NAMES
+from streamtune.core.tasks import TASK_NAMES, TASKS
 from streamtune.drift.served import ServedBook
 from streamtune.drift.watch import DriftWatch
 from streamtune.kafka.topics import ensure_topics
@@ -23,7 +25,7 @@ from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import Release, canary, promote
 from streamtune.trainer.app import TrainerResources, TrainerState, build_app
 from streamtune.training.candidate import OnlineConfig, Reference, reference_set, train_candidate
-from streamtune.training.online import TrainingSet, Watermark
+from streamtune.training.online import Example, TrainingSet, Watermark
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +95,25 @@ def announce_unreleased(settings: Settings, registry: AdapterStore, releases: Re
             releases.publish(release)
 
 
+def current_width(task: str, ts: TrainingSet) -> TrainingSet:
+    """Session examples joined before the feature vector grew (restored from the trainer's
+    changelog with ``BASE_FEATURE_DIM`` columns) cannot be stacked with new ones: they are
+    dropped, with a warning, until newer joins replace them."""
+    if not TASKS[task].labels_session:
+        return ts
+
+    def keep(part: list[Example]) -> list[Example]:
+        return [e for e in part if isinstance(e.x, list | tuple) and len(e.x) == FEATURE_DIM]
+
+    out = dataclasses.replace(ts, fresh=keep(ts.fresh), replay=keep(ts.replay), holdout=keep(ts.holdout))
+    dropped = sum(len(p) for p in (ts.fresh, ts.replay, ts.holdout)) - sum(
+        len(p) for p in (out.fresh, out.replay, out.holdout)
+    )
+    if dropped:
+        log.warning("examples_of_another_width_dropped", task=task, dropped=dropped, width=FEATURE_DIM)
+    return out
+
+
 class TrainJobRunner:
     """What runs in the training thread: pick the live version, train, publish, announce."""
 
@@ -118,6 +139,7 @@ class TrainJobRunner:
         )  # fmt: skip
 
     def __call__(self, task: str, ts: TrainingSet) -> str:
+        ts = current_width(task, ts)
         live = live_version(self.registry, self.releases.states(), task, self.settings.backend_for(task))
         outcome = train_candidate(
             task, live, ts, self.references[task], self.registry, self.settings.model.base_model,
