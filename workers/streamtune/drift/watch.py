@@ -124,9 +124,9 @@ class DriftWatch:
             rows = versions == version
             p = probs[rows]
             if binary:
-                served = (p[:, 0] >= 0.5).astype(np.int64)
+                positive = (p[:, 0] >= 0.5).astype(np.float64)
                 top = np.maximum(p[:, 0], 1.0 - p[:, 0])
-                found += self._feed(task, version, Signal.CLASS_SHARE, labels[-1], served.astype(np.float64))
+                found += self._feed(task, version, Signal.CLASS_SHARE, labels[-1], positive)
             else:
                 served = p.argmax(axis=1)
                 top = p.max(axis=1)

@@ -157,7 +157,7 @@ class ModelRuntime:
                 if loaded.linear.classes != tuple(manifest.labels):
                     raise AdapterError(f"{task} v{version}: its linear stage's classes are not its labels")
             if TREES_META in manifest.files:
-                loaded.trees = TreeStage.load(path, self.threads)
+                loaded.trees = TreeStage.load(path, self.threads, self.onnx_spinning)
         except Exception as e:  # safetensors/peft raise many types for corrupt files
             self._drop_adapter(adapter_name(task, version))  # what the failed load added, if anything
             if isinstance(e, AdapterError):

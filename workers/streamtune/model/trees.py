@@ -73,10 +73,11 @@ class TreeStage:
         return out
 
     @classmethod
-    def load(cls, path: Path, threads: int = 1) -> TreeStage:
-        """The trees of the version directory ``path``; :class:`AdapterError` on a file that is
-        missing, of another format or not a graph ONNX Runtime accepts."""
-        import onnxruntime as ort
+    def load(cls, path: Path, threads: int = 1, spinning: bool = True) -> TreeStage:
+        """The trees of the version directory ``path``, in a session built as every served graph
+        is (``onnx_session.session``: ``threads``, ``spinning``); :class:`AdapterError` on a file
+        that is missing, of another format or not a graph ONNX Runtime accepts."""
+        from streamtune.model.onnx_session import session
 
         where = f"{path}/{TREES_META}"
         try:
@@ -88,14 +89,11 @@ class TreeStage:
         weight, dim = meta.get("weight"), meta.get("dim")
         if not isinstance(weight, float | int) or not 0 <= weight <= 1 or not isinstance(dim, int) or dim < 1:
             raise AdapterError(f"{where}: weight must be in [0, 1] and dim a positive integer")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
         try:
-            session = ort.InferenceSession(str(path / TREES_MODEL), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
+            sess = session(path / TREES_MODEL, threads, spinning)
+        except AdapterError as e:
             raise AdapterError(f"{path}/{TREES_MODEL}: ONNX Runtime refused it: {e}") from e
-        return cls(session, dim, float(weight), meta)
+        return cls(sess, dim, float(weight), meta)
 
 
 def fit(x: np.ndarray, y: Sequence[int], seed: int) -> Any:

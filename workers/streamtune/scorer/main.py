@@ -53,6 +53,13 @@ def check_redis(settings: Settings) -> None:
         client.close()
 
 
+def needs_export(settings: Settings, registry: AdapterStore, task: str, version: int) -> bool:
+    """Whether a scorer must export ``task`` v``version``'s artifact before serving it: its
+    backend is an ONNX one and the registry has none for it yet."""
+    backend = settings.backend_for(task)
+    return backend in ONNX_BACKENDS and registry.artifact(task, version, backend) is None
+
+
 def initial_routes(
     swapper: Swapper,
     states: dict[str, Release],
@@ -183,9 +190,7 @@ def prepare(settings: Settings) -> ScorerResources:
     )  # fmt: skip
 
     def export_missing(task: str, version: int) -> None:
-        if settings.backend_for(task) not in ONNX_BACKENDS or registry.artifact(
-            task, version, settings.backend_for(task)
-        ):
+        if not needs_export(settings, registry, task, version):
             return
         from streamtune.model.onnx_export import ensure_artifact  # torch: only when exporting
 

@@ -51,7 +51,6 @@ from streamtune.devtools.demo.view import (
 from streamtune.devtools.stack import EmbeddedKafka, ensure_redis, find_free_port
 from streamtune.devtools.workers import Worker
 from streamtune.kafka.security import redact_url
-from streamtune.model.onnx_session import ONNX_BACKENDS
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import promote, rollback
@@ -376,14 +375,11 @@ def _observe(
 
 def planned_exports(settings: Settings, registry: LocalRegistry) -> int:
     """How many ONNX artifacts the demo's scorer exports before it serves: one per task whose
-    backend is ONNX and whose version to serve (no release yet: the default one) has none."""
-    n = 0
-    for task in TASK_NAMES:
-        backend = settings.backend_for(task)
-        version = registry.default_version(task, backend)
-        missing = version is not None and registry.artifact(task, version, backend) is None
-        n += backend in ONNX_BACKENDS and missing
-    return n
+    version to serve (no release yet: the default one) needs one (``scorer.main.needs_export``)."""
+    from streamtune.scorer.main import needs_export
+
+    defaults = [(t, registry.default_version(t, settings.backend_for(t))) for t in TASK_NAMES]
+    return sum(v is not None and needs_export(settings, registry, t, v) for t, v in defaults)
 
 
 class _StartupLog:
