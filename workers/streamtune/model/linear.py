@@ -228,6 +228,156 @@ class LinearStage:
         }
         return cls(classes, cfg, features, idf, coef, intercept, training)
 
+    # -- incremental update (the trainer's fast path) ---------------------------------------
+
+    def updated(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        prior_strength: float = 1.0,
+        max_iter: int = 200,
+    ) -> LinearStage:
+        """A new stage: this one updated with ``texts`` and their class names ``labels``, without
+        the texts it was trained on. What it approximates is :meth:`fit` on both sets at once.
+
+        * **Features and IDF: exact.** The parent's document frequencies follow from its IDF and
+          row count (``df = (1 + n) / exp(idf - 1) - 1``); the new texts' are added, so every
+          feature they contain becomes known (coverage rises on the new data) and the IDF is the
+          one a refit would compute. (With ``min_df > 1``, the parent's unknown features'
+          counts are not stored: a new feature needs ``min_df`` new texts.)
+        * **Coefficients: a MAP update.** The parent's fit is summarised as a diagonal Gaussian
+          around its coefficients (a Laplace approximation, as elastic weight consolidation
+          does): the precision of class ``c``'s weight on feature ``j`` is ``1 + C * q_c * s_j``,
+          where ``1`` is the L2 penalty every fit has, ``s_j`` estimates ``sum x_ij^2`` over the
+          parent's training rows (from the feature's document frequency and IDF: a row's block
+          has unit norm) and ``q_c`` is the mean of ``p(1 - p)`` of the class under the parent
+          on the new texts. The new texts' weighted log loss (``C`` and class balancing as in
+          :meth:`fit`, over the combined class counts) plus that prior is minimised with
+          scipy's L-BFGS-B over the coefficients of the features the new texts contain and the
+          intercepts; every other coefficient keeps its value, which is that objective's
+          optimum for them. ``prior_strength`` scales the parent's part of the precision.
+
+        Why not ``SGDClassifier.partial_fit``: it trains one-vs-rest binary models, which are
+        not this multinomial model, from a learning rate rather than from how much evidence
+        the parent holds; river's ``SoftmaxRegression`` keeps weights in per-feature dicts
+        (hundreds of thousands of features per class here). The bound to a refit is tested
+        (``tests/unit/test_linear_update.py``)."""
+        from scipy.optimize import minimize
+        from threadpoolctl import threadpool_limits
+
+        cfg = self.config
+        index = {c: i for i, c in enumerate(self.classes)}
+        if len(texts) != len(labels) or not texts:
+            raise ValueError(f"{len(texts)} texts and {len(labels)} labels: need as many, at least one")
+        unknown = sorted({y for y in labels if y not in index})
+        if unknown:
+            raise ValueError(f"labels not among the classes: {unknown[:5]}")
+        if not (math.isfinite(prior_strength) and prior_strength >= 0):
+            raise ValueError(f"prior_strength must be finite and >= 0, not {prior_strength}")
+        n0 = int(self.training.get("rows", 0))
+        if n0 < 1:
+            raise ValueError("this stage records no training rows: its document frequencies are unknown")
+        y = np.array([index[label] for label in labels], dtype=np.int64)
+        k, m, total = len(self.classes), len(y), 2 * cfg.n_features
+        raw = self._raw(texts)
+        idf0 = self.idf.astype(np.float64)
+        df0 = np.maximum(np.rint((1.0 + n0) / np.exp(idf0 - 1.0) - 1.0), 1.0)
+        df = np.zeros(total)
+        df[self.features] = df0
+        df += np.bincount(raw.indices, minlength=total)
+        known = np.zeros(total, dtype=bool)
+        known[self.features] = True
+        known |= df >= cfg.min_df
+        features = np.flatnonzero(known).astype(np.int64)
+        n = n0 + m
+        idf = (np.log((1.0 + n) / (1.0 + df[features])) + 1.0).astype(np.float32)
+        at = np.searchsorted(features, self.features)  # the parent's features among the new ones
+        coef = np.zeros((k, len(features)))
+        coef[:, at] = self.coef
+        intercept = self.intercept.astype(np.float64)
+
+        # the parent's evidence per feature: s_j ~ sum over its rows of x_ij^2 (see above)
+        evidence = np.zeros(len(features))
+        block = self.features >= cfg.n_features
+        sq = df0 * idf0 * idf0
+        for b in (False, True):
+            mass = sq[block == b].sum()
+            if mass > 0:
+                evidence[at[block == b]] = n0 * sq[block == b] / mass
+        parent_p = self.score(texts)[0]
+        curvature = (parent_p * (1.0 - parent_p)).mean(axis=0)  # q_c
+
+        counts = np.bincount(y, minlength=k).astype(np.float64)
+        before = self.training.get("class_counts") or {}
+        combined = counts + np.array([float(before.get(c, 0)) for c in self.classes])
+        active = np.flatnonzero(np.isfinite(intercept) | (counts > 0))  # classes that can be predicted
+        newly = ~np.isfinite(intercept[active])  # classes the parent never saw
+        start_b = intercept[active].copy()
+        if newly.any():
+            start_b[newly] = np.min(intercept[np.isfinite(intercept)])
+        if cfg.balanced:
+            present = combined[active] > 0
+            class_w = np.zeros(k)
+            class_w[active[present]] = combined[active[present]].sum() / (present.sum() * combined[active[present]])
+            w = class_w[y]
+        else:
+            w = np.ones(m)
+
+        blank = LinearStage(self.classes, cfg, features, idf, np.zeros((k, len(features)), np.float32),
+                            np.zeros(k, np.float32))  # fmt: skip
+        x, _ = blank._weighted(raw)
+        touched = np.unique(x.indices)
+        xt = x[:, touched].tocsr()
+        xtt = xt.T.tocsr()
+        ka, nt = len(active), len(touched)
+        w0 = coef[np.ix_(active, touched)]
+        lam = 1.0 + prior_strength * cfg.C * curvature[active, None] * evidence[None, touched]
+        mu = np.where(newly, 0.0, prior_strength * cfg.C * curvature[active] * n0)
+        y_active = np.searchsorted(active, y)
+        onehot = np.zeros((m, ka))
+        onehot[np.arange(m), y_active] = 1.0
+
+        # Optimised in the prior's own scale (u = sqrt(precision) * (w - w_parent)): the
+        # precisions span orders of magnitude, and L-BFGS on the raw weights barely moves.
+        scale_w, scale_b = np.sqrt(lam), np.sqrt(np.maximum(mu, 1.0))
+
+        def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            u, v = theta[: ka * nt].reshape(ka, nt), theta[ka * nt :]
+            wt, bt = w0 + u / scale_w, start_b + v / scale_b
+            z = np.asarray(xt @ wt.T) + bt
+            z -= z.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(z).sum(axis=1))
+            loss = cfg.C * float(np.sum(w * (lse - z[np.arange(m), y_active])))
+            r = (np.exp(z - lse[:, None]) - onehot) * w[:, None]
+            prior_b = mu / scale_b**2
+            loss += 0.5 * float(np.sum(u * u)) + 0.5 * float(np.sum(prior_b * v * v))
+            grad_u = cfg.C * np.asarray(xtt @ r).T / scale_w + u
+            grad_v = cfg.C * r.sum(axis=0) / scale_b + prior_b * v
+            return loss, np.concatenate([grad_u.ravel(), grad_v])
+
+        with threadpool_limits(limits=1, user_api="blas"):  # as in fit: many small BLAS calls
+            res = minimize(objective, np.zeros(ka * nt + ka), jac=True, method="L-BFGS-B",
+                           options={"maxiter": max_iter})  # fmt: skip
+        coef[np.ix_(active, touched)] = w0 + res.x[: ka * nt].reshape(ka, nt) / scale_w
+        intercept[active] = start_b + res.x[ka * nt :] / scale_b
+        training = {
+            **self.training,
+            "rows": n,
+            "class_counts": {c: int(combined[i]) for i, c in enumerate(self.classes)},
+            "known_features": len(features),
+            "iterations": int(res.nit),
+            "update": {
+                "method": "MAP with a diagonal Laplace prior from the parent (LinearStage.updated)",
+                "parent_rows": n0,
+                "rows": m,
+                "features_touched": nt,
+                "features_added": len(features) - len(self.features),
+                "prior_strength": prior_strength,
+                "converged": bool(res.success),
+            },
+        }
+        return LinearStage(self.classes, cfg, features, idf, coef, intercept, training)
+
     # -- scoring ------------------------------------------------------------------------------
 
     def _raw(self, texts: Sequence[str]) -> sparse.csr_matrix:
