@@ -109,8 +109,10 @@ def test_an_exporter_that_checked_before_another_published_cannot_replace_its_pa
     b_published = threading.Event()
     stage = registry_mod._stage
 
-    def slow_stage(tmp: Path, build: Path, files: dict[str, str], record: str, final: Artifact) -> None:
-        stage(tmp, build, files, record, final)
+    def slow_stage(
+        tmp: Path, build: Path, files: dict[str, str], record: str, final: Artifact, links: object = None
+    ) -> None:
+        stage(tmp, build, files, record, final, links)  # type: ignore[arg-type]
         if threading.current_thread().name == "A":
             a_staged.set()
             assert b_published.wait(10)

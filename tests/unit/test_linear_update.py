@@ -127,6 +127,7 @@ def test_bad_updates_are_refused(parent: LinearStage) -> None:
         parent.updated(["a text"], ["ecstatic"])
     with pytest.raises(ValueError, match="prior_strength"):
         parent.updated(["a text"], ["positive"], prior_strength=-1.0)
-    orphan = LinearStage(parent.classes, parent.config, parent.features, parent.idf, parent.coef, parent.intercept)
+    p = parent
+    orphan = LinearStage(p.classes, p.config, p.features, p.idf, p.coef, p.intercept)
     with pytest.raises(ValueError, match="no training rows"):
         orphan.updated(["a text"], ["positive"])

@@ -316,9 +316,9 @@ class LinearStage:
         if newly.any():
             start_b[newly] = np.min(intercept[np.isfinite(intercept)])
         if cfg.balanced:
-            present = combined[active] > 0
+            seen = active[combined[active] > 0]
             class_w = np.zeros(k)
-            class_w[active[present]] = combined[active[present]].sum() / (present.sum() * combined[active[present]])
+            class_w[seen] = combined[seen].sum() / (len(seen) * combined[seen])
             w = class_w[y]
         else:
             w = np.ones(m)

@@ -16,6 +16,11 @@ On-disk shape, one directory per version::
         artifacts/.lock            advisory lock (flock) of the artifact publishers; never removed
         artifacts/.<backend>.*/    an export being staged (hidden names are never artifacts)
 
+A version may *share* files with an older version of its task (``manifest.shared``: file name
+-> that version): the trainer's fast path changes only the linear stage, so its versions hard-link
+their parent's transformer files and ONNX artifacts instead of copying them (one inode: nothing
+that can diverge, nothing to re-export). Shared files are checksummed like every other file.
+
 A version's own files never change. Derived artifacts (ONNX Runtime graphs) are exported after
 publishing, each under its backend's name and immutable once it passed its agreement gate; a
 refused export leaves only its record (``passed: false``), which a later export may replace.
@@ -39,12 +44,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
+import structlog
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
 from streamtune.core.errors import AdapterError, FileMismatch
@@ -56,6 +62,9 @@ ARTIFACT_MANIFEST = "artifact.json"
 ARTIFACTS_LOCK = ".lock"  # in a version's artifacts/ directory; never removed
 STALE_AFTER_S = 3600.0  # a staging directory untouched this long belongs to a killed publisher
 ModelKind = Literal["text-lora", "click-mlp-lora"]
+# A text version's files no ONNX artifact is derived from (the graph is the transformer and head)
+_NOT_IN_ARTIFACTS = frozenset({"linear.safetensors", "linear.json"})
+log = structlog.get_logger(__name__)
 
 
 def _undefined_as_nan(v: Any) -> Any:
@@ -99,14 +108,27 @@ class Manifest(BaseModel):
         ),
     )
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+    shared: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "Files unchanged from an older version of the task (file name -> that version), hard-linked"
+            " rather than copied; every other file is this version's own (what changed)"
+        ),
+    )
     signature: str = Field("", description="HMAC-SHA256 of the manifest without this field (optional)")
 
     def signing_bytes(self) -> bytes:
         """What the signature covers: the manifest (file checksums included) minus the signature.
-        An empty ``cascade`` is left out, so manifests signed before the field existed still
-        verify."""
+        An empty ``cascade`` or ``shared`` is left out, so manifests signed before those fields
+        existed still verify."""
         unsigned = self.model_copy(update={"signature": ""})
-        return unsigned.model_dump_json(exclude=None if self.cascade else {"cascade"}).encode()
+        empty = {name for name in ("cascade", "shared") if not getattr(self, name)}
+        return unsigned.model_dump_json(exclude=empty or None).encode()
+
+    @property
+    def changed(self) -> list[str]:
+        """The files this version brought (not shared with an older one)."""
+        return sorted(set(self.files) - set(self.shared))
 
     @property
     def releasable(self) -> bool:
@@ -145,11 +167,34 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _stage(tmp: Path, build_dir: Path, files: dict[str, str], record: str, final: BaseModel) -> None:
-    """Copy ``files`` and write the record into ``tmp``, all fsynced, ready to be renamed into place."""
+def _link(source: Path, target: Path) -> None:
+    """A hard link of ``source`` at ``target``: one inode, so the two cannot diverge (the
+    registry's versions and artifacts live on one filesystem). Where links are refused (some
+    network or FUSE mounts) the file is copied, with a warning; its checksum is checked either way."""
+    try:
+        os.link(source, target)
+    except OSError as e:
+        log.warning("registry_hard_link_refused_copying", source=str(source), error=str(e))
+        shutil.copy2(source, target)
+
+
+def _stage(
+    tmp: Path,
+    build_dir: Path,
+    files: dict[str, str],
+    record: str,
+    final: BaseModel,
+    links: Mapping[str, Path] | None = None,
+) -> None:
+    """Copy ``files`` (hard-link those in ``links`` from where it says) and write the record into
+    ``tmp``, all fsynced, ready to be renamed into place."""
     tmp.chmod(0o755)  # readable by workers running as another user (mkdtemp makes it 0700)
+    links = links or {}
     for name in files:
-        shutil.copy2(build_dir / name, tmp / name)
+        if name in links:
+            _link(links[name], tmp / name)
+        else:
+            shutil.copy2(build_dir / name, tmp / name)
     (tmp / record).write_text(final.model_dump_json(indent=2) + "\n", encoding="utf-8")
     for p in tmp.iterdir():
         with p.open("rb") as f:
@@ -212,7 +257,11 @@ class AdapterStore(Protocol):
 
     def verify(self, task: str, version: int, base_sha256: str | None = None) -> Manifest: ...
 
-    def publish(self, build_dir: Path, manifest: Manifest) -> Manifest: ...
+    def publish(
+        self, build_dir: Path, manifest: Manifest, shared: Mapping[str, int] | None = None
+    ) -> Manifest: ...
+
+    def inherit_artifacts(self, task: str, version: int, parent: int) -> list[Artifact]: ...
 
     def sign_existing(self, task: str, version: int) -> bool: ...
 
@@ -226,7 +275,9 @@ class AdapterStore(Protocol):
         self, task: str, version: int, shared: bool = False
     ) -> contextlib.AbstractContextManager[None]: ...
 
-    def publish_artifact(self, build_dir: Path, art: Artifact) -> Artifact: ...
+    def publish_artifact(
+        self, build_dir: Path, art: Artifact, links: Mapping[str, Path] | None = None
+    ) -> Artifact: ...
 
     def clean_stale(self, max_age_s: float = ..., now: float | None = None) -> list[Path]: ...
 
@@ -302,10 +353,15 @@ class LocalRegistry:
             )
         return m
 
-    def publish(self, build_dir: Path, manifest: Manifest) -> Manifest:
+    def publish(
+        self, build_dir: Path, manifest: Manifest, shared: Mapping[str, int] | None = None
+    ) -> Manifest:
         """Publish the files in ``build_dir`` as ``manifest.version`` of ``manifest.task``.
 
-        Checksums are computed here; the version directory appears atomically (rename).
+        ``shared``: files to take unchanged from an older version of the task (file name -> that
+        version), hard-linked from it after checking them against its manifest; they are not in
+        ``build_dir``. Checksums are computed here; the version directory appears atomically
+        (rename).
         """
         task, version = manifest.task, manifest.version
         target = self._dir(task, version)
@@ -314,20 +370,73 @@ class LocalRegistry:
         files = {
             p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file() and p.name != MANIFEST
         }
-        final = manifest.model_copy(update={"files": files, "signature": ""})
+        links: dict[str, Path] = {}
+        for name, origin in sorted((shared or {}).items()):
+            if name in files or name == MANIFEST:
+                raise AdapterError(f"{task} v{version}: {name} is both built and shared from v{origin}")
+            if origin >= version:
+                why = f"can share an older version's files only, not v{origin}'s"
+                raise AdapterError(f"{task} v{version}: {why}")
+            recorded = self.manifest(task, origin).files.get(name)
+            source = self._dir(task, origin) / name
+            if recorded is None or not source.is_file():
+                raise AdapterError(f"{task} v{version}: v{origin} has no file {name} to share")
+            if sha256_file(source) != recorded:
+                raise FileMismatch(f"{task} v{version}: v{origin}'s {name} does not match its manifest")
+            files[name] = recorded
+            links[name] = source
+        files = dict(sorted(files.items()))
+        final = manifest.model_copy(update={"files": files, "shared": dict(sorted((shared or {}).items())),
+                                            "signature": ""})  # fmt: skip
         if self._key is not None:
             final = final.model_copy(update={"signature": self._sign(final)})
         tmp: Path | None = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
-            _stage(tmp, build_dir, files, MANIFEST, final)
+            _stage(tmp, build_dir, files, MANIFEST, final, links)
             os.rename(tmp, target)  # fails if target appeared meanwhile: never overwrite
         except OSError as e:  # disk full, read-only, permissions: nothing partial is left behind
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise AdapterError(f"publishing {task} v{version} failed: {e}") from e
         return final
+
+    def inherit_artifacts(self, task: str, version: int, parent: int) -> list[Artifact]:
+        """Give ``version`` every passed artifact of ``parent`` whose model files it shares: the
+        same files, hard-linked (no re-export), under a record derived from ``version``'s own
+        manifest, with the parent's agreement (the graph is the same) and ``inherited_from``.
+
+        Only for a version that shares every file an artifact is derived from: a text version
+        whose transformer (adapter and head) is its parent's. Returns the artifacts published;
+        a backend the version already has is left alone."""
+        m = self.manifest(task, version)
+        transformer = {n for n in self.manifest(task, parent).files if n not in _NOT_IN_ARTIFACTS}
+        if not transformer or any(m.shared.get(n) is None for n in transformer):
+            raise AdapterError(
+                f"{task} v{version}: does not share v{parent}'s transformer files, its artifacts differ"
+            )
+        root = self._dir(task, parent) / ARTIFACTS
+        out: list[Artifact] = []
+        for backend_dir in sorted(root.iterdir()) if root.is_dir() else []:
+            if backend_dir.name.startswith(".") or not backend_dir.is_dir():
+                continue
+            backend = backend_dir.name
+            art = self.artifact(task, parent, backend)
+            if art is None or not art.passed or self.artifact(task, version, backend) is not None:
+                continue
+            self.verify_artifact(task, parent, backend)  # its files, before vouching for them again
+            child = art.model_copy(update={
+                "version": version,
+                "manifest_sha256": self.manifest_sha256(task, version),
+                "created_at": datetime.now(UTC),
+                "details": {**art.details, "inherited_from": parent},
+                "signature": "",
+            })  # fmt: skip
+            with tempfile.TemporaryDirectory(prefix="streamtune-inherit-") as empty:  # nothing built
+                links = {n: backend_dir / n for n in art.files}
+                out.append(self.publish_artifact(Path(empty), child, links=links))
+        return out
 
     # -- derived artifacts ------------------------------------------------------------------
 
@@ -408,8 +517,11 @@ class LocalRegistry:
         finally:
             os.close(fd)  # releases the lock
 
-    def publish_artifact(self, build_dir: Path, art: Artifact) -> Artifact:
-        """Publish an artifact (its files in ``build_dir``; none for a refused one) atomically.
+    def publish_artifact(
+        self, build_dir: Path, art: Artifact, links: Mapping[str, Path] | None = None
+    ) -> Artifact:
+        """Publish an artifact (its files in ``build_dir``; none for a refused one) atomically;
+        files named in ``links`` are hard-linked from there instead of copied.
 
         A passed artifact is immutable (:class:`AdapterError`, also when another process
         published one while this export ran); a refused record may be replaced by a new export.
@@ -427,9 +539,10 @@ class LocalRegistry:
                 raise AdapterError(f"{where}: {art.backend} artifact exists; it is immutable")
 
         refuse_passed()  # early, before copying; checked again under the lock
-        files = (
-            {p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file()} if art.passed else {}
-        )
+        files: dict[str, str] = {}
+        if art.passed:
+            files = {p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file()}
+            files.update({name: sha256_file(source) for name, source in sorted((links or {}).items())})
         final = art.model_copy(update={"files": files, "signature": ""})
         if self._key is not None:
             final = final.model_copy(update={"signature": self._sign(final)})
@@ -437,7 +550,7 @@ class LocalRegistry:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{art.backend}.", dir=target.parent))
-            _stage(tmp, build_dir, files, ARTIFACT_MANIFEST, final)
+            _stage(tmp, build_dir, files, ARTIFACT_MANIFEST, final, links)
             with self.artifact_lock(art.task, art.version):
                 refuse_passed()  # another exporter may have published while this one staged
                 if target.is_dir():  # a refused record (or a directory without one): take its place
