@@ -288,6 +288,33 @@ class TrainerSettings(_Group):
     canary_fraction: float = Field(0.2, gt=0, le=1, description="Canary share of a released candidate")
     check_s: float = Field(2.0, gt=0, description="How often the trainer checks its triggers")
     seed: int = Field(13, description="Seed of sampling and fine-tuning")
+    fast_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "Fast path: how often a text task's linear stage is updated on its fresh labels and proposed"
+            " as a new version sharing the live transformer (0: never); a detected drift starts one at once"
+        ),
+    )
+    fast_min_labels: int = Field(50, ge=2, description="Fast path: fewest fresh labels an update runs on")
+    fast_max_labels: int = Field(
+        2000,
+        ge=2,
+        description="Fast path: most fresh labels of one update (the newest; refused ones stay)",
+    )
+    fast_prior_strength: float = Field(
+        1.0,
+        ge=0,
+        description="Fast path: weight of the parent's evidence in an update (LinearStage.updated)",
+    )
+    fast_recheck_rows: int = Field(
+        100,
+        ge=0,
+        description=(
+            "Fast path after a drift: fresh labels (the newest, left out of the update) the cascade's"
+            " threshold is re-checked on (0: never)"
+        ),
+    )
 
     gate_alpha: float = Field(
         0.05,
@@ -511,6 +538,11 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "trainer_canary_fraction": ("trainer", "canary_fraction"),
     "trainer_check_s": ("trainer", "check_s"),
     "trainer_seed": ("trainer", "seed"),
+    "trainer_fast_interval_s": ("trainer", "fast_interval_s"),
+    "trainer_fast_min_labels": ("trainer", "fast_min_labels"),
+    "trainer_fast_max_labels": ("trainer", "fast_max_labels"),
+    "trainer_fast_prior_strength": ("trainer", "fast_prior_strength"),
+    "trainer_fast_recheck_rows": ("trainer", "fast_recheck_rows"),
     # Drift detection
     "drift_delta": ("drift", "delta"),
     "drift_grace": ("drift", "grace"),

@@ -240,6 +240,20 @@ class TrainerMetrics:
             ["task", "version", "outcome"],
             registry=r,
         )
+        self.fast_updates = Counter(
+            "streamtune_trainer_fast_updates",
+            "Fast-path updates of a text task's linear stage, by outcome (released, rejected, skipped,"
+            " failed, superseded, ...)",
+            ["task", "outcome"],
+            registry=r,
+        )
+        self.fast_update_cpu = Histogram(
+            "streamtune_trainer_fast_update_cpu_seconds",
+            "CPU seconds of one fast-path update, from its labels to the gate's verdict (and publishing)",
+            ["task"],
+            buckets=(0.5, 1, 2, 5, 10, 20, 60),
+            registry=r,
+        )
         self.drift_detected = Counter(
             "streamtune_trainer_drift_detected",
             "Changes in a served version's error rate on labelled traffic (river ADWIN)",

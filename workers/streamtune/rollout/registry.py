@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -261,6 +262,10 @@ class AdapterStore(Protocol):
         self, build_dir: Path, manifest: Manifest, shared: Mapping[str, int] | None = None
     ) -> Manifest: ...
 
+    def publish_next(
+        self, build_dir: Path, manifest: Manifest, shared: Mapping[str, int] | None = None
+    ) -> Manifest: ...
+
     def inherit_artifacts(self, task: str, version: int, parent: int) -> list[Artifact]: ...
 
     def sign_existing(self, task: str, version: int) -> bool: ...
@@ -288,6 +293,7 @@ class LocalRegistry:
     def __init__(self, root: Path, hmac_key: bytes | None = None) -> None:
         self.root = Path(root)
         self._key = hmac_key  # set: publish signs manifests, verify refuses unsigned or tampered ones
+        self._numbering = threading.Lock()  # publish_next: one number per version across threads
 
     def _sign(self, m: Manifest | Artifact) -> str:
         assert self._key is not None
@@ -401,6 +407,16 @@ class LocalRegistry:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise AdapterError(f"publishing {task} v{version} failed: {e}") from e
         return final
+
+    def publish_next(
+        self, build_dir: Path, manifest: Manifest, shared: Mapping[str, int] | None = None
+    ) -> Manifest:
+        """:meth:`publish` as the task's next version, whatever number ``manifest`` holds: the
+        trainer's fast and slow paths publish from two threads, each after a run that took a
+        while, and must not both take the number that was next when they started."""
+        with self._numbering:
+            version = self.next_version(manifest.task)
+            return self.publish(build_dir, manifest.model_copy(update={"version": version}), shared)
 
     def inherit_artifacts(self, task: str, version: int, parent: int) -> list[Artifact]:
         """Give ``version`` every passed artifact of ``parent`` whose model files it shares: the

@@ -24,6 +24,7 @@ with the version: a run killed before it published leaves its labels fresh.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,12 +45,22 @@ from streamtune.kafka.guard import SkipGuard
 from streamtune.ops.telemetry import Readiness, TrainerMetrics
 from streamtune.trainer.joiner import Eviction, Joiner, JoinLimits, LabelStatus
 from streamtune.training.candidate import NothingToTrain
-from streamtune.training.online import TrainingSet, Trigger, Watermark, is_fresh, select, should_train
+from streamtune.training.online import (
+    TrainingSet,
+    Trigger,
+    Watermark,
+    fast_due,
+    is_fresh,
+    select,
+    should_train,
+)
 
 log = structlog.get_logger(__name__)
 
 # Runs one training job (in the training thread) and returns whether a version was published.
 TrainJob = Callable[[str, TrainingSet], Any]
+# Runs one fast-path update (in the fast thread): (task, labels, re-check the rule) -> FastRun
+FastJob = Callable[[str, TrainingSet, bool], Any]
 
 
 @dataclass
@@ -63,6 +74,10 @@ class TrainerState:
     runs: int = 0
     drift_at: dict[str, float] = field(default_factory=dict)  # monotonic time of the last error-rate rise
     drift_handled: dict[str, float] = field(default_factory=dict)  # start of the last successful run
+    fast_watermarks: dict[str, Watermark] = field(default_factory=dict)  # the fast path's own
+    fast_running: str | None = None
+    fast_last: dict[str, float] = field(default_factory=dict)  # monotonic end of the last fast run
+    fast_handled: dict[str, float] = field(default_factory=dict)  # start of the last fast run after a drift
 
 
 @dataclass
@@ -75,6 +90,8 @@ class TrainerResources:
     readiness: Readiness = field(default_factory=lambda: Readiness(needs_redis=False))
     served: ServedBook = field(default_factory=ServedBook)  # what the scorers answered, until labelled
     drift: DriftWatch = field(default_factory=DriftWatch)  # error rate per served version
+    fast_job: FastJob | None = None  # None: no fast path
+    fast_executor: ThreadPoolExecutor | None = None
 
 
 def build_app(settings: Settings, res: TrainerResources) -> faust.App:
@@ -278,6 +295,64 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
                      holdout=len(ts.holdout), replay=len(ts.replay))  # fmt: skip
             running_jobs.add(asyncio.ensure_future(run_job(task, ts)))
             running_jobs.difference_update({j for j in running_jobs if j.done()})
+
+    async def run_fast(task: str, ts: TrainingSet, recheck: bool) -> None:
+        assert res.fast_job is not None and res.fast_executor is not None
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            run = await loop.run_in_executor(res.fast_executor, res.fast_job, task, ts, recheck)
+        except NothingToTrain as e:
+            m.fast_updates.labels(task, "skipped").inc()
+            log.info("fast_update_skipped", task=task, reason=str(e))
+        except Exception as e:
+            m.fast_updates.labels(task, "failed").inc()
+            log.exception("fast_update_failed", task=task, error=str(e))
+        else:
+            m.fast_updates.labels(task, run.outcome).inc()
+            m.fast_update_cpu.labels(task).observe(run.cpu_seconds)
+            if recheck:
+                state.fast_handled[task] = started
+            if run.outcome != "rejected":  # published: its labels are used (refused: they stay fresh)
+                state.fast_watermarks[task] = ts.watermark
+            log.info("fast_update_done", task=task, outcome=run.outcome, version=run.manifest.version,
+                     reason=run.manifest.gate.get("reason"), cpu_seconds=run.cpu_seconds,
+                     fresh=len(ts.fresh), holdout=len(ts.holdout))  # fmt: skip
+        finally:
+            state.fast_last[task] = time.monotonic()
+            state.fast_running = None
+
+    fast_tasks = [t for t, spec in TASKS.items() if spec.is_text] if res.fast_job is not None else []
+
+    @app.timer(settings.trainer.check_s)
+    async def check_fast() -> None:
+        """The fast path's cadence: every ``fast_interval_s`` per text task, at once after a
+        drift, on the fresh labels since its own watermark (the newest ``fast_max_labels``)."""
+        if not fast_tasks or state.fast_running is not None:
+            return
+        now = time.monotonic()
+        for task in fast_tasks:
+            drifted = state.drift_at.get(task, float("-inf")) > state.fast_handled.get(task, float("-inf"))
+            last = state.fast_last.setdefault(task, now)
+            wm = state.fast_watermarks.get(task, -1)
+            exs = joiner.examples(task)
+            fresh = sum(1 for e in exs if is_fresh(e, wm))
+            reason = fast_due(fresh, now - last, settings.trainer.fast_interval_s,
+                              settings.trainer.fast_min_labels, drifted)  # fmt: skip
+            if reason is None:
+                continue
+            ts = select(
+                exs, wm, settings.trainer.holdout_fraction, 0.0, settings.trainer.seed,
+                res.exclude_inputs, settings.trainer.holdout_max,
+            )  # fmt: skip
+            keep = settings.trainer.fast_max_labels
+            if len(ts.fresh) > keep:  # the newest; older ones an earlier refusal kept wait no longer
+                ts = dataclasses.replace(ts, fresh=ts.fresh[-keep:])
+            state.fast_running = task
+            log.info("fast_update_triggered", task=task, reason=reason,
+                     fresh=len(ts.fresh), holdout=len(ts.holdout))  # fmt: skip
+            running_jobs.add(asyncio.ensure_future(run_fast(task, ts, drifted)))
+            return
 
     @app.timer(max(settings.trainer.check_s, 5.0))
     async def sweep() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import faust
 import structlog
@@ -18,6 +19,8 @@ from streamtune.drift.served import ServedBook
 from streamtune.drift.watch import DriftWatch
 from streamtune.kafka.topics import ensure_topics
 from streamtune.model.onnx_export import ensure_artifact
+from streamtune.model.onnx_session import ONNX_BACKENDS
+from streamtune.model.tokens import base_model_sha256
 from streamtune.ops.logs import configure_logging
 from streamtune.ops.telemetry import Readiness, TrainerMetrics
 from streamtune.rollout.registry import AdapterStore, Manifest, registry_for
@@ -25,13 +28,15 @@ from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import Release, canary, promote
 from streamtune.trainer.app import TrainerResources, TrainerState, build_app
 from streamtune.training.candidate import OnlineConfig, Reference, reference_set, train_candidate
+from streamtune.training.fast import PATH_FAST, FastConfig, TransformerCache, fast_candidate
 from streamtune.training.online import Example, TrainingSet, Watermark
 
 log = structlog.get_logger(__name__)
 
 
-def last_trainer_manifest(registry: AdapterStore, task: str) -> Manifest | None:
-    """The newest version this trainer made (released or not).
+def last_trainer_manifest(registry: AdapterStore, task: str, path: str | None = None) -> Manifest | None:
+    """The newest version this trainer made (released or not); with ``path``, the newest one that
+    path made (``fast``, or ``slow``: the fine-tuning runs, whose manifests predate the field).
 
     A version whose manifest cannot be read is skipped (logged), so one bad version does not
     stop every restart; the older one recovered instead can only make labels fresh again."""
@@ -41,16 +46,18 @@ def last_trainer_manifest(registry: AdapterStore, task: str) -> Manifest | None:
         except AdapterError as e:
             log.warning("manifest_unreadable_skipped", task=task, version=version, error=str(e))
             continue
-        if m.training.get("source") == "trainer":
+        if m.training.get("source") == "trainer" and path in (None, m.training.get("path", "slow")):
             return m
     return None
 
 
-def recovered_watermarks(registry: AdapterStore) -> dict[str, Watermark]:
-    """What each task has trained on, as its newest trainer-made manifest records it."""
+def recovered_watermarks(registry: AdapterStore, path: str = "slow") -> dict[str, Watermark]:
+    """What each task has trained on, as its newest manifest of ``path`` records it: the fast
+    and the slow path each keep their own (a fast update's labels are still fresh for the slow
+    path, which fine-tunes the transformer on them)."""
     out: dict[str, Watermark] = {}
     for task in TASK_NAMES:
-        m = last_trainer_manifest(registry, task)
+        m = last_trainer_manifest(registry, task, path)
         if m is not None:
             out[task] = int(m.training.get("joined_seq", -1))
     return out
@@ -95,6 +102,16 @@ def announce_unreleased(settings: Settings, registry: AdapterStore, releases: Re
             releases.publish(release)
 
 
+@dataclass(frozen=True)
+class FastRun:
+    """What a fast-path update came to: the outcome (as the runs metric counts it), the
+    candidate's manifest (published unless rejected) and its CPU seconds."""
+
+    outcome: str
+    manifest: Manifest
+    cpu_seconds: float
+
+
 def current_width(task: str, ts: TrainingSet) -> TrainingSet:
     """Session examples joined before the feature vector grew (restored from the trainer's
     changelog with ``BASE_FEATURE_DIM`` columns) cannot be stacked with new ones: they are
@@ -129,6 +146,8 @@ class TrainJobRunner:
         self.releases = releases
         self.references = references
         self._reference_live: dict[tuple[str, int], dict[str, float]] = {}
+        self._transformers = TransformerCache(registry, settings.model.base_model, settings.model.max_seq_len)
+        self._base_sha256: str | None = None
 
     def config(self) -> OnlineConfig:
         s = self.settings
@@ -157,6 +176,40 @@ class TrainJobRunner:
             log.warning("candidate_not_released", task=task, version=outcome.manifest.version, reason=why)
             return "artifact_refused"
         return self.announce(outcome.manifest, live)
+
+    def fast_config(self) -> FastConfig:
+        s = self.settings.trainer
+        return FastConfig(
+            margin=s.margin, tolerance=s.reference_tolerance, alpha=s.gate_alpha,
+            prior_strength=s.fast_prior_strength, recheck_rows=s.fast_recheck_rows,
+        )  # fmt: skip
+
+    def fast(self, task: str, ts: TrainingSet, recheck: bool = False) -> FastRun:
+        """One fast-path update (:func:`~streamtune.training.fast.fast_candidate`), announced
+        like a slow one when it passed. Runs in the trainer's fast thread."""
+        if self._base_sha256 is None:
+            self._base_sha256 = base_model_sha256(self.settings.model.base_model)
+        live = live_version(self.registry, self.releases.states(), task, self.settings.backend_for(task))
+        out = fast_candidate(
+            task, live, ts, self.references[task], self.registry, self._transformers,
+            self.settings.model.base_model, self.settings.model.max_seq_len, self.fast_config(),
+            recheck=recheck, base_sha256=self._base_sha256,
+            reference_live=self._reference_live.get((task, live)),
+        )  # fmt: skip
+        self._reference_live[(task, live)] = dict(out.manifest.gate["reference"]["live"])
+        cpu = float(out.manifest.training["cpu_seconds"])
+        if not out.published:
+            return FastRun("rejected", out.manifest, cpu)
+        version = out.manifest.version
+        backend = self.settings.backend_for(task)
+        if backend in ONNX_BACKENDS and self.registry.artifact(task, version, backend) is None:
+            # the parent was never exported for this backend: export it once, then share it
+            ensure_artifact(self.settings, self.registry, task, live)
+            self.registry.inherit_artifacts(task, version, live)
+        art = ensure_artifact(self.settings, self.registry, task, version)
+        if art is not None and not art.passed:
+            return FastRun("artifact_refused", out.manifest, cpu)
+        return FastRun(self.announce(out.manifest, live), out.manifest, cpu)
 
     def announce(self, m: Manifest, parent: int) -> str:
         """Release a passing version, unless the rollout moved on while it trained. The version is
@@ -205,12 +258,18 @@ def run_trainer(settings: Settings) -> None:
     }
     exclude: frozenset[str | tuple[float, ...]] = frozenset().union(*(r.keys for r in references.values()))
     metrics = TrainerMetrics()
-    state = TrainerState(watermarks=recovered_watermarks(registry))
+    state = TrainerState(
+        watermarks=recovered_watermarks(registry), fast_watermarks=recovered_watermarks(registry, PATH_FAST)
+    )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+    fast_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fast")
+    runner = TrainJobRunner(settings, registry, releases, references)
     resources = TrainerResources(
         metrics=metrics,
         executor=executor,
-        job=TrainJobRunner(settings, registry, releases, references),
+        job=runner,
+        fast_job=runner.fast,
+        fast_executor=fast_executor,
         state=state,
         exclude_inputs=exclude,
         served=ServedBook(limit=settings.drift.served_max),
@@ -220,6 +279,7 @@ def run_trainer(settings: Settings) -> None:
     resources.readiness = readiness
     metrics.serve(settings.ops.metrics_port, settings.ops.metrics_host, ready=readiness.check)
     log.info("trainer_starting", group=settings.trainer.group_id, watermarks=state.watermarks,
+             fast_watermarks=state.fast_watermarks, fast_interval_s=settings.trainer.fast_interval_s,
              min_labels=settings.trainer.min_labels, interval_s=settings.trainer.interval_s)  # fmt: skip
     app = build_app(settings, resources)
     worker = faust.Worker(
@@ -229,3 +289,4 @@ def run_trainer(settings: Settings) -> None:
         worker.execute_from_commandline()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+        fast_executor.shutdown(wait=False, cancel_futures=True)

@@ -303,7 +303,7 @@ def undefined_metrics(
     return out
 
 
-def _offsets(examples: list[Any]) -> dict[str, list[int]]:
+def label_offsets(examples: list[Any]) -> dict[str, list[int]]:
     """The label offsets a run used, per partition: [lowest, highest] (its training window)."""
     out: dict[str, list[int]] = {}
     for e in examples:
@@ -486,7 +486,7 @@ def train_candidate(
         "joined_seq": reached,  # what counts as used: every label up to it
         "joined_seq_selected": ts.watermark,  # what the run was given
         "fresh_labels_trained": trained_fresh,
-        "label_offsets": _offsets(every),
+        "label_offsets": label_offsets(every),
         "excluded_reference_inputs": ts.excluded,
         "label_time_range": [
             datetime.fromtimestamp(min(e.ts for e in every), UTC).isoformat() if every else None,
@@ -527,7 +527,7 @@ def train_candidate(
                 ),
             },
         )
-        published = registry.publish(build, manifest)
+        published = registry.publish_next(build, manifest)
     log.info("candidate_published", task=task, version=published.version, parent=live_version,
              passed=verdict.passed, reason=verdict.reason, seconds=training["seconds"])  # fmt: skip
     return Outcome(published, verdict)

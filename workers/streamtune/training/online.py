@@ -90,6 +90,18 @@ def should_train(fresh: int, since_last_s: float, trigger: Trigger, drifted: boo
     return None
 
 
+def fast_due(
+    fresh: int, since_last_s: float, interval_s: float, min_labels: int, drifted: bool
+) -> str | None:
+    """Why the fast path updates a task now ("interval" or "drift"), or None: every
+    ``interval_s`` (0: never), at once after a drift, and only on ``min_labels`` fresh labels."""
+    if interval_s <= 0 or fresh < min_labels:
+        return None
+    if drifted:
+        return "drift"
+    return "interval" if since_last_s >= interval_s else None
+
+
 @dataclass
 class RunProgress:
     """How far a training run got, reported by the run itself. It runs in the training thread

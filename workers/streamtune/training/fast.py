@@ -1,0 +1,332 @@
+"""The trainer's fast path: a new version whose linear stage is updated on fresh labels and whose
+transformer is its parent's, gated like every candidate, in seconds.
+
+* **Update.** :meth:`~streamtune.model.linear.LinearStage.updated` on the run's fresh labels (the
+  parent's knowledge is its prior, so no replay is needed).
+* **Rule re-check.** On a check slice of the fresh labels (the newest training labels, left out
+  of the update), the linear stage's accuracy on the events it would answer alone is compared
+  with the transformer's on the same events; where the linear stage is worse, the threshold is
+  raised until it is not (:func:`recheck_threshold`: raised only, never lowered, so a shift
+  cannot quietly route hard events to the linear stage alone). Run when a drift was detected.
+* **Gate.** The same gate as the slow path (:func:`~streamtune.training.online.gate`), on the
+  served cascades: live's and the candidate's share the transformer, so its probabilities are
+  computed once per text (:class:`TransformerProbs`) and only for the texts either cascade
+  defers to it.
+* **Publish.** Only a candidate that passed: its linear stage files, every other file shared
+  with the parent (hard links, ``manifest.shared``), and the parent's ONNX artifacts inherited
+  (no re-export). A refused one is logged and counted; its labels stay fresh for the next run,
+  which then has more of them.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from streamtune.core.errors import AdapterError
+from streamtune.core.tasks import TASKS
+from streamtune.datasets.reference import Reference
+from streamtune.model.cascade import CascadeRule, ScorePath, answer, route
+from streamtune.model.linear import LINEAR_FILES, LinearStage
+from streamtune.rollout.registry import AdapterStore, Manifest
+from streamtune.training.candidate import (
+    NothingToTrain,
+    _TextModel,
+    evaluate,
+    first_reference,
+    first_released_version,
+    label_offsets,
+    undefined_metrics,
+)
+from streamtune.training.online import Example, GateVerdict, PairedHoldout, TrainingSet, gate
+
+log = structlog.get_logger(__name__)
+
+PATH_FAST = "fast"  # manifest.training["path"] of a fast-path version (the slow path's is "slow")
+
+
+@dataclass(frozen=True)
+class FastOutcome:
+    """A fast run's candidate: its manifest (in the registry when ``published``; a refused one's
+    is only returned and logged, its ``version`` the one it would have had) and the verdict."""
+
+    manifest: Manifest
+    verdict: GateVerdict
+    published: bool
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    margin: float = 0.01
+    tolerance: float = 0.01
+    alpha: float = 0.05
+    prior_strength: float = 1.0  # LinearStage.updated: weight of the parent's evidence
+    recheck_rows: int = 100  # newest fresh training labels the rule is re-checked on (0: never)
+    recheck_slack: float = 0.02  # the linear stage may be this much less accurate on its events
+    min_update_rows: int = 10  # fewer fresh training labels: nothing to update on
+
+
+class TransformerProbs:
+    """A version's transformer probabilities per text, computed once: the fast path's live and
+    candidate share the transformer, and the reference set is scored by every run.
+
+    ``predict`` runs the model (a list of texts to an array of probabilities); up to
+    ``max_texts`` texts are kept (least recently used go first)."""
+
+    def __init__(self, predict: Callable[[list[str]], np.ndarray], max_texts: int = 20_000) -> None:
+        self._predict = predict
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._max = max_texts
+        self.computed = 0  # texts the model ran on (for the run's record)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if missing:
+            for text, p in zip(missing, self._predict(missing), strict=True):
+                self._memo[text] = np.asarray(p, dtype=np.float64)
+            self.computed += len(missing)
+        out = np.stack([self._memo[t] for t in texts]) if texts else np.zeros((0, 0))
+        for t in texts:
+            self._memo.move_to_end(t)
+        while len(self._memo) > self._max:
+            self._memo.popitem(last=False)
+        return out
+
+
+class TransformerCache:
+    """The live transformer's :class:`TransformerProbs` per task, loaded once per transformer: a
+    fast version shares its parent's files, so after a fast release the model and what it
+    computed carry over; a new transformer (a slow release) replaces them."""
+
+    def __init__(self, registry: AdapterStore, base_path: str, max_len: int) -> None:
+        self.registry, self.base_path, self.max_len = registry, base_path, max_len
+        self._held: dict[str, tuple[tuple[tuple[str, str], ...], TransformerProbs]] = {}
+
+    def __call__(self, live: Manifest) -> TransformerProbs:
+        key = tuple(sorted((n, d) for n, d in live.files.items() if n not in LINEAR_FILES))
+        held = self._held.get(live.task)
+        if held is None or held[0] != key:
+            path = self.registry.fetch(live.task, live.version)
+            model = _TextModel(self.base_path, path, live.labels, self.max_len)  # the transformer alone
+            held = (key, TransformerProbs(model.predict_transformer))
+            self._held[live.task] = held
+        return held[1]
+
+
+def served_probs(
+    stage: LinearStage, rule: CascadeRule, texts: Sequence[str], transformer: TransformerProbs
+) -> np.ndarray:
+    """What a version with ``stage`` and ``rule`` serves for ``texts`` (the transformer only where
+    its path needs it)."""
+    if not texts:
+        return np.zeros((0, len(stage.classes)))
+    return answer(stage, rule, list(texts), transformer).probs.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """The rule's re-check on fresh labels: JSON-safe (:meth:`to_json`) for the manifest."""
+
+    rows: int
+    threshold_before: float
+    threshold_after: float
+    linear_rows: int  # check rows the linear stage answers alone under the rule kept
+    linear_accuracy: float  # on those rows, before the raise (NaN: none)
+    transformer_accuracy: float  # the transformer on the same rows
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def recheck_threshold(
+    linear: np.ndarray, coverage: np.ndarray, transformer: np.ndarray, y: Sequence[int], rule: CascadeRule,
+    slack: float,
+) -> tuple[CascadeRule, Recheck]:  # fmt: skip
+    """Raise ``rule``'s threshold until, on these rows, the linear stage is at most ``slack`` less
+    accurate than the transformer on the rows it answers alone; never lower it.
+
+    ``transformer`` needs rows only where ``rule`` routes a row to the linear stage alone (others
+    are not read). Candidate thresholds are the linear top probabilities of those rows, so each
+    raise hands at least one more row to the transformer; 1 (never alone) ends the search."""
+    yy = np.asarray(y)
+    paths = route(linear, coverage, rule)
+    alone = np.flatnonzero(paths == ScorePath.LINEAR)
+    top = linear.max(axis=1)
+    right_linear = linear.argmax(axis=1) == yy
+    right_transformer = np.zeros(len(yy), dtype=bool)
+    if len(alone):
+        right_transformer[alone] = transformer[alone].argmax(axis=1) == yy[alone]
+
+    def accuracies(rows: np.ndarray) -> tuple[float, float]:
+        if not len(rows):
+            return math.nan, math.nan
+        return float(right_linear[rows].mean()), float(right_transformer[rows].mean())
+
+    lin0, tr0 = accuracies(alone)
+    threshold = rule.threshold
+    for t in [rule.threshold, *sorted({float(v) for v in top[alone]}), 1.0]:
+        if t < rule.threshold:
+            continue
+        rows = alone[top[alone] > t]
+        lin, tr = accuracies(rows)
+        if not len(rows) or lin >= tr - slack:
+            threshold = t
+            break
+    new = CascadeRule(threshold=threshold, weight=rule.weight, min_coverage=rule.min_coverage)
+    kept = int(np.count_nonzero(top[alone] > threshold))
+    return new, Recheck(len(yy), rule.threshold, threshold, kept, lin0, tr0)
+
+
+def transformer_files(live: Manifest) -> dict[str, int]:
+    """What a fast version shares with its parent ``live``: every file but the linear stage."""
+    return {name: live.version for name in live.files if name not in LINEAR_FILES}
+
+
+def fast_candidate(
+    task: str,
+    live_version: int,
+    ts: TrainingSet,
+    reference: Reference,
+    registry: AdapterStore,
+    transformer_for: Callable[[Manifest], TransformerProbs],
+    base_path: str,
+    max_len: int,
+    cfg: FastConfig,
+    *,
+    recheck: bool = False,
+    base_sha256: str | None = None,
+    reference_live: dict[str, float] | None = None,
+) -> FastOutcome:
+    """Update ``live_version``'s linear stage on ``ts.fresh``, gate the cascade against live's on
+    ``ts.holdout`` and the reference set, and publish it when it passed.
+
+    ``transformer_for`` gives the live version's :class:`TransformerProbs` (kept by the caller
+    across runs). ``recheck``: re-check the rule's threshold first (a drift was detected)."""
+    started, cpu_started = time.monotonic(), time.thread_time()
+    spec = TASKS[task]
+    if not spec.is_text:
+        raise NothingToTrain(f"{task}: the fast path updates a text task's linear stage")
+    live = registry.verify(task, live_version, base_sha256=base_sha256)
+    if not live.cascade:
+        raise NothingToTrain(f"{task} v{live_version} has no linear stage to update")
+    path = registry.fetch(task, live_version)
+    try:
+        stage = LinearStage.load(path)
+        rule = CascadeRule.from_dict(live.cascade["rule"])
+    except (AdapterError, KeyError, TypeError, ValueError) as e:
+        raise AdapterError(f"{task} v{live_version}: cannot load its linear stage: {e}") from e
+    labels = live.labels
+    index = {n: i for i, n in enumerate(labels)}
+
+    def usable(part: list[Example]) -> list[Example]:
+        return [e for e in part if e.y in index and isinstance(e.x, str)]
+
+    fresh, holdout = usable(ts.fresh), usable(ts.holdout)
+    n_check = min(cfg.recheck_rows, len(fresh) // 3) if recheck else 0
+    train, check = fresh[: len(fresh) - n_check], fresh[len(fresh) - n_check :]
+    if len(train) < cfg.min_update_rows:
+        raise NothingToTrain(
+            f"{task}: {len(train)} usable fresh labels, the fast path needs {cfg.min_update_rows}"
+        )
+    transformer = transformer_for(live)
+    computed_before = transformer.computed
+
+    updated = stage.updated([str(e.x) for e in train], [e.y for e in train], cfg.prior_strength)
+    new_rule, checked = rule, None
+    if check:
+        texts = [str(e.x) for e in check]
+        linear, coverage = updated.score(texts)
+        alone = np.flatnonzero(route(linear, coverage, rule) == ScorePath.LINEAR)
+        tp = np.zeros_like(linear)
+        if len(alone):
+            tp[alone] = transformer([texts[int(i)] for i in alone])
+        new_rule, checked = recheck_threshold(
+            linear, coverage, tp, [index[e.y] for e in check], rule, cfg.recheck_slack
+        )
+        if new_rule != rule:
+            log.warning("cascade_threshold_raised", task=task, parent=live_version, **checked.to_json())
+
+    hold_x, hold_y = [str(e.x) for e in holdout], [e.y for e in holdout]
+    live_hold = served_probs(stage, rule, hold_x, transformer)
+    cand_hold = served_probs(updated, new_rule, hold_x, transformer)
+    holdout_live = evaluate(task, labels, hold_y, live_hold)
+    holdout_cand = evaluate(task, labels, hold_y, cand_hold)
+    ref_x = [str(x) for x in reference.x]
+    if reference_live is None:
+        reference_live = evaluate(task, labels, reference.y, served_probs(stage, rule, ref_x, transformer))
+    reference_cand = evaluate(task, labels, reference.y, served_probs(updated, new_rule, ref_x, transformer))
+    first = first_released_version(registry, task) or live_version
+    reference_first = (
+        reference_live
+        if first == live_version
+        else first_reference(task, first, reference, registry, base_path, max_len)
+    )
+    paired = PairedHoldout([index[v] for v in hold_y], live_hold, cand_hold) if hold_y else None
+    verdict = gate(
+        task, holdout_live, holdout_cand, reference_live, reference_cand,
+        cfg.margin, cfg.tolerance, len(holdout), len(reference.y),
+        paired=paired, alpha=cfg.alpha, reference_first=reference_first, first_version=first,
+    )  # fmt: skip
+    every = fresh + holdout
+    training: dict[str, Any] = {
+        "source": "trainer",
+        "path": PATH_FAST,
+        "fresh_labels": len(train),
+        "check_labels": len(check),
+        "holdout_labels": len(holdout),
+        "unusable_labels": len(ts.fresh) + len(ts.holdout) - len(every),
+        "joined_seq": ts.watermark,
+        "label_offsets": label_offsets(every),
+        "update": updated.training.get("update", {}),
+        "transformer_texts": transformer.computed - computed_before,
+        "cpu_seconds": round(time.thread_time() - cpu_started, 3),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    gate_record = {
+        "passed": verdict.passed,
+        "reason": verdict.reason,
+        **verdict.details,
+        "undefined_metrics": undefined_metrics(holdout_live, holdout_cand, reference_live, reference_cand),
+    }
+    cascade = {**live.cascade, "rule": new_rule.as_dict(), "updated_from": live_version}
+    cascade.pop("inherited_from", None)
+    if checked is not None:
+        cascade["recheck"] = checked.to_json()
+    manifest = Manifest(
+        task=live.task,
+        version=registry.next_version(task),
+        parent_version=live_version,
+        kind=live.kind,
+        base_model=live.base_model,
+        labels=labels,
+        created_at=datetime.now(UTC),
+        training=training,
+        metrics=dict(holdout_cand),
+        baselines={f"live_v{live_version}": dict(holdout_live)},
+        cascade=cascade,
+        gate=gate_record,
+    )
+    if not verdict.passed:
+        log.info("fast_candidate_refused", task=task, parent=live_version, reason=verdict.reason,
+                 fresh=len(train), holdout=len(holdout), cpu_seconds=training["cpu_seconds"])  # fmt: skip
+        return FastOutcome(manifest, verdict, published=False)
+    with tempfile.TemporaryDirectory(prefix="streamtune-fast-") as tmp:
+        build = Path(tmp)
+        updated.save(build)
+        published = registry.publish_next(build, manifest, shared=transformer_files(live))
+    inherited = registry.inherit_artifacts(task, published.version, live_version)
+    log.info("fast_candidate_published", task=task, version=published.version, parent=live_version,
+             reason=verdict.reason, fresh=len(train), artifacts=[a.backend for a in inherited],
+             cpu_seconds=training["cpu_seconds"], seconds=training["seconds"])  # fmt: skip
+    return FastOutcome(published, verdict, published=True)
