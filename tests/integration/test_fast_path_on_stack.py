@@ -6,7 +6,7 @@ parent instead of copying them.
 
 The gate is permissive here (margin -1): what this test checks is that a detected drift, and
 nothing else, makes the fast path release, and what the release looks like on the stack; the
-gate's own decisions (shuffled labels refused) are tested in ``test_fast_path.py``."""
+gate's own decisions (shuffled labels refused) are tested in ``tests/integration/test_fast_path.py``."""
 
 from __future__ import annotations
 

@@ -250,6 +250,10 @@ def bench_update(
     ] = False,
     labels: Annotated[int, typer.Option(help="Drifted labels to fine-tune on")] = 2000,
     epochs: int = 1,
+    parts: Annotated[
+        str, typer.Option(help="Comma-separated: finetune, swap (needs finetune), curve (fast vs slow)")
+    ] = "finetune,swap,curve",
+    sizes: Annotated[str, typer.Option(help="Fresh-label counts of the curve")] = "100,250,500,1000,2000",
     out: Annotated[str, typer.Option(help="Directory for the JSON and markdown report ('' : none)")] = "docs",
 ) -> None:
     """Fine-tune time on N labels, accuracy before/after on drifted data, hot-swap latency and gap."""
@@ -261,7 +265,15 @@ def bench_update(
 
     s = _settings()
     configure_logging("WARNING", json=False)
-    cfg = UpdateBenchConfig.quick() if quick else UpdateBenchConfig(labels=labels, epochs=epochs)
+    from streamtune.devtools.bench.curve import CurveConfig
+
+    curve = CurveConfig(sizes=tuple(int(n) for n in sizes.split(",")), epochs=epochs)
+    chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
+    cfg = (
+        UpdateBenchConfig.quick()
+        if quick
+        else UpdateBenchConfig(labels=labels, epochs=epochs, curve=curve, parts=chosen)
+    )
     result = run(s, cfg, REPO_ROOT / "var" / "bench-update", Path(out) if out else None)
     print(markdown(result))
 

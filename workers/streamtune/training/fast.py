@@ -63,6 +63,8 @@ class FastOutcome:
     manifest: Manifest
     verdict: GateVerdict
     published: bool
+    stage: LinearStage  # the updated linear stage and the rule it serves with (benchmarks score them)
+    rule: CascadeRule
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,7 @@ def fast_candidate(
     if not verdict.passed:
         log.info("fast_candidate_refused", task=task, parent=live_version, reason=verdict.reason,
                  fresh=len(train), holdout=len(holdout), cpu_seconds=training["cpu_seconds"])  # fmt: skip
-        return FastOutcome(manifest, verdict, published=False)
+        return FastOutcome(manifest, verdict, False, updated, new_rule)
     with tempfile.TemporaryDirectory(prefix="streamtune-fast-") as tmp:
         build = Path(tmp)
         updated.save(build)
@@ -329,4 +331,4 @@ def fast_candidate(
     log.info("fast_candidate_published", task=task, version=published.version, parent=live_version,
              reason=verdict.reason, fresh=len(train), artifacts=[a.backend for a in inherited],
              cpu_seconds=training["cpu_seconds"], seconds=training["seconds"])  # fmt: skip
-    return FastOutcome(published, verdict, published=True)
+    return FastOutcome(published, verdict, True, updated, new_rule)

@@ -20,7 +20,7 @@ import statistics
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from kafka import KafkaConsumer
 
 from streamtune.core.errors import AdapterError, StartupError
 from streamtune.core.settings import Settings
+from streamtune.devtools.bench import curve
+from streamtune.devtools.bench.curve import CurveConfig
 from streamtune.devtools.demo.drift import critical_wave
 from streamtune.devtools.demo.replay import replay
 from streamtune.devtools.stack import EmbeddedKafka, ensure_redis, find_free_port
@@ -58,10 +60,13 @@ class UpdateBenchConfig:
     swap_rate: float = 12.0
     swap_results: int = 300  # results of each version to wait for
     seed: int = 13
+    curve: CurveConfig = field(default_factory=CurveConfig)  # the two speeds (devtools/bench/curve.py)
+    parts: tuple[str, ...] = ("finetune", "swap", "curve")
 
     @classmethod
     def quick(cls) -> UpdateBenchConfig:
-        return cls(labels=96, eval_rows=90, budget_s=120.0, swap_results=60)
+        return cls(labels=96, eval_rows=90, budget_s=120.0, swap_results=60,
+                   curve=CurveConfig(sizes=(60, 120), eval_rows=60, budget_s=120.0))  # fmt: skip
 
 
 def _examples(settings: Settings, cfg: UpdateBenchConfig) -> list[Example]:
@@ -257,13 +262,24 @@ def run(settings: Settings, cfg: UpdateBenchConfig, work: Path, out_dir: Path | 
             shutil.rmtree(registry_dir / task / str(version))
     registry = LocalRegistry(registry_dir)
     started = time.monotonic()
-    result: dict[str, Any] = {"config": asdict(cfg), "finetune": finetune(settings, cfg, registry)}
-    result["swap"] = swap(settings, cfg, registry_dir, result["finetune"]["candidate_version"], work)
+    result: dict[str, Any] = {"config": asdict(cfg)}
+    if "finetune" in cfg.parts:
+        result["finetune"] = finetune(settings, cfg, registry)
+        if "swap" in cfg.parts:
+            result["swap"] = swap(settings, cfg, registry_dir, result["finetune"]["candidate_version"], work)
+    if "curve" in cfg.parts:  # from the shipped versions (the newest review version is live)
+        curve_dir = work / "adapters-curve"
+        shutil.copytree(
+            settings.model.adapter_dir, curve_dir, ignore=shutil.ignore_patterns(".*", "artifacts")
+        )
+        result["curve"] = curve.run(settings, cfg.curve, LocalRegistry(curve_dir))
     result["seconds"] = round(time.monotonic() - started, 1)
     result["machine"] = _machine()
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         name = "bench-update-quick" if cfg == UpdateBenchConfig.quick() else "bench-update"
+        if cfg.parts != UpdateBenchConfig().parts and cfg != UpdateBenchConfig.quick():
+            name += "-" + "-".join(cfg.parts)
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out_dir / f"{name}.md").write_text(markdown(result) + "\n")
     return result
@@ -284,6 +300,19 @@ def _machine() -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    head = [
+        "# One online update, measured (`streamtune bench update`)",
+        "",
+        f"Machine: {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
+        f"({r['machine']['torch_threads']} threads). Whole run: {r['seconds']} s.",
+    ]
+    lines = _update_lines(r) if "swap" in r else head
+    if "curve" in r:
+        lines += curve.markdown(r["curve"])
+    return "\n".join(lines)
+
+
+def _update_lines(r: dict[str, Any]) -> list[str]:
     f, s = r["finetune"], r["swap"]
     nb, na = f["natural_before"].get("accuracy", math.nan), f["natural_after"].get("accuracy", math.nan)
     db, da = f["drifted_before"], f["drifted_after"]
@@ -312,4 +341,4 @@ def markdown(r: dict[str, Any]) -> str:
         f"| events sent / distinct results ({s['rate_events_per_s']:.0f} events/s) | "
         f"{s['events_sent']} / {s['distinct_results']} |",
     ]
-    return "\n".join(lines)
+    return lines
