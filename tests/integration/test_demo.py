@@ -29,8 +29,14 @@ def drift_detected(st: DemoState) -> bool:
     return bool(scorer_detections(st))
 
 
+def both_speeds(st: DemoState) -> bool:
+    lines = st.timeline.all
+    fast = any("trainer (fast): review_sentiment v" in line and "gate PASSED" in line for line in lines)
+    return fast and any("trainer (slow): review_sentiment v" in line for line in lines)
+
+
 def done(st: DemoState) -> bool:
-    return operator_acted(st) and drift_detected(st)
+    return operator_acted(st) and drift_detected(st) and both_speeds(st)
 
 
 def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision(
@@ -47,19 +53,31 @@ def test_demo_goes_from_drift_to_a_trained_canary_and_an_operator_decision(
     st = run_demo(base, opts)
     lines = "\n".join(st.timeline.all)
     assert "the review stream drifts" in lines
-    new = f"review_sentiment v{live + 1}"
-    trained = [line for line in st.timeline.all if f"trainer: {new} from v{live}" in line]
-    assert trained and "gate PASSED" in trained[0], lines
-    assert f"scorer: {new} in canary for 50%" in lines, lines
+    # both speeds ran: the fast path (linear stage, every 30 s) and the slow one (after 100 labels)
+    assert both_speeds(st), lines
+    fast = st.speeds[("review_sentiment", "fast")]
+    assert fast.passed and fast.version > live and fast.cost.endswith("s CPU"), lines
+    slow = st.speeds[("review_sentiment", "slow")]
+    assert slow.version > live and slow.labels > 0, lines
+    canaries = [
+        line
+        for line in st.timeline.all
+        if "scorer: review_sentiment v" in line and "in canary for 50%" in line
+    ]
+    assert canaries and ("(fast update)" in canaries[0] or "(slow update)" in canaries[0]), lines
     assert operator_acted(st), lines
+    assert "canary" in "".join(st.story) and st.story["drift"] < min(
+        v for k, v in st.story.items() if k != "drift"
+    )
     # the scorer's detectors saw the review stream change (river ADWIN on what v2 answers)
     detected = scorer_detections(st)
     assert detected and "s after the drift began" in detected[0], lines
     judged = st.book.by_version(drifted_only=False)
-    assert judged[live][1] >= 15 and judged[live + 1][1] >= 15  # both versions served labelled traffic
+    assert judged[live][1] >= 15 and sum(n for v, (_, n) in judged.items() if v > live) >= 15  # both served
     # Without the live view: progress lines and each timeline event as it happens, not only at the end.
     out = capsys.readouterr().out
     during, _, summary = out.partition("\ntimeline\n")
     assert summary, out[-2000:]
     assert "labels joined" in during and "query_class v" in during
-    assert "the review stream drifts" in during and f"scorer: {new} in canary" in during
+    assert "the review stream drifts" in during and "in canary for 50%" in during
+    assert "story: drift at" in summary

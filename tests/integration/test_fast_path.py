@@ -76,10 +76,17 @@ def test_a_fast_version_updates_the_linear_stage_and_shares_the_transformer(regi
     assert new.training["rows"] == old.training["rows"] + 75
     assert not np.array_equal(new.predict_proba(["Runs small, lovely fabric"]),
                               old.predict_proba(["Runs small, lovely fabric"]))  # fmt: skip
-    # the scorer loads and serves it like any version
+    # the scorer loads and serves it like any version, from its parent's transformer (one adapter)
     runtime = ModelRuntime(s.model.base_model, registry, max_len=64)
-    runtime.activate(runtime.load(TASK, 3))
-    scored = runtime.score(TASK, ["The zipper broke on the first day", "Perfect fit, I love it"])
+    texts = ["The zipper broke on the first day", "Perfect fit, I love it"]
+    parent = runtime.load(TASK, LIVE)
+    runtime.activate(parent)
+    transformer_before = runtime._transformer(parent, texts).probs
+    v3 = runtime.load(TASK, 3)
+    assert v3.head is parent.head and v3.name == f"{TASK}@v{LIVE}"
+    runtime.activate(v3)  # the parent is released: the shared adapter stays and answers the same
+    np.testing.assert_allclose(runtime._transformer(v3, texts).probs, transformer_before, rtol=1e-6)
+    scored = runtime.score(TASK, texts)
     assert scored.versions.tolist() == [3, 3] and scored.probs.shape == (2, 3)
     # the next run on the new live version reuses the transformer (the same files): the reference
     # set is not scored again

@@ -86,3 +86,71 @@ def test_stop_signals_interrupt_once_then_shield_the_shutdown(sig: signal.Signal
             signal.raise_signal(s)
         shield()  # idempotent
     assert {s: signal.getsignal(s) for s in before} == before  # restored
+
+
+def test_other_site_reviews_come_from_the_stream_side_with_star_labels() -> None:
+    from streamtune.datasets import other_sites
+
+    events = list(replay.other_site_events())
+    stream, held = other_sites.split(other_sites.load())
+    assert len(events) == len(stream) > 2000
+    assert {ev.text for ev, _ in events}.isdisjoint({r.text for r in held})  # never the held-out side
+    assert {lab.label for _, lab in events} == {1, 5}
+    assert {ev.product_id for ev, _ in events} == {"amazon-site", "imdb-site", "yelp-site"}
+    assert len({ev.event_id for ev, _ in events}) == len(events)
+    # a plan skips per task: the other sites start from their first row while clicks move on
+    outs = list(replay.plan(DATA, ["review_sentiment", "purchase_intent"], 3, skip={"purchase_intent": 5},
+                            reviews="other_sites"))  # fmt: skip
+    reviews = [json.loads(o.value)["event_id"] for o in outs if o.task == "review_sentiment"]
+    assert reviews == [ev.event_id for ev, _ in events[:3]]
+
+
+def test_accuracy_over_time_is_per_version_and_window() -> None:
+    from streamtune.devtools.demo.view import AccuracyBook, accuracy_over_time
+
+    book = AccuracyBook()
+    for i, (version, at, right) in enumerate(
+        [(2, 1.0, True), (2, 2.0, False), (2, 35.0, True), (3, 40.0, True)]
+    ):
+        book.result(f"e{i}", version, "positive", at=100.0 + at)
+        book.label(f"e{i}", "positive" if right else "negative", drifted=False)
+    book.result("unlabelled", 2, "positive", at=101.0)
+    cells = book.over_time(100.0, 30.0, 160.0)
+    assert cells == {2: [(1, 2), (1, 1)], 3: [(0, 0), (1, 1)]}
+    assert accuracy_over_time(cells) == ["v2: 0.50 1.00", "v3:   ·  1.00"]
+
+
+def test_fast_updates_are_read_from_the_trainer_log(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from streamtune.devtools.demo.view import LogFollower, fast_update_of
+
+    log = Path(str(tmp_path)) / "trainer.log"
+    done = {"event": "fast_update_done", "task": "review_sentiment", "outcome": "released", "version": 4,
+            "reason": "holdout macro_f1 0.71 vs live 0.66", "cpu_seconds": 3.4, "fresh": 144}  # fmt: skip
+    log.write_text("starting\n" + json.dumps({"event": "other"}) + "\n" + json.dumps(done) + '\n{"event": ')
+    follower = LogFollower(log)
+    records = follower.records()
+    assert [r["event"] for r in records] == ["other", "fast_update_done"]  # the half line waits
+    up = fast_update_of(records[1], 7.0)
+    assert up is not None and (up.version, up.passed, up.labels, up.cost) == (4, True, 144, "3.4 s CPU")
+    assert fast_update_of(records[0], 7.0) is None
+    with log.open("a") as f:
+        f.write('"fast_update_done", "outcome": "rejected", "fresh": 60, "cpu_seconds": 1.0}\n')
+    [late] = follower.records()
+    refused = fast_update_of(late, 8.0)
+    assert refused is not None and not refused.passed and refused.reason.startswith("rejected")
+
+
+def test_the_story_line_tells_what_happened_after_the_drift() -> None:
+    from streamtune.devtools.demo.main import DemoState, story_line
+
+    st = DemoState(started=100.0)
+    assert story_line(st) == "story: the stream never drifted"
+    st.story.update({"drift": 115.0, "detected": 140.0, "fast_canary": 150.0, "fast_live": 190.0})
+    st.mark("detected", 170.0)  # the first one stays
+    line = story_line(st)
+    assert line.startswith(
+        "story: drift at 15 s; detected +25 s; fast update in canary +35 s; fast update live +75 s"
+    )
+    assert "slow update live: not reached" in line

@@ -223,6 +223,10 @@ def demo(
     rate: Annotated[float, typer.Option(help="Replay rate, events/s in total")] = 20.0,
     malformed: Annotated[float, typer.Option(help="Share of malformed events in the replay")] = 0.02,
     drift_after: Annotated[float, typer.Option(help="Seconds before the review stream drifts")] = 15.0,
+    second_drift_after: Annotated[
+        float, typer.Option(help="Seconds after the first drift: reviews from other sites (0: none)")
+    ] = 150.0,
+    fast_interval: Annotated[float, typer.Option(help="The trainer's fast-path cadence, seconds")] = 30.0,
     label_delay: Annotated[float, typer.Option(help="Seconds between an event and its label")] = 5.0,
     train_after: Annotated[int, typer.Option(help="New joined labels that start a training run")] = 300,
     train_budget: Annotated[float, typer.Option(help="Time budget of a training run, seconds")] = 90.0,
@@ -236,6 +240,7 @@ def demo(
     opts = DemoOptions(
         duration=duration, rate=rate, malformed=malformed, drift_after=drift_after, label_delay=label_delay,
         train_after=train_after, train_budget=train_budget, live_view=live_view,
+        second_drift_after=second_drift_after, fast_interval=fast_interval,
     )  # fmt: skip
     run_demo(_settings(), opts)
 

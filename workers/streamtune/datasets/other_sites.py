@@ -45,7 +45,9 @@ class SiteReview:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("STREAMTUNE_CACHE_DIR", Path.home() / ".cache" / "streamtune")) / "data"
+    """``$STREAMTUNE_CACHE_DIR/data`` (as the stack's jars: ``devtools.stack.default_cache_dir``)."""
+    env = os.environ.get("STREAMTUNE_CACHE_DIR")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "streamtune") / "data"
 
 
 def fetch(directory: Path | None = None, timeout_s: float = 60.0) -> Path:

@@ -256,6 +256,10 @@ class LinearStage:
           scipy's L-BFGS-B over the coefficients of the features the new texts contain and the
           intercepts; every other coefficient keeps its value, which is that objective's
           optimum for them. ``prior_strength`` scales the parent's part of the precision.
+        * **Classes the labels do not name** (when they name at least two) are left out of the
+          loss (a softmax over the named classes): their coefficients stay the parent's. Labels
+          from a source that never says "neutral" are no evidence against neutral, and a full
+          softmax would learn that it never occurs.
 
         Why not ``SGDClassifier.partial_fit``: it trains one-vs-rest binary models, which are
         not this multinomial model, from a learning rate rather than from how much evidence
@@ -310,7 +314,12 @@ class LinearStage:
         counts = np.bincount(y, minlength=k).astype(np.float64)
         before = self.training.get("class_counts") or {}
         combined = counts + np.array([float(before.get(c, 0)) for c in self.classes])
-        active = np.flatnonzero(np.isfinite(intercept) | (counts > 0))  # classes that can be predicted
+        # The classes the update learns: those its labels name, when at least two do. A batch
+        # without some class says nothing about it (a source that never labels "neutral" is not
+        # evidence against it), so its logit stays out of the loss and its weights as they are;
+        # a batch of one class has to be learnt against all of them.
+        present = np.flatnonzero(counts > 0)
+        active = present if len(present) >= 2 else np.flatnonzero(np.isfinite(intercept) | (counts > 0))
         newly = ~np.isfinite(intercept[active])  # classes the parent never saw
         start_b = intercept[active].copy()
         if newly.any():

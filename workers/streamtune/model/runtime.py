@@ -22,7 +22,7 @@ from streamtune.core.scored import Scored, Shadow
 from streamtune.core.settings import resolve_backend
 from streamtune.core.tasks import TASK_NAMES, TASKS, TEXT_TASKS
 from streamtune.model.cascade import CascadeRule, ScorePath, answer
-from streamtune.model.linear import LinearStage
+from streamtune.model.linear import LINEAR_FILES, LinearStage
 from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
 from streamtune.model.tokens import TextBatcher, base_model_sha256
 from streamtune.model.trees import TREES_META, TreeStage, blend
@@ -112,6 +112,7 @@ class ModelRuntime:
         self._loaded: dict[tuple[str, int], LoadedAdapter] = {}
         self._verified: dict[tuple[str, int], Manifest] = {}
         self._artifact_files: dict[tuple[str, int], Path] = {}  # ONNX model files verify() checked
+        self._artifact_digests: dict[tuple[str, int], dict[str, str]] = {}  # ... and their sha256s
 
     def backend_for(self, task: str) -> str:
         return resolve_backend(task, self.backend, self.task_backends)
@@ -132,7 +133,9 @@ class ModelRuntime:
         manifest = self.registry.verify(task, version, base_sha256=self.base_sha256)
         backend = self.backend_for(task)
         if backend in ONNX_BACKENDS:
-            self._artifact_files[(task, version)] = self.registry.verify_artifact(task, version, backend)[1]
+            art, model_file = self.registry.verify_artifact(task, version, backend)
+            self._artifact_files[(task, version)] = model_file
+            self._artifact_digests[(task, version)] = dict(art.files)
         self._verified[(task, version)] = manifest
         return manifest
 
@@ -145,7 +148,14 @@ class ModelRuntime:
         manifest = self._verified.get((task, version)) or self.verify(task, version)
         path = self.registry.fetch(task, version)
         try:
-            if self.backend_for(task) in ONNX_BACKENDS:
+            same = self._same_transformer(manifest)
+            if same is not None:  # a fast version: its parent's transformer, already loaded
+                loaded = LoadedAdapter(
+                    manifest=manifest, head=same.head, session=same.session, backend=same.backend
+                )
+                loaded.name = same.name  # the same LoRA adapter in the shared encoder
+                log.info("transformer_shared", task=task, version=version, with_version=same.manifest.version)
+            elif self.backend_for(task) in ONNX_BACKENDS:
                 loaded = self._load_onnx(manifest)
             elif manifest.kind == "text-lora":
                 loaded = self._load_text(manifest, path)
@@ -173,6 +183,27 @@ class ModelRuntime:
             raise
         self._loaded[(task, version)] = loaded
         return loaded
+
+    def _same_transformer(self, manifest: Manifest) -> LoadedAdapter | None:
+        """A loaded version of the task whose transformer is this one's, file for file (a fast
+        version and its parent: only the linear stage differs), to serve both from one model:
+        one ONNX session or one LoRA adapter, not a second copy loaded for every fast update."""
+        if manifest.kind != "text-lora":
+            return None
+        task, backend = manifest.task, self.backend_for(manifest.task)
+
+        def files(m: Manifest) -> dict[str, str]:
+            return {n: d for n, d in m.files.items() if n not in LINEAR_FILES}
+
+        mine = files(manifest)
+        art = self._artifact_digests.get((task, manifest.version))
+        for (t, version), other in self._loaded.items():
+            if t != task or other.backend != backend or files(other.manifest) != mine:
+                continue
+            if backend in ONNX_BACKENDS and (art is None or self._artifact_digests.get((t, version)) != art):
+                continue
+            return other
+        return None
 
     def _load_onnx(self, manifest: Manifest) -> LoadedAdapter:
         backend = self.backend_for(manifest.task)
@@ -258,6 +289,7 @@ class ModelRuntime:
         for key in [k for k in self._verified if k[0] == task and k[1] not in in_use]:
             self._verified.pop(key, None)
             self._artifact_files.pop(key, None)
+            self._artifact_digests.pop(key, None)
         if self._peft is not None:
             prefix = adapter_name(task, 0)[:-1]  # "<task>@v"
             for name in [n for n in self._peft.peft_config if n.startswith(prefix)]:

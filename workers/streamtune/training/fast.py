@@ -72,7 +72,9 @@ class FastConfig:
     margin: float = 0.01
     tolerance: float = 0.01
     alpha: float = 0.05
-    prior_strength: float = 1.0  # LinearStage.updated: weight of the parent's evidence
+    # LinearStage.updated: weight of the parent's evidence, chosen on validation rows
+    # (devtools/fast_prior_experiment.py; docs/two-speeds.md)
+    prior_strength: float = 30.0
     recheck_rows: int = 100  # newest fresh training labels the rule is re-checked on (0: never)
     recheck_slack: float = 0.02  # the linear stage may be this much less accurate on its events
     min_update_rows: int = 10  # fewer fresh training labels: nothing to update on

@@ -41,9 +41,13 @@ from streamtune.datasets.loaders import sentiment_of_rating
 from streamtune.devtools.demo.tail import describe
 from streamtune.devtools.demo.view import (
     AccuracyBook,
+    LogFollower,
     Timeline,
     TrainerView,
+    Update,
+    accuracy_over_time,
     export_progress,
+    fast_update_of,
     judge_canary,
     progress_line,
     scrape_trainer,
@@ -56,6 +60,7 @@ from streamtune.rollout.releases import ReleaseLog
 from streamtune.rollout.state import promote, rollback
 
 PROGRESS_EVERY_S = 5.0
+ACCURACY_WINDOW_S = 30.0  # the view's accuracy-over-time windows
 TRAINER_NICE = 10  # the trainer yields the shared cores to the scorer (issue 13: click latency)
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -152,6 +157,8 @@ class DemoOptions:
     rate: float = 20.0
     malformed: float = 0.02
     drift_after: float = 15.0
+    second_drift_after: float = 150.0  # s after the first drift: reviews from other sites (0: none)
+    fast_interval: float = 30.0  # the trainer's fast path (STREAMTUNE_TRAINER_FAST_INTERVAL_S)
     label_delay: float = 5.0
     train_after: int = 300  # new joined labels that start a training run
     train_budget: float = 90.0
@@ -173,6 +180,19 @@ class DemoState:
     trainer: TrainerView = field(default_factory=TrainerView)
     drift_seen: dict[tuple[str, str, str], float] = field(default_factory=dict)
     drift_onset: float | None = None  # monotonic time the replay switched to the drifted wave
+    speeds: dict[tuple[str, str], Update] = field(default_factory=dict)  # (task, fast|slow) -> last
+    story: dict[str, float] = field(default_factory=dict)  # what happened first, monotonic times
+    started: float = field(default_factory=time.monotonic)
+
+    def mark(self, what: str, at: float | None = None) -> None:
+        """The first time of ``what`` (later ones are not the story's)."""
+        self.story.setdefault(what, time.monotonic() if at is None else at)
+
+    def since_drift(self, at: float | None = None) -> str:
+        if self.drift_onset is None:
+            return ""
+        t = (time.monotonic() if at is None else at) - self.drift_onset
+        return f", {t:,.0f} s after the drift began" if t >= 0 else ""
 
     def detector(self, task: str) -> str:
         """The task's detector state for the view: its detections so far, by signal."""
@@ -238,15 +258,39 @@ def render(first: Snapshot, prev: Snapshot, cur: Snapshot, st: DemoState, elapse
         "   ".join(f"v{v}: {ok / n:.3f} ({n} judged)" for v, (ok, n) in sorted(acc.items()))
         or "waiting for labels…"
     )
+    over_time = accuracy_over_time(st.book.over_time(st.started, ACCURACY_WINDOW_S, time.monotonic()))
     online = Panel(
         f"review accuracy on drifted traffic, per version — {acc_line}\n"
+        f"on fresh labelled traffic per {ACCURACY_WINDOW_S:.0f} s, oldest first — "
+        + ("   ".join(over_time) or "waiting for labels…")
+        + "\n"
         f"labels: {st.trainer.duplicates:,.0f} duplicates dropped, {st.trainer.orphans:,.0f} orphans\n\n"
         + ("\n".join(st.timeline.lines) or "no training run yet"),
         title="online learning",
         expand=True,
     )
     results = Panel("\n".join(st.recent) or "waiting for results…", title="recent results", expand=True)
-    return Group(table, online, results)
+    return Group(table, speeds_table(st), online, results)
+
+
+def speeds_table(st: DemoState) -> Table:
+    """The two speeds as rows: each path's last update of each text task, and its gate verdict."""
+    table = Table(title="two speeds", expand=True)
+    for col in ("task", "path", "what it updates", "last update", "version", "labels", "cost", "gate"):
+        table.add_column(col, no_wrap=col != "gate")
+    now = time.monotonic()
+    what = {"fast": "linear stage, every interval and at once on drift", "slow": "LoRA fine-tune"}
+    for task in (t for t, spec in TASKS.items() if spec.is_text):
+        for path in ("fast", "slow"):
+            up = st.speeds.get((task, path))
+            if up is None:
+                table.add_row(task, path, what[path], "–", "–", "–", "–", "no update yet")
+                continue
+            verdict = ("PASSED " if up.passed else "REJECTED ") + up.reason
+            version = f"v{up.version}" if up.passed else "–"
+            table.add_row(task, path, what[path], f"{now - up.at:,.0f} s ago", version, f"{up.labels:,}",
+                          up.cost, verdict[:90])  # fmt: skip
+    return table
 
 
 def _follow(settings: Settings, st: DemoState, stop: threading.Event) -> None:
@@ -282,7 +326,7 @@ def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: t
     def on_label(lab: LabelEvent) -> None:
         if lab.task == "review_sentiment" and lab.event_id is not None:
             name = sentiment_of_rating(lab.label) if isinstance(lab.label, int) else str(lab.label)
-            st.book.label(lab.event_id, name, drifted=st.phase == "drifted")
+            st.book.label(lab.event_id, name, drifted=st.phase != "natural")
 
     # Both phases: all tasks, paced, labels following their events after the delay.
     phase = functools.partial(
@@ -294,8 +338,25 @@ def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: t
         return
     st.phase = "drifted"
     st.drift_onset = time.monotonic()
+    st.story["drift"] = st.drift_onset
     st.timeline.add("the review stream drifts: a critical wave (a third negative, a third neutral)")
-    phase(skip=max(first.sent.values()), should_stop=stop.is_set, reviews="critical")
+    second_at = st.drift_onset + opts.second_drift_after
+
+    def second_due() -> bool:
+        return bool(opts.second_drift_after) and time.monotonic() >= second_at
+
+    wave = phase(skip=max(first.sent.values()), should_stop=lambda: stop.is_set() or second_due(),
+                 reviews="critical")  # fmt: skip
+    if stop.is_set() or not opts.second_drift_after:
+        return
+    st.phase = "other sites"
+    st.story["second_drift"] = time.monotonic()
+    st.timeline.add(
+        "the review stream drifts again: reviews from other sites (Amazon, IMDB, Yelp sentences), "
+        "a kind the live version never saw"
+    )
+    done = {t: first.sent.get(t, 0) + wave.sent.get(t, 0) for t in TASK_NAMES}
+    phase(skip={**done, "review_sentiment": 0}, should_stop=stop.is_set, reviews="other_sites")
 
 
 def _observe(
@@ -305,8 +366,11 @@ def _observe(
     cur: Snapshot,
     st: DemoState,
     opts: DemoOptions,
+    trainer_log: LogFollower,
 ) -> None:
-    """Turn metric changes into timeline lines, and act as the canary's operator."""
+    """Turn metric changes and the trainer's fast updates into timeline lines, and act as the
+    canary's operator."""
+    now = time.monotonic()
     for (task, outcome), n in st.trainer.runs.items():
         if n > st.runs_seen.get((task, outcome), 0):
             st.runs_seen[(task, outcome)] = n
@@ -318,25 +382,51 @@ def _observe(
                 continue
             m = registry.manifest(task, version)
             tr = m.training
-            st.timeline.add(
-                f"trainer: {task} v{m.version} from v{m.parent_version}, {tr.get('fresh_labels')} fresh "
-                f"+ {tr.get('replay_labels')} replayed labels, {tr.get('fit_seconds')} s; gate "
-                f"{'PASSED' if m.gate.get('passed') else 'REJECTED'}: {m.gate.get('reason')}"
+            if tr.get("path") == "fast":  # the slow run's version was not the newest one: find it
+                slow = [
+                    v
+                    for v in registry.versions(task)
+                    if registry.manifest(task, v).training.get("path") != "fast"
+                ]
+                m = registry.manifest(task, slow[-1])
+                tr = m.training
+            passed, fresh = bool(m.gate.get("passed")), int(tr.get("fresh_labels") or 0)
+            reason = str(m.gate.get("reason"))
+            st.speeds[(task, "slow")] = Update(
+                now, m.version, passed, reason, fresh, f"{tr.get('fit_seconds')} s"
             )
-    now = time.monotonic()
+            st.timeline.add(
+                f"trainer (slow): {task} v{m.version} from v{m.parent_version}, {fresh} fresh "
+                f"+ {tr.get('replay_labels')} replayed labels, {tr.get('fit_seconds')} s; gate "
+                f"{'PASSED' if passed else 'REJECTED'}: {m.gate.get('reason')}{st.since_drift()}"
+            )
+    for record in trainer_log.records():  # the fast path's updates, passed or refused
+        up = fast_update_of(record, now)
+        if up is None:
+            continue
+        task = str(record.get("task"))
+        st.speeds[(task, "fast")] = up
+        verdict = "PASSED" if up.passed else "REJECTED"
+        what = f"v{up.version}" if up.passed else "update"
+        st.timeline.add(
+            f"trainer (fast): {task} {what}, linear stage on {up.labels} fresh labels, {up.cost}; "
+            f"gate {verdict} ({up.reason}){st.since_drift()}"
+        )
     for task, n in sorted(st.trainer.drift.items()):  # the trainer's, on labelled traffic
         first = n > 0 and not st.drift_seen.get((task, "error_rate", ""))
         st.drift_seen[(task, "error_rate", "")] = n
         if first:
-            since = "" if st.drift_onset is None else f", {now - st.drift_onset:,.0f} s after the drift began"
-            st.timeline.add(f"detector: {task} drift in error_rate on labelled traffic{since}")
+            if st.drift_onset is not None:
+                st.mark("detected")
+            st.timeline.add(f"detector: {task} drift in error_rate on labelled traffic{st.since_drift()}")
     for key, n in sorted(cur.drift.items()):  # a signal's first detection goes on the timeline
         first = n > 0 and not st.drift_seen.get(key)
         st.drift_seen[key] = n
         if first:
             task, what = key[0], f"{key[1]} {key[2]}".strip()
-            since = "" if st.drift_onset is None else f", {now - st.drift_onset:,.0f} s after the drift began"
-            st.timeline.add(f"detector: {task} drift in {what}{since}")
+            if st.drift_onset is not None:
+                st.mark("detected")
+            st.timeline.add(f"detector: {task} drift in {what}{st.since_drift()}")
     for task in TASK_NAMES:
         can = cur.canary.get(task, 0.0)
         if can != st.canary_seen.get(task, 0.0):
@@ -344,8 +434,12 @@ def _observe(
             if can:
                 st.canary_since[task] = now
                 share = cur.canary_fraction.get(task, 0)
+                path = _path_of(registry, task, int(can))
+                if st.drift_onset is not None:
+                    st.mark(f"{path}_canary")
                 st.timeline.add(
-                    f"scorer: {task} v{can:.0f} in canary for {share:.0%} of entities (stable hash)"
+                    f"scorer: {task} v{can:.0f} ({path} update) in canary for {share:.0%} of entities "
+                    f"(stable hash){st.since_drift()}"
                 )
         if not can:
             continue
@@ -365,12 +459,45 @@ def _observe(
         sha = registry.manifest_sha256(task, int(can))
         if verdict == "promote":
             releases.publish(promote(task, int(can), sha, by="demo-operator"))  # type: ignore[arg-type]
-            st.timeline.add(f"operator: promoted {task} v{can:.0f} to live — {why}")
+            path = _path_of(registry, task, int(can))
+            if st.drift_onset is not None:
+                st.mark(f"{path}_live")
+            st.timeline.add(
+                f"operator: promoted {task} v{can:.0f} ({path} update) to live — {why}{st.since_drift()}"
+            )
         else:
             live_sha = registry.manifest_sha256(task, live)
             releases.publish(rollback(task, int(can), live, live_sha, reason=why, by="demo-operator"))  # type: ignore[arg-type]
             st.timeline.add(f"operator: rolled {task} back to v{live} — {why}")
         st.canary_seen[task] = 0.0
+
+
+def _path_of(registry: LocalRegistry, task: str, version: int) -> str:
+    """Which speed made a version: fast, slow, or shipped (not the trainer's)."""
+    try:
+        tr = registry.manifest(task, version).training
+    except Exception:
+        return "unknown"
+    if tr.get("source") != "trainer":
+        return "shipped"
+    return str(tr.get("path", "slow"))
+
+
+def story_line(st: DemoState) -> str:
+    """The run as one sentence: drift at t, detected at t+x, fast update live at t+y, slow at t+z."""
+    onset = st.story.get("drift")
+    if onset is None:
+        return "story: the stream never drifted"
+    parts = [f"drift at {onset - st.started:,.0f} s"]
+    steps = (
+        ("detected", "detected"), ("fast_canary", "fast update in canary"), ("fast_live", "fast update live"),
+        ("slow_canary", "slow update in canary"), ("slow_live", "slow update live"),
+        ("second_drift", "second drift (other sites)"),
+    )  # fmt: skip
+    for key, what in steps:
+        at = st.story.get(key)
+        parts.append(f"{what} +{at - onset:,.0f} s" if at is not None else f"{what}: not reached")
+    return "story: " + "; ".join(parts)
 
 
 def planned_exports(settings: Settings, registry: LocalRegistry) -> int:
@@ -456,6 +583,7 @@ def _run_demo(base: Settings, opts: DemoOptions, shield: Callable[[], None]) -> 
             trainer_check_s=1.0,
             trainer_label_wait_s=30.0,
             trainer_holdout_max=100,
+            trainer_fast_interval_s=opts.fast_interval,
             # Two workers share two cores: one torch thread each, or they thrash.
             torch_threads=1,
         )
@@ -474,6 +602,7 @@ def _run_demo(base: Settings, opts: DemoOptions, shield: Callable[[], None]) -> 
         workers.append(scorer)
         scorer.wait_ready(progress=_StartupLog(scorer.log, planned, say).poll)
         trainer = Worker("trainer", trainer_settings, work / "trainer.log", nice=TRAINER_NICE)
+        trainer_log = LogFollower(work / "trainer.log")
         workers.append(trainer)
         trainer.wait_ready()
         releases = ReleaseLog(settings)
@@ -499,7 +628,7 @@ def _run_demo(base: Settings, opts: DemoOptions, shield: Callable[[], None]) -> 
                 cur = scrape(settings.ops.metrics_port)
                 with contextlib.suppress(OSError):
                     st.trainer = scrape_trainer(trainer.metrics())
-                _observe(settings, registry, releases, cur, st, opts)
+                _observe(settings, registry, releases, cur, st, opts, trainer_log)
                 if live is not None:
                     live.update(render(first, prev, cur, st, time.monotonic() - started))
                 else:
@@ -527,6 +656,7 @@ def _run_demo(base: Settings, opts: DemoOptions, shield: Callable[[], None]) -> 
     for line in st.timeline.all:
         say("  " + line)
     say(f"review accuracy on drifted traffic: {accuracy_line(st.book)}")
+    say(story_line(st))
     say("demo stopped; stack shut down.")
     return st
 

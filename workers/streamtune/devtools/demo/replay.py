@@ -11,7 +11,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +27,16 @@ from streamtune.core.features import PAGE_COLUMNS
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import LABELS_TOPIC, TASKS
 from streamtune.datasets import loaders as data
+from streamtune.datasets import other_sites
 from streamtune.devtools.demo.drift import critical_wave
 from streamtune.kafka.security import kafka_client_kwargs
 
 log = structlog.get_logger(__name__)
 
 TOPIC_OF: dict[str, str] = {t.name: t.input_topic for t in TASKS.values()}
-ReviewSource = Literal["natural", "critical"]  # the data set's mix, or the drifted wave (drift.py)
+# the data set's mix, the drifted wave (drift.py), or reviews from other sites (datasets/other_sites.py)
+ReviewSource = Literal["natural", "critical", "other_sites"]
+RATING_OF_SITE_LABEL = {"negative": 1, "positive": 5}  # other-site sentences as star ratings
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,16 @@ def review_events(
             rating=None,  # the rating is the label; it arrives later on `labels`
         )
         yield ev, LabelEvent(event_id=ev.event_id, task="review_sentiment", label=r.rating, ts=ts)
+
+
+def other_site_events(now: datetime | None = None) -> Iterator[tuple[ReviewEvent, LabelEvent]]:
+    """The other sites' stream side (:func:`streamtune.datasets.other_sites.split`: never their
+    held-out side) as reviews of one product per site, labelled 1 or 5 stars."""
+    for i, r in enumerate(other_sites.split(other_sites.load())[0]):
+        ts = _ts(now)
+        ev = ReviewEvent(event_id=f"review-{r.site}-{i}", ts=ts, product_id=f"{r.site}-site", text=r.text)
+        label = RATING_OF_SITE_LABEL[r.label]
+        yield ev, LabelEvent(event_id=ev.event_id, task="review_sentiment", label=label, ts=ts)
 
 
 def search_events(
@@ -168,7 +181,8 @@ def _events(
 ) -> Iterator[tuple[str, list[bytes], LabelEvent | None]]:
     if task == "review_sentiment":
         rows = critical_wave(data_dir, "train") if reviews == "critical" else None
-        for review, review_label in review_events(data_dir, rows=rows):
+        source = other_site_events() if reviews == "other_sites" else review_events(data_dir, rows=rows)
+        for review, review_label in source:
             yield review.product_id, [review.model_dump_json().encode()], review_label
     elif task == "query_class":
         for s, lab in search_events(data_dir, cycle=cycle_queries):
@@ -213,7 +227,7 @@ def plan(
     limit: int,
     malformed_share: float = 0.0,
     seed: int = 7,
-    skip: int = 0,
+    skip: int | Mapping[str, int] = 0,  # records of each task to leave out first (per task: a mapping)
     reviews: ReviewSource = "natural",
     cycle_queries: bool = False,
 ) -> Iterator[Outgoing]:
@@ -224,7 +238,14 @@ def plan(
     """
     streams = {
         t: _task_records(
-            t, data_dir, limit, malformed_share, random.Random(f"{seed}-{t}"), skip, reviews, cycle_queries
+            t,
+            data_dir,
+            limit,
+            malformed_share,
+            random.Random(f"{seed}-{t}"),
+            skip.get(t, 0) if isinstance(skip, Mapping) else skip,
+            reviews,
+            cycle_queries,
         )
         for t in tasks
     }
@@ -267,7 +288,7 @@ def replay(
     malformed_share: float = 0.0,
     labels: bool = False,
     seed: int = 7,
-    skip: int = 0,
+    skip: int | Mapping[str, int] = 0,
     should_stop: Callable[[], bool] | None = None,
     reviews: ReviewSource = "natural",
     label_delay_s: float = 0.0,

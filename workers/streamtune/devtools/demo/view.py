@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -58,6 +59,92 @@ class AccuracyBook:
                 out[version] = (ok + (pred == true), n + 1)
         return out
 
+    def over_time(self, start: float, window_s: float, now: float) -> dict[int, list[tuple[int, int]]]:
+        """Accuracy on fresh traffic per version, over time: for each version, (correct, judged)
+        in each ``window_s`` window of result times from ``start`` to ``now`` (all labelled
+        traffic, drifted or not)."""
+        n_windows = max(1, math.ceil((now - start) / window_s))
+        out: dict[int, list[tuple[int, int]]] = {}
+        with self.lock:
+            for eid, (version, pred, at) in self.results.items():
+                true = self.truth.get(eid)
+                if true is None or at < start:
+                    continue
+                w = min(int((at - start) // window_s), n_windows - 1)
+                cells = out.setdefault(version, [(0, 0)] * n_windows)
+                ok, n = cells[w]
+                cells[w] = (ok + (pred == true), n + 1)
+        return out
+
+
+def accuracy_over_time(cells: dict[int, list[tuple[int, int]]], last: int = 8) -> list[str]:
+    """One line per version: its accuracy in the last ``last`` windows ("·" where it served no
+    labelled traffic)."""
+    lines = []
+    for version, row in sorted(cells.items()):
+        shown = " ".join(f"{ok / n:.2f}" if n else "  · " for ok, n in row[-last:])
+        lines.append(f"v{version}: {shown}")
+    return lines
+
+
+@dataclass
+class Update:
+    """A trainer's last update on one path, for the view: fast (the linear stage) or slow (the
+    fine-tune)."""
+
+    at: float  # monotonic time it was seen
+    version: int
+    passed: bool
+    reason: str
+    labels: int
+    cost: str  # e.g. "3.4 s CPU" or "95 s"
+
+
+def fast_update_of(record: dict[str, object], now: float) -> Update | None:
+    """The trainer log's ``fast_update_done`` record as an :class:`Update` (None: another record)."""
+    if record.get("event") != "fast_update_done":
+        return None
+    outcome = str(record.get("outcome"))
+    passed = outcome not in ("rejected", "failed", "artifact_refused")
+    version = record.get("version")
+    return Update(
+        at=now,
+        version=int(version) if isinstance(version, int) else 0,
+        passed=passed,
+        reason=f"{outcome}: {record.get('reason')}",
+        labels=int(record.get("fresh") or 0),  # type: ignore[call-overload]
+        cost=f"{float(record.get('cpu_seconds') or 0.0):.1f} s CPU",  # type: ignore[arg-type]
+    )
+
+
+class LogFollower:
+    """New JSON records of a worker's log since the last call (whole lines only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def records(self) -> list[dict[str, object]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        out = []
+        for line in complete.decode(errors="replace").splitlines():
+            start = line.find("{")
+            if start < 0:
+                continue
+            try:
+                rec = json.loads(line[start:])
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
 
 def judge_canary(
     live: tuple[int, int], canary: tuple[int, int], min_judged: int, margin: float, give_up_after: int = 5
@@ -93,6 +180,7 @@ class TrainerView:
     orphans: float = 0.0
     duplicates: float = 0.0
     drift: dict[str, float] = field(default_factory=dict)  # error-rate changes found, per task
+    fast: dict[tuple[str, str], float] = field(default_factory=dict)  # fast-path updates, by outcome
 
 
 def scrape_trainer(text: str) -> TrainerView:
@@ -114,6 +202,8 @@ def scrape_trainer(text: str) -> TrainerView:
                 v.duplicates += s.value
             elif s.name == "streamtune_trainer_drift_detected_total":
                 v.drift[task] = s.value
+            elif s.name == "streamtune_trainer_fast_updates_total":
+                v.fast[(task, s.labels["outcome"])] = s.value
     return v
 
 
