@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -25,6 +26,7 @@ DOCS = REPO_ROOT / "docs"
 BLOCK_FILES: dict[str, Path] = {
     "settings": DOCS / "settings.md",
     "quality": DOCS / "training.md",
+    "curve": DOCS / "two-speeds.md",
 }
 
 
@@ -97,9 +99,25 @@ def quality_table(adapter_dir: Path) -> str:
     return "\n".join(lines)
 
 
+CURVE_JSON = DOCS / "bench-update-curve.json"  # `streamtune bench update --parts curve` writes it
+
+
+def curve_table() -> str:
+    """The two-speed curve of the last full ``bench update --parts curve`` run, from its JSON."""
+    from streamtune.devtools.bench import curve
+
+    if not CURVE_JSON.is_file():
+        return "Not yet measured: run `streamtune bench update --parts curve`."
+    r = json.loads(CURVE_JSON.read_text(encoding="utf-8"))
+    m = r["machine"]
+    machine = f"{m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+    head = [f"Last full run: {machine}, {r['seconds']} s."]
+    return "\n".join(head + curve.markdown(r["curve"])[3:])
+
+
 def blocks(adapter_dir: Path) -> dict[str, str]:
     """Every generated block's body, by block name."""
-    return {"settings": settings_table(), "quality": quality_table(adapter_dir)}
+    return {"settings": settings_table(), "quality": quality_table(adapter_dir), "curve": curve_table()}
 
 
 def render(text: str, generated: dict[str, str], where: str = "the document") -> str:

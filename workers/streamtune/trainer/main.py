@@ -4,6 +4,7 @@ sets, run the Faust worker; each training run happens in one background thread."
 from __future__ import annotations
 
 import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -105,7 +106,8 @@ def announce_unreleased(settings: Settings, registry: AdapterStore, releases: Re
 @dataclass(frozen=True)
 class FastRun:
     """What a fast-path update came to: the outcome (as the runs metric counts it), the
-    candidate's manifest (published unless rejected) and its CPU seconds."""
+    candidate's manifest (published unless rejected) and the fast thread's CPU seconds from the
+    labels to the announced version (verify, update, gate, publish, release)."""
 
     outcome: str
     manifest: Manifest
@@ -187,6 +189,7 @@ class TrainJobRunner:
     def fast(self, task: str, ts: TrainingSet, recheck: bool = False) -> FastRun:
         """One fast-path update (:func:`~streamtune.training.fast.fast_candidate`), announced
         like a slow one when it passed. Runs in the trainer's fast thread."""
+        cpu_started = time.thread_time()  # the whole update: verify, update, gate, publish, announce
         if self._base_sha256 is None:
             self._base_sha256 = base_model_sha256(self.settings.model.base_model)
         live = live_version(self.registry, self.releases.states(), task, self.settings.backend_for(task))
@@ -197,9 +200,8 @@ class TrainJobRunner:
             reference_live=self._reference_live.get((task, live)),
         )  # fmt: skip
         self._reference_live[(task, live)] = dict(out.manifest.gate["reference"]["live"])
-        cpu = float(out.manifest.training["cpu_seconds"])
         if not out.published:
-            return FastRun("rejected", out.manifest, cpu)
+            return FastRun("rejected", out.manifest, time.thread_time() - cpu_started)
         version = out.manifest.version
         backend = self.settings.backend_for(task)
         if backend in ONNX_BACKENDS and self.registry.artifact(task, version, backend) is None:
@@ -208,8 +210,9 @@ class TrainJobRunner:
             self.registry.inherit_artifacts(task, version, live)
         art = ensure_artifact(self.settings, self.registry, task, version)
         if art is not None and not art.passed:
-            return FastRun("artifact_refused", out.manifest, cpu)
-        return FastRun(self.announce(out.manifest, live), out.manifest, cpu)
+            return FastRun("artifact_refused", out.manifest, time.thread_time() - cpu_started)
+        outcome = self.announce(out.manifest, live)
+        return FastRun(outcome, out.manifest, time.thread_time() - cpu_started)
 
     def announce(self, m: Manifest, parent: int) -> str:
         """Release a passing version, unless the rollout moved on while it trained. The version is

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+import torch
 
 from streamtune.core.errors import AdapterError
 from streamtune.core.tasks import TASKS
@@ -294,7 +295,10 @@ def fast_candidate(
         "label_offsets": label_offsets(every),
         "update": updated.training.get("update", {}),
         "transformer_texts": transformer.computed - computed_before,
+        # this thread's CPU time: the transformer's work on other threads counts only with one
+        # torch thread (STREAMTUNE_TORCH_THREADS=1, as in the demo), recorded beside it
         "cpu_seconds": round(time.thread_time() - cpu_started, 3),
+        "torch_threads": torch.get_num_threads(),
         "seconds": round(time.monotonic() - started, 3),
     }
     gate_record = {
