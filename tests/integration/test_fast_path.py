@@ -71,6 +71,7 @@ def test_a_fast_version_updates_the_linear_stage_and_shares_the_transformer(regi
     assert t["cpu_seconds"] > 0 and t["update"]["rows"] == 75 and t["update"]["converged"]
     assert m.cascade["updated_from"] == LIVE and m.cascade["recheck"]["rows"] == 37
     assert m.cascade["rule"]["threshold"] >= parent.cascade["rule"]["threshold"]  # raised at most
+    assert m.cascade["rule"]["min_coverage"] >= parent.cascade["rule"]["min_coverage"]
     assert m.gate["metric"] == "macro_f1" and m.gate["reference"]["rows"] == 40
     old, new = LinearStage.load(registry.fetch(TASK, LIVE)), LinearStage.load(registry.fetch(TASK, 3))
     assert new.training["rows"] == old.training["rows"] + 75

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from streamtune.model.cascade import CascadeRule
-from streamtune.training.fast import TransformerProbs, recheck_threshold
+from streamtune.training.fast import TransformerProbs, recheck_rule
 from streamtune.training.online import fast_due
 
 
@@ -47,16 +47,18 @@ RULE = CascadeRule(threshold=0.8, weight=0.5, min_coverage=0.5)
 
 def test_a_linear_stage_as_good_as_the_transformer_keeps_its_threshold() -> None:
     linear, coverage, transformer, y = _rows(80, 0.95, 0.95)
-    rule, report = recheck_threshold(linear, coverage, transformer, y, RULE, slack=0.02)
+    rule, report = recheck_rule(linear, coverage, transformer, y, RULE, slack=0.02)
     assert rule == RULE
     assert report.threshold_before == report.threshold_after == 0.8 and report.linear_rows == 80
 
 
 def test_a_linear_stage_worse_than_the_transformer_on_its_rows_hands_them_over() -> None:
     linear, coverage, transformer, y = _rows(80, 0.5, 0.95)  # a shift: confidently wrong
-    rule, report = recheck_threshold(linear, coverage, transformer, y, RULE, slack=0.02)
-    assert rule.threshold > RULE.threshold and (rule.weight, rule.min_coverage) == (0.5, 0.5)
+    rule, report = recheck_rule(linear, coverage, transformer, y, RULE, slack=0.02)
+    assert rule.threshold > RULE.threshold
     assert report.linear_accuracy < report.transformer_accuracy - 0.02
+    # wrong everywhere, the blends of the other rows too: every row goes to the transformer alone
+    assert (rule.weight, rule.min_coverage) == (0.0, 1.0) and report.admitted_rows == 0
     assert report.linear_rows < 80  # fewer events answered by the linear stage alone
     assert report.rows == 100
 
@@ -64,14 +66,30 @@ def test_a_linear_stage_worse_than_the_transformer_on_its_rows_hands_them_over()
 def test_the_recheck_never_lowers_the_threshold() -> None:
     linear, coverage, transformer, y = _rows(80, 1.0, 0.5)  # the linear stage is better
     strict = CascadeRule(threshold=0.95, weight=0.5, min_coverage=0.5)
-    rule, _ = recheck_threshold(linear, coverage, transformer, y, strict, slack=0.0)
+    rule, _ = recheck_rule(linear, coverage, transformer, y, strict, slack=0.0)
     assert rule.threshold == 0.95
 
 
 def test_out_of_domain_rows_are_not_the_linear_stages() -> None:
     linear, _, transformer, y = _rows(80, 0.0, 1.0)
-    rule, report = recheck_threshold(linear, np.zeros(len(y)), transformer, y, RULE, slack=0.0)
+    rule, report = recheck_rule(linear, np.zeros(len(y)), transformer, y, RULE, slack=0.0)
     assert rule == RULE and report.linear_rows == 0  # coverage below min: the transformer's anyway
+
+
+def test_rows_an_update_made_known_go_back_to_the_transformer_when_the_cascade_is_worse() -> None:
+    """A shift the update's vocabulary now covers: the in-domain rows (coverage 0.99) are fine,
+    the newly covered ones (0.6) are where the cascade loses to the transformer."""
+    linear, _, transformer, y = _rows(80, 0.95, 0.95, seed=3)
+    coverage = np.full(len(y), 0.99)
+    coverage[:40] = 0.6
+    new_domain = np.arange(40)
+    linear[new_domain] = np.roll(linear[new_domain], 1, axis=1)  # confidently wrong there
+    transformer[new_domain] = 0.1
+    transformer[new_domain, y[new_domain]] = 0.8  # ... where the transformer is right
+    rule, report = recheck_rule(linear, coverage, transformer, y, RULE, slack=0.02)
+    assert rule.min_coverage > 0.6 and report.min_coverage_before == 0.5
+    assert report.served_accuracy < report.transformer_admitted_accuracy - 0.02
+    assert report.admitted_rows == 60
 
 
 def test_the_transformer_memo_runs_each_text_once_and_forgets_the_oldest() -> None:

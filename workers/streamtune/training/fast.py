@@ -5,9 +5,10 @@ transformer is its parent's, gated like every candidate, in seconds.
   parent's knowledge is its prior, so no replay is needed).
 * **Rule re-check.** On a check slice of the fresh labels (the newest training labels, left out
   of the update), the linear stage's accuracy on the events it would answer alone is compared
-  with the transformer's on the same events; where the linear stage is worse, the threshold is
-  raised until it is not (:func:`recheck_threshold`: raised only, never lowered, so a shift
-  cannot quietly route hard events to the linear stage alone). Run when a drift was detected.
+  with the transformer's on the same events, and the cascade's on the events it admits with
+  the transformer alone's; where either is worse, the threshold or the coverage floor is raised
+  until it is not (:func:`recheck_rule`: raised only, never lowered, so a shift cannot quietly
+  route hard events to the linear stage). Run when a drift was detected.
 * **Gate.** The same gate as the slow path (:func:`~streamtune.training.online.gate`), on the
   served cascades: live's and the candidate's share the transformer, so its probabilities are
   computed once per text (:class:`TransformerProbs`) and only for the texts either cascade
@@ -37,7 +38,7 @@ import torch
 from streamtune.core.errors import AdapterError
 from streamtune.core.tasks import TASKS
 from streamtune.datasets.reference import Reference
-from streamtune.model.cascade import CascadeRule, ScorePath, answer, route
+from streamtune.model.cascade import CascadeRule, ScorePath, answer, combine, route
 from streamtune.model.linear import LINEAR_FILES, LinearStage
 from streamtune.rollout.registry import AdapterStore, Manifest
 from streamtune.training.candidate import (
@@ -146,51 +147,82 @@ class Recheck:
     threshold_before: float
     threshold_after: float
     linear_rows: int  # check rows the linear stage answers alone under the rule kept
-    linear_accuracy: float  # on those rows, before the raise (NaN: none)
+    linear_accuracy: float  # on the rows it answered alone before the raise (NaN: none)
     transformer_accuracy: float  # the transformer on the same rows
+    min_coverage_before: float = 0.0
+    min_coverage_after: float = 0.0
+    admitted_rows: int = 0  # check rows in domain (not the transformer's alone) under the rule kept
+    served_accuracy: float = math.nan  # the cascade on the rows in domain before the raise
+    transformer_admitted_accuracy: float = math.nan  # the transformer alone on the same rows
 
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
-def recheck_threshold(
+def recheck_rule(
     linear: np.ndarray, coverage: np.ndarray, transformer: np.ndarray, y: Sequence[int], rule: CascadeRule,
     slack: float,
 ) -> tuple[CascadeRule, Recheck]:  # fmt: skip
-    """Raise ``rule``'s threshold until, on these rows, the linear stage is at most ``slack`` less
-    accurate than the transformer on the rows it answers alone; never lower it.
+    """Re-check ``rule`` on labelled rows after a shift; raise what it needs, never lower anything.
 
-    ``transformer`` needs rows only where ``rule`` routes a row to the linear stage alone (others
-    are not read). Candidate thresholds are the linear top probabilities of those rows, so each
-    raise hands at least one more row to the transformer; 1 (never alone) ends the search."""
+    1. **Threshold.** Raised until the linear stage is at most ``slack`` less accurate than the
+       transformer on the rows it answers alone. Candidates are those rows' top probabilities,
+       so each raise hands at least one more row to the transformer; 1 (never alone) ends it.
+    2. **Coverage floor.** An update makes the new texts' vocabulary known, so out-of-domain
+       rows stop being deferred to the transformer alone although the linear stage is no better
+       on them. ``min_coverage`` is raised until the cascade (with the threshold of step 1) is at
+       most ``slack`` less accurate than the transformer alone on the rows it still admits.
+
+    ``transformer`` is read only on the rows ``rule`` admits (coverage at least its floor)."""
     yy = np.asarray(y)
-    paths = route(linear, coverage, rule)
-    alone = np.flatnonzero(paths == ScorePath.LINEAR)
-    top = linear.max(axis=1)
     right_linear = linear.argmax(axis=1) == yy
+    admitted = np.flatnonzero(coverage >= rule.min_coverage)
     right_transformer = np.zeros(len(yy), dtype=bool)
-    if len(alone):
-        right_transformer[alone] = transformer[alone].argmax(axis=1) == yy[alone]
+    if len(admitted):
+        right_transformer[admitted] = transformer[admitted].argmax(axis=1) == yy[admitted]
+    top = linear.max(axis=1)
+    alone = np.flatnonzero(route(linear, coverage, rule) == ScorePath.LINEAR)
 
-    def accuracies(rows: np.ndarray) -> tuple[float, float]:
-        if not len(rows):
-            return math.nan, math.nan
-        return float(right_linear[rows].mean()), float(right_transformer[rows].mean())
+    def mean(mask: np.ndarray, rows: np.ndarray) -> float:
+        return float(mask[rows].mean()) if len(rows) else math.nan
 
-    lin0, tr0 = accuracies(alone)
-    threshold = rule.threshold
-    for t in [rule.threshold, *sorted({float(v) for v in top[alone]}), 1.0]:
-        if t < rule.threshold:
-            continue
+    lin0, tr0 = mean(right_linear, alone), mean(right_transformer, alone)
+    threshold = 1.0
+    for t in [rule.threshold, *sorted({float(v) for v in top[alone] if v >= rule.threshold})]:
         rows = alone[top[alone] > t]
-        lin, tr = accuracies(rows)
-        if not len(rows) or lin >= tr - slack:
+        if not len(rows) or mean(right_linear, rows) >= mean(right_transformer, rows) - slack:
             threshold = t
             break
-    new = CascadeRule(threshold=threshold, weight=rule.weight, min_coverage=rule.min_coverage)
-    kept = int(np.count_nonzero(top[alone] > threshold))
-    return new, Recheck(len(yy), rule.threshold, threshold, kept, lin0, tr0)
+    raised = CascadeRule(threshold=threshold, weight=rule.weight, min_coverage=rule.min_coverage)
+
+    def served_right(r: CascadeRule, rows: np.ndarray) -> np.ndarray:
+        probs = combine(route(linear[rows], coverage[rows], r), linear[rows], transformer[rows], r)
+        right: np.ndarray = probs.argmax(axis=1) == yy[rows]
+        return right
+
+    served0 = float(served_right(raised, admitted).mean()) if len(admitted) else math.nan
+    floor, weight = rule.min_coverage, rule.weight
+    candidates = sorted({float(c) for c in coverage[admitted] if c > rule.min_coverage})
+    for c in [rule.min_coverage, *candidates, None]:
+        if c is None:  # even the rows of full coverage are better off with the transformer alone
+            floor, weight = 1.0, 0.0
+            break
+        r = CascadeRule(threshold=threshold, weight=rule.weight, min_coverage=c)
+        rows = admitted[coverage[admitted] >= c]
+        if (
+            not len(rows)
+            or float(served_right(r, rows).mean()) >= float(right_transformer[rows].mean()) - slack
+        ):
+            floor = c
+            break
+    new = CascadeRule(threshold=threshold, weight=weight, min_coverage=floor)
+    kept_alone = int(np.count_nonzero(route(linear, coverage, new) == ScorePath.LINEAR))
+    kept_admitted = int(np.count_nonzero(coverage >= floor)) if weight else 0
+    return new, Recheck(
+        len(yy), rule.threshold, threshold, kept_alone, lin0, tr0,
+        rule.min_coverage, floor, kept_admitted, served0, mean(right_transformer, admitted),
+    )  # fmt: skip
 
 
 def transformer_files(live: Manifest) -> dict[str, int]:
@@ -252,15 +284,15 @@ def fast_candidate(
     if check:
         texts = [str(e.x) for e in check]
         linear, coverage = updated.score(texts)
-        alone = np.flatnonzero(route(linear, coverage, rule) == ScorePath.LINEAR)
+        admitted = np.flatnonzero(route(linear, coverage, rule) != ScorePath.TRANSFORMER)
         tp = np.zeros_like(linear)
-        if len(alone):
-            tp[alone] = transformer([texts[int(i)] for i in alone])
-        new_rule, checked = recheck_threshold(
+        if len(admitted):
+            tp[admitted] = transformer([texts[int(i)] for i in admitted])
+        new_rule, checked = recheck_rule(
             linear, coverage, tp, [index[e.y] for e in check], rule, cfg.recheck_slack
         )
         if new_rule != rule:
-            log.warning("cascade_threshold_raised", task=task, parent=live_version, **checked.to_json())
+            log.warning("cascade_rule_raised", task=task, parent=live_version, **checked.to_json())
 
     hold_x, hold_y = [str(e.x) for e in holdout], [e.y for e in holdout]
     live_hold = served_probs(stage, rule, hold_x, transformer)
