@@ -613,7 +613,7 @@ def _run_demo(base: Settings, opts: DemoOptions, shield: Callable[[], None]) -> 
             f"{opts.drift_after:.0f} s; training after {opts.train_after} new labels (the trainer "
             f"shares the cores with the scorer, at nice {TRAINER_NICE})"
         )
-        started = time.monotonic()
+        started = st.started = time.monotonic()  # the story's clock starts with the replay
         first = prev = last_line = scrape(settings.ops.metrics_port)
         printed = 0  # timeline lines printed so far (without the live view)
         view = Live(render(first, prev, prev, st, 0), console=console, refresh_per_second=2)
