@@ -185,10 +185,12 @@ class ModelRuntime:
         return loaded
 
     def _same_transformer(self, manifest: Manifest) -> LoadedAdapter | None:
-        """A loaded version of the task whose transformer is this one's, file for file (a fast
-        version and its parent: only the linear stage differs), to serve both from one model:
-        one ONNX session or one LoRA adapter, not a second copy loaded for every fast update."""
-        if manifest.kind != "text-lora":
+        """A loaded version of the task whose transformer is this one's, file for file, when this
+        one is a version that shares files (``manifest.shared``: a fast version, whose parent's
+        transformer it is), to serve both from one model: one ONNX session or one LoRA adapter,
+        not a second copy loaded for every fast update. Versions that merely hold equal files
+        (copies) are loaded as their own."""
+        if manifest.kind != "text-lora" or not manifest.shared:  # only versions that say they share
             return None
         task, backend = manifest.task, self.backend_for(manifest.task)
 
