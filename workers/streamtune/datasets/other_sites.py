@@ -12,7 +12,7 @@ use).
 
 Labels map to the review task's classes as 0 -> ``negative``, 1 -> ``positive`` (no neutral:
 accuracy is the metric that means the same here). :func:`split` cuts the rows, by a hash of
-their text, into a stream side (labels arrive late, updates train on them) and a held-out side
+their site and text, into a stream side (labels arrive late, updates train on them) and a held-out side
 (never trained on), each with all three sites.
 """
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from streamtune.core.errors import AdapterError
+from streamtune.core.errors import AdapterError, StreamtuneError
 
 LINEAR_WEIGHTS = "linear.safetensors"
 LINEAR_META = "linear.json"
@@ -364,9 +364,12 @@ class LinearStage:
             grad_v = cfg.C * r.sum(axis=0) / scale_b + prior_b * v
             return loss, np.concatenate([grad_u.ravel(), grad_v])
 
-        with threadpool_limits(limits=1, user_api="blas"):  # as in fit: many small BLAS calls
-            res = minimize(objective, np.zeros(ka * nt + ka), jac=True, method="L-BFGS-B",
-                           options={"maxiter": max_iter})  # fmt: skip
+        try:
+            with threadpool_limits(limits=1, user_api="blas"):  # as in fit: many small BLAS calls
+                res = minimize(objective, np.zeros(ka * nt + ka), jac=True, method="L-BFGS-B",
+                               options={"maxiter": max_iter})  # fmt: skip
+        except (ValueError, ArithmeticError, MemoryError) as e:
+            raise StreamtuneError(f"linear stage update on {m} texts failed: {e}") from e
         coef[np.ix_(active, touched)] = w0 + res.x[: ka * nt].reshape(ka, nt) / scale_w
         intercept[active] = start_b + res.x[ka * nt :] / scale_b
         training = {

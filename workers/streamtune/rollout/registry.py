@@ -377,18 +377,20 @@ class LocalRegistry:
             p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file() and p.name != MANIFEST
         }
         links: dict[str, Path] = {}
+        verified: dict[int, Manifest] = {}
         for name, origin in sorted((shared or {}).items()):
             if name in files or name == MANIFEST:
                 raise AdapterError(f"{task} v{version}: {name} is both built and shared from v{origin}")
             if origin >= version:
                 why = f"can share an older version's files only, not v{origin}'s"
                 raise AdapterError(f"{task} v{version}: {why}")
-            recorded = self.manifest(task, origin).files.get(name)
+            # verified (every checksum, the signature): this version vouches for its digests again
+            if origin not in verified:
+                verified[origin] = self.verify(task, origin)
+            recorded = verified[origin].files.get(name)
             source = self._dir(task, origin) / name
             if recorded is None or not source.is_file():
                 raise AdapterError(f"{task} v{version}: v{origin} has no file {name} to share")
-            if sha256_file(source) != recorded:
-                raise FileMismatch(f"{task} v{version}: v{origin}'s {name} does not match its manifest")
             files[name] = recorded
             links[name] = source
         files = dict(sorted(files.items()))
@@ -427,8 +429,11 @@ class LocalRegistry:
         whose transformer (adapter and head) is its parent's. Returns the artifacts published;
         a backend the version already has is left alone."""
         m = self.manifest(task, version)
-        transformer = {n for n in self.manifest(task, parent).files if n not in _NOT_IN_ARTIFACTS}
-        if not transformer or any(m.shared.get(n) is None for n in transformer):
+        parent_files = self.manifest(task, parent).files
+        transformer = {n for n in parent_files if n not in _NOT_IN_ARTIFACTS}
+        if not transformer or any(
+            m.shared.get(n) is None or m.files.get(n) != parent_files[n] for n in transformer
+        ):
             raise AdapterError(
                 f"{task} v{version}: does not share v{parent}'s transformer files, its artifacts differ"
             )

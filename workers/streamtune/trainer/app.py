@@ -78,6 +78,7 @@ class TrainerState:
     fast_running: str | None = None
     fast_last: dict[str, float] = field(default_factory=dict)  # monotonic end of the last fast run
     fast_handled: dict[str, float] = field(default_factory=dict)  # start of the last fast run after a drift
+    fast_retry_after: dict[str, float] = field(default_factory=dict)  # after a failed or deferred run
 
 
 @dataclass
@@ -300,25 +301,31 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         assert res.fast_job is not None and res.fast_executor is not None
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        backoff = min(settings.trainer.fast_interval_s, 30.0)
         try:
             run = await loop.run_in_executor(res.fast_executor, res.fast_job, task, ts, recheck)
-        except NothingToTrain as e:
+        except NothingToTrain as e:  # e.g. a live version without a linear stage: wait a cadence
             m.fast_updates.labels(task, "skipped").inc()
             log.info("fast_update_skipped", task=task, reason=str(e))
+            state.fast_retry_after[task] = time.monotonic() + settings.trainer.fast_interval_s
         except Exception as e:
             m.fast_updates.labels(task, "failed").inc()
             log.exception("fast_update_failed", task=task, error=str(e))
+            state.fast_retry_after[task] = time.monotonic() + backoff
         else:
             m.fast_updates.labels(task, run.outcome).inc()
             m.fast_update_cpu.labels(task).observe(run.cpu_seconds)
-            if recheck:
-                state.fast_handled[task] = started
-            if run.outcome != "rejected":  # published: its labels are used (refused: they stay fresh)
+            if run.outcome == "released":  # its labels are used; any other outcome keeps them fresh
                 state.fast_watermarks[task] = ts.watermark
-            log.info("fast_update_done", task=task, outcome=run.outcome, version=run.manifest.version,
-                     reason=run.manifest.gate.get("reason"), cpu_seconds=run.cpu_seconds,
+            elif run.outcome == "deferred":  # a canary is being judged: try again a little later
+                state.fast_retry_after[task] = time.monotonic() + backoff
+            mf = run.manifest
+            log.info("fast_update_done", task=task, outcome=run.outcome, version=mf.version if mf else None,
+                     reason=mf.gate.get("reason") if mf else run.why, cpu_seconds=run.cpu_seconds,
                      fresh=len(ts.fresh), holdout=len(ts.holdout))  # fmt: skip
         finally:
+            if recheck:  # the drift was acted on, whatever came of it: no retry every check
+                state.fast_handled[task] = started
             state.fast_last[task] = time.monotonic()
             state.fast_running = None
 
@@ -331,7 +338,9 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         if not fast_tasks or state.fast_running is not None:
             return
         now = time.monotonic()
-        for task in fast_tasks:
+        for task in sorted(fast_tasks, key=lambda t: state.fast_last.get(t, 0.0)):  # least recent first
+            if now < state.fast_retry_after.get(task, 0.0):
+                continue
             drifted = state.drift_at.get(task, float("-inf")) > state.fast_handled.get(task, float("-inf"))
             last = state.fast_last.setdefault(task, now)
             wm = state.fast_watermarks.get(task, -1)

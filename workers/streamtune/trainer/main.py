@@ -4,6 +4,7 @@ sets, run the Faust worker; each training run happens in one background thread."
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ def announce_unreleased(settings: Settings, registry: AdapterStore, releases: Re
         if seen >= m.version:
             continue
         live = live_version(registry, states, task, settings.backend_for(task))
+        if m.parent_version != live:  # trained from a version no longer live: superseded
+            continue
         release = release_for(settings, m, live, registry.manifest_sha256(task, m.version))
         if release is not None:
             log.warning("announcing_unreleased_candidate", task=task, version=m.version)
@@ -110,8 +113,9 @@ class FastRun:
     labels to the announced version (verify, update, gate, publish, release)."""
 
     outcome: str
-    manifest: Manifest
+    manifest: Manifest | None  # None: deferred before training
     cpu_seconds: float
+    why: str = ""
 
 
 def current_width(task: str, ts: TrainingSet) -> TrainingSet:
@@ -150,6 +154,7 @@ class TrainJobRunner:
         self._reference_live: dict[tuple[str, int], dict[str, float]] = {}
         self._transformers = TransformerCache(registry, settings.model.base_model, settings.model.max_seq_len)
         self._base_sha256: str | None = None
+        self._announcing = threading.Lock()  # the train and fast threads both announce
 
     def config(self) -> OnlineConfig:
         s = self.settings
@@ -192,7 +197,14 @@ class TrainJobRunner:
         cpu_started = time.thread_time()  # the whole update: verify, update, gate, publish, announce
         if self._base_sha256 is None:
             self._base_sha256 = base_model_sha256(self.settings.model.base_model)
-        live = live_version(self.registry, self.releases.states(), task, self.settings.backend_for(task))
+        states = self.releases.states()
+        state = states.get(task)
+        if state is not None and state.canary_version is not None:
+            # A canary is being judged: an update of live now could not be released (and would
+            # fill the registry with superseded versions); its labels wait for the verdict.
+            why = f"v{state.canary_version} is in canary"
+            return FastRun("deferred", None, time.thread_time() - cpu_started, why)
+        live = live_version(self.registry, states, task, self.settings.backend_for(task))
         out = fast_candidate(
             task, live, ts, self.references[task], self.registry, self._transformers,
             self.settings.model.base_model, self.settings.model.max_seq_len, self.fast_config(),
@@ -218,6 +230,10 @@ class TrainJobRunner:
         """Release a passing version, unless the rollout moved on while it trained. The version is
         published either way, so its labels count as used; a failed announce is logged (and
         retried at the next start, see :func:`announce_unreleased`)."""
+        with self._announcing:  # read the state and publish as one step: one canary at a time
+            return self._announce(m, parent)
+
+    def _announce(self, m: Manifest, parent: int) -> str:
         task = m.task
         try:
             state = self.releases.states().get(task)

@@ -206,7 +206,7 @@ def recheck_rule(
     candidates = sorted({float(c) for c in coverage[admitted] if c > rule.min_coverage})
     for c in [rule.min_coverage, *candidates, None]:
         if c is None:  # even the rows of full coverage are better off with the transformer alone
-            floor, weight = 1.0, 0.0
+            threshold, floor, weight = 1.0, 1.0, 0.0
             break
         r = CascadeRule(threshold=threshold, weight=rule.weight, min_coverage=c)
         rows = admitted[coverage[admitted] >= c]
@@ -217,8 +217,9 @@ def recheck_rule(
             floor = c
             break
     new = CascadeRule(threshold=threshold, weight=weight, min_coverage=floor)
-    kept_alone = int(np.count_nonzero(route(linear, coverage, new) == ScorePath.LINEAR))
-    kept_admitted = int(np.count_nonzero(coverage >= floor)) if weight else 0
+    paths = route(linear, coverage, new)
+    kept_alone = int(np.count_nonzero(paths == ScorePath.LINEAR))
+    kept_admitted = int(np.count_nonzero(paths != ScorePath.TRANSFORMER))
     return new, Recheck(
         len(yy), rule.threshold, threshold, kept_alone, lin0, tr0,
         rule.min_coverage, floor, kept_admitted, served0, mean(right_transformer, admitted),
@@ -284,7 +285,7 @@ def fast_candidate(
     if check:
         texts = [str(e.x) for e in check]
         linear, coverage = updated.score(texts)
-        admitted = np.flatnonzero(route(linear, coverage, rule) != ScorePath.TRANSFORMER)
+        admitted = np.flatnonzero(coverage >= rule.min_coverage)  # what recheck_rule reads
         tp = np.zeros_like(linear)
         if len(admitted):
             tp[admitted] = transformer([texts[int(i)] for i in admitted])

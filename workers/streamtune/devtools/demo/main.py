@@ -36,7 +36,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from streamtune.core.settings import REPO_ROOT, Settings
-from streamtune.core.tasks import TASK_NAMES, TASKS
+from streamtune.core.tasks import REVIEW, TASK_NAMES, TASKS
 from streamtune.datasets.loaders import sentiment_of_rating
 from streamtune.devtools.demo.tail import describe
 from streamtune.devtools.demo.view import (
@@ -356,7 +356,7 @@ def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: t
         "a kind the live version never saw"
     )
     done = {t: first.sent.get(t, 0) + wave.sent.get(t, 0) for t in TASK_NAMES}
-    phase(skip={**done, "review_sentiment": 0}, should_stop=stop.is_set, reviews="other_sites")
+    phase(skip={**done, REVIEW.name: 0}, should_stop=stop.is_set, reviews="other_sites")
 
 
 def _observe(

@@ -102,8 +102,8 @@ class Update:
 
 def fast_update_of(record: dict[str, object], now: float) -> Update | None:
     """The trainer log's ``fast_update_done`` record as an :class:`Update` (None: another record)."""
-    if record.get("event") != "fast_update_done":
-        return None
+    if record.get("event") != "fast_update_done" or record.get("outcome") == "deferred":
+        return None  # deferred: not run (a canary was being judged)
     outcome = str(record.get("outcome"))
     passed = outcome not in ("rejected", "failed", "artifact_refused")
     version = record.get("version")
