@@ -192,9 +192,9 @@ def markdown(c: dict[str, Any]) -> list[str]:
         f"Live v{c['live_version']} there: cascade {live['drift_accuracy']:.3f} (transformer alone "
         f"{live['drift_accuracy_transformer_only']:.3f}, linear stage alone "
         f"{live['drift_accuracy_linear_only']:.3f}); "
-        f"original reviews {live['natural_accuracy']:.3f}. Fast-path CPU is per update once the trainer is "
-        f"warm (its first update also loads the transformer and scores the reference set: "
-        f"{c['warm_up_seconds']} s here).",
+        f"original reviews {live['natural_accuracy']:.3f}. CPU s: the process's CPU time (every "
+        f"thread) of each update; the fast path's once the trainer is warm (its first update also "
+        f"loads the transformer and scores the reference set: {c['warm_up_seconds']} s here).",
         "",
         "| fresh labels | path | gate | accuracy, other sites (gain) | accuracy, original reviews (change) "
         "| reference change (gate) | CPU s | wall s |",
