@@ -38,8 +38,8 @@ def test_a_plan_with_cycled_queries_runs_to_its_limit() -> None:
     assert len(plain) == n_queries and len(cycled) == limit
 
 
-def _line(**event: object) -> str:
-    return json.dumps(event)
+def _line(**event: object) -> dict[str, object]:
+    return event
 
 
 def test_export_progress_names_each_export_and_counts_them() -> None:
@@ -56,8 +56,7 @@ def test_export_progress_names_each_export_and_counts_them() -> None:
     assert line is not None and "REFUSED" in line
     line, _ = export_progress(started, 3, 3)  # more exports than planned: never "4 of 3"
     assert line is not None and "export 4 of 4" in line
-    for other in ("not json", "[1, 2]", _line(event="scorer_starting")):
-        assert export_progress(other, 2, 3) == (None, 2)
+    assert export_progress(_line(event="scorer_starting"), 2, 3) == (None, 2)
 
 
 def test_progress_line_shows_every_task_even_before_its_first_result() -> None:
@@ -123,13 +122,14 @@ def test_accuracy_over_time_is_per_version_and_window() -> None:
 def test_fast_updates_are_read_from_the_trainer_log(tmp_path: object) -> None:
     from pathlib import Path
 
-    from streamtune.devtools.demo.view import LogFollower, fast_update_of
+    from streamtune.devtools.demo.view import fast_update_of
+    from streamtune.devtools.workers import LogTail
 
     log = Path(str(tmp_path)) / "trainer.log"
     done = {"event": "fast_update_done", "task": "review_sentiment", "outcome": "released", "version": 4,
             "reason": "holdout macro_f1 0.71 vs live 0.66", "cpu_seconds": 3.4, "fresh": 144}  # fmt: skip
     log.write_text("starting\n" + json.dumps({"event": "other"}) + "\n" + json.dumps(done) + '\n{"event": ')
-    follower = LogFollower(log)
+    follower = LogTail(log)
     records = follower.records()
     assert [r["event"] for r in records] == ["other", "fast_update_done"]  # the half line waits
     up = fast_update_of(records[1], 7.0)
@@ -154,3 +154,14 @@ def test_the_story_line_tells_what_happened_after_the_drift() -> None:
         "story: drift at 15 s; detected +25 s; fast update in canary +35 s; fast update live +75 s"
     )
     assert "slow update live: not reached" in line
+
+
+def test_a_log_line_is_a_record_only_when_it_holds_a_json_object() -> None:
+    from streamtune.devtools.workers import json_record
+
+    assert json_record('2026-12-04 04:20:00 {"event": "x", "level": "warning"}') == {
+        "event": "x",
+        "level": "warning",
+    }
+    for other in ("not json", "[1, 2]", '{"event": ', ""):
+        assert json_record(other) is None

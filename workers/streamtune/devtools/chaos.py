@@ -38,7 +38,7 @@ from streamtune.devtools.audit import Audit, audit, event_id
 from streamtune.devtools.demo.replay import Outgoing, plan, replay, review_events
 from streamtune.devtools.poison import hostile_reviews, poison_records
 from streamtune.devtools.stack import EmbeddedKafka, EmbeddedRedis, KafkaCluster, find_free_port
-from streamtune.devtools.workers import Worker
+from streamtune.devtools.workers import Worker, json_record
 from streamtune.kafka.group_offsets import GroupStartOffsets
 from streamtune.kafka.read import read_to_end
 from streamtune.kafka.topics import DLQ_TOPIC, ensure_topics
@@ -263,14 +263,8 @@ def worker_warnings(log_dir: Path, limit: int = 40) -> list[str]:
     lines: list[tuple[str, str]] = []
     for path in sorted(log_dir.glob("*.log")):
         for line in path.read_text(errors="replace").splitlines():
-            start = line.find("{")
-            if start < 0:
-                continue
-            try:
-                rec = json.loads(line[start:])
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and rec.get("level") in ("warning", "error", "critical"):
+            rec = json_record(line)
+            if rec is not None and rec.get("level") in ("warning", "error", "critical"):
                 stamp = str(rec.get("timestamp", ""))
                 lines.append((stamp, f"{path.stem}: {json.dumps(rec, default=str)[:300]}"))
     return [text for _, text in sorted(lines)[-limit:]]

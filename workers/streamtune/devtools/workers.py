@@ -108,3 +108,37 @@ class Worker:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+
+
+def json_record(line: str) -> dict[str, object] | None:
+    """A worker log line's JSON record (after any prefix such as a timestamp), or None."""
+    start = line.find("{")
+    if start < 0:
+        return None
+    try:
+        rec = json.loads(line[start:])
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+class LogTail:
+    """What a worker's log gained since the last call, in whole lines (a half-written last line
+    waits for the next call)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def lines(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return complete.decode(errors="replace").splitlines()
+
+    def records(self) -> list[dict[str, object]]:
+        return [rec for line in self.lines() if (rec := json_record(line)) is not None]

@@ -4,7 +4,9 @@ Starts Kafka (KRaft, from the Maven jars) and Redis, copies the adapter registry
 ``var/demo`` (the committed versions stay untouched), starts a scorer and a trainer, and
 replays the three data sets with a share of malformed events and labels that arrive late.
 
-Online phase: after ``drift_after`` seconds the review stream drifts to a "critical wave"
+Online phase: after ``drift_after`` seconds, and once ``drift_min_reviews`` reviews have gone
+out (the scorer's detectors need a reference window before a change can show), the review stream
+drifts to a "critical wave"
 (:mod:`streamtune.devtools.demo.drift`). The view shows labels joining, the trainer's runs and gate
 verdicts, the new version going canary and then live (a small operator promotes the canary
 when its accuracy on labelled traffic holds up, or rolls it back), and the accuracy of each
@@ -41,7 +43,6 @@ from streamtune.datasets.loaders import sentiment_of_rating
 from streamtune.devtools.demo.tail import describe
 from streamtune.devtools.demo.view import (
     AccuracyBook,
-    LogFollower,
     Timeline,
     TrainerView,
     Update,
@@ -53,7 +54,7 @@ from streamtune.devtools.demo.view import (
     scrape_trainer,
 )
 from streamtune.devtools.stack import EmbeddedKafka, ensure_redis, find_free_port
-from streamtune.devtools.workers import Worker
+from streamtune.devtools.workers import LogTail, Worker
 from streamtune.kafka.security import redact_url
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.rollout.releases import ReleaseLog
@@ -157,6 +158,10 @@ class DemoOptions:
     rate: float = 20.0
     malformed: float = 0.02
     drift_after: float = 15.0
+    # Reviews sent before the drift, whatever ``drift_after`` says: ADWIN finds a change when the
+    # window's two parts differ beyond a Hoeffding bound, and with ~50 observations before the
+    # change that bound (~0.45 on a class share) is wider than the wave's shift (~0.3).
+    drift_min_reviews: int = 250
     second_drift_after: float = 150.0  # s after the first drift: reviews from other sites (0: none)
     fast_interval: float = 30.0  # the trainer's fast path (STREAMTUNE_TRAINER_FAST_INTERVAL_S)
     label_delay: float = 5.0
@@ -323,8 +328,12 @@ def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: t
 
     began = time.monotonic()
 
+    reviews_out = [0]  # reviews whose label went out (each follows its event)
+
     def on_label(lab: LabelEvent) -> None:
-        if lab.task == "review_sentiment" and lab.event_id is not None:
+        if lab.task == REVIEW.name:
+            reviews_out[0] += 1
+        if lab.task == REVIEW.name and lab.event_id is not None:
             name = sentiment_of_rating(lab.label) if isinstance(lab.label, int) else str(lab.label)
             st.book.label(lab.event_id, name, drifted=st.phase != "natural")
 
@@ -333,7 +342,11 @@ def _replay_phases(settings: Settings, opts: DemoOptions, st: DemoState, stop: t
         replay, settings, list(TASK_NAMES), 1_000_000, opts.rate, opts.malformed,
         labels=True, label_delay_s=opts.label_delay, on_label=on_label, cycle_queries=True,
     )  # fmt: skip
-    first = phase(should_stop=lambda: stop.is_set() or time.monotonic() - began > opts.drift_after)
+
+    def drift_due() -> bool:
+        return time.monotonic() - began > opts.drift_after and reviews_out[0] >= opts.drift_min_reviews
+
+    first = phase(should_stop=lambda: stop.is_set() or drift_due())
     if stop.is_set():
         return
     st.phase = "drifted"
@@ -366,7 +379,7 @@ def _observe(
     cur: Snapshot,
     st: DemoState,
     opts: DemoOptions,
-    trainer_log: LogFollower,
+    trainer_log: LogTail,
 ) -> None:
     """Turn metric changes and the trainer's fast updates into timeline lines, and act as the
     canary's operator."""
@@ -513,20 +526,12 @@ class _StartupLog:
     """Follows the scorer's log while it starts, printing its export progress."""
 
     def __init__(self, path: Path, planned: int, say: Callable[[str], None]) -> None:
-        self.path, self.planned, self.say = path, planned, say
-        self.offset = 0
+        self.tail, self.planned, self.say = LogTail(path), planned, say
         self.done = 0
 
     def poll(self) -> None:
-        if not self.path.is_file():
-            return
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # whole lines only
-        self.offset += len(complete)
-        for raw in complete.decode(errors="replace").splitlines():
-            line, self.done = export_progress(raw, self.done, self.planned)
+        for rec in self.tail.records():
+            line, self.done = export_progress(rec, self.done, self.planned)
             if line is not None:
                 self.say(line)
 
@@ -602,7 +607,7 @@ def _run_demo(base: Settings, opts: DemoOptions, shield: Callable[[], None]) -> 
         workers.append(scorer)
         scorer.wait_ready(progress=_StartupLog(scorer.log, planned, say).poll)
         trainer = Worker("trainer", trainer_settings, work / "trainer.log", nice=TRAINER_NICE)
-        trainer_log = LogFollower(work / "trainer.log")
+        trainer_log = LogTail(work / "trainer.log")
         workers.append(trainer)
         trainer.wait_ready()
         releases = ReleaseLog(settings)
@@ -610,8 +615,9 @@ def _run_demo(base: Settings, opts: DemoOptions, shield: Callable[[], None]) -> 
         threading.Thread(target=_replay_phases, args=(settings, opts, st, stop), daemon=True).start()
         st.timeline.add(
             f"replaying at {opts.rate:.0f} events/s, labels {opts.label_delay:.0f} s late; drift after "
-            f"{opts.drift_after:.0f} s; training after {opts.train_after} new labels (the trainer "
-            f"shares the cores with the scorer, at nice {TRAINER_NICE})"
+            f"{opts.drift_after:.0f} s and {opts.drift_min_reviews} reviews; training after "
+            f"{opts.train_after} new labels (the trainer shares the cores "
+            f"with the scorer, at nice {TRAINER_NICE})"
         )
         started = st.started = time.monotonic()  # the story's clock starts with the replay
         first = prev = last_line = scrape(settings.ops.metrics_port)

@@ -7,15 +7,13 @@ loop in :mod:`streamtune.devtools.demo.main` does the I/O.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Literal
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -117,35 +115,6 @@ def fast_update_of(record: dict[str, object], now: float) -> Update | None:
     )
 
 
-class LogFollower:
-    """New JSON records of a worker's log since the last call (whole lines only)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def records(self) -> list[dict[str, object]]:
-        if not self.path.is_file():
-            return []
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        out = []
-        for line in complete.decode(errors="replace").splitlines():
-            start = line.find("{")
-            if start < 0:
-                continue
-            try:
-                rec = json.loads(line[start:])
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
-
-
 def judge_canary(
     live: tuple[int, int], canary: tuple[int, int], min_judged: int, margin: float, give_up_after: int = 5
 ) -> tuple[Verdict, str]:
@@ -218,17 +187,11 @@ class Timeline:
         self.all.append(line)
 
 
-def export_progress(line: str, done: int, planned: int) -> tuple[str | None, int]:
-    """What one scorer log line says about its start-up exports, as a line for the console
+def export_progress(event: Mapping[str, object], done: int, planned: int) -> tuple[str | None, int]:
+    """What one scorer log record says about its start-up exports, as a line for the console
     (None: nothing), and the count of exports done after it. The scorer exports the ONNX
     artifacts its versions lack before it serves (``export_on_start``), about a minute each on
     two cores; ``planned`` is how many the demo expects (:func:`planned_exports`)."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None, done
-    if not isinstance(event, dict):
-        return None, done
     what = f"{event.get('task')} v{event.get('version')} ({event.get('backend')})"
     if event.get("event") == "export_started":
         return f"  exporting {what}: export {done + 1} of {max(planned, done + 1)}…", done
