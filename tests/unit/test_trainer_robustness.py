@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from streamtune.core.errors import StreamtuneError
 from streamtune.core.events import ClickEvent
 from streamtune.core.features import apply_click, session_row, vectorize
 from streamtune.core.settings import Settings
@@ -265,7 +266,7 @@ class _Encoder(nn.Module):
 def _tiny_text_model() -> _TextModel:
     model = _TextModel.__new__(_TextModel)  # the real fit (fit_text) on a tiny stand-in encoder
     model.tok, model.model, model.head, model.max_len = _Tok(), _Encoder(), Head(4, 2), 8
-    model.trained = []
+    model.trained, model.inference_only = [], False
     return model
 
 
@@ -277,6 +278,9 @@ def test_a_text_fit_stopped_at_its_budget_reports_only_the_rows_its_steps_read()
     assert len(model.trained) == 16 and len(set(model.trained)) == 16 and model.trained != list(range(16))
     model.fit(xs, yi, 2, cfg, "review_sentiment", deadline=time.monotonic() + 600)
     assert model.trained == list(range(40))
+    model.inference_only = True  # its LoRA merged into the base weights: nothing left to train
+    with pytest.raises(StreamtuneError, match="inference only"):
+        model.fit(xs, yi, 2, cfg, "review_sentiment", deadline=time.monotonic() + 600)
 
 
 def test_a_training_set_reaches_what_its_run_reported() -> None:

@@ -180,11 +180,17 @@ class _TextModel:
         labels: list[str],
         max_len: int,
         cascade: Mapping[str, Any] | None = None,
+        *,
+        inference_only: bool = False,
     ) -> None:
         self.stage = LinearStage.load(path) if cascade else None
         self.rule = CascadeRule.from_dict(cascade["rule"]) if cascade else None
         self.tok, base = load_base(base_path)
-        self.model = PeftModel.from_pretrained(base, str(path), is_trainable=True)
+        peft_model = PeftModel.from_pretrained(base, str(path), is_trainable=not inference_only)
+        # A model that only predicts has its LoRA weights merged into the base's: one matmul per
+        # projection instead of three (about 1.2x less CPU; the same outputs to 1e-6).
+        self.inference_only = inference_only
+        self.model: nn.Module = peft_model.merge_and_unload() if inference_only else peft_model
         weights = load_file(str(path / "head.safetensors"))
         self.head = Head(weights["linear.weight"].shape[1], len(labels))
         self.head.load_state_dict(weights)
@@ -204,6 +210,8 @@ class _TextModel:
     def fit(self, xs: list[Any], yi: list[int], n: int, cfg: OnlineConfig, task: str, deadline: float) -> int:
         """Fine-tune; returns the steps taken and sets :attr:`trained`: every row once a first
         epoch completed, else (stopped at the budget within it) the rows its steps read."""
+        if self.inference_only:
+            raise StreamtuneError("a model loaded for inference only (its LoRA merged) cannot be trained")
         tc = TrainConfig(
             seed=cfg.seed,
             epochs=cfg.epochs,
@@ -219,6 +227,10 @@ class _TextModel:
         return steps
 
     def save(self, build: Path, base_name: str) -> None:
+        if not isinstance(self.model, PeftModel):
+            raise StreamtuneError(
+                "a model loaded for inference only (its LoRA merged) has no adapter to save"
+            )
         self.model.save_pretrained(str(build), safe_serialization=True, save_embedding_layers=False)
         (build / "README.md").unlink(missing_ok=True)
         _portable_adapter_config(build / "adapter_config.json", base_name)
@@ -303,6 +315,84 @@ def undefined_metrics(
     return out
 
 
+@dataclass(frozen=True)
+class Scores:
+    """What the gate compares: live and the candidate on the holdout and on the reference set."""
+
+    holdout_live: Mapping[str, float]
+    holdout_candidate: Mapping[str, float]
+    reference_live: Mapping[str, float]
+    reference_candidate: Mapping[str, float]
+
+    def undefined(self) -> dict[str, dict[str, dict[str, str]]]:
+        return undefined_metrics(
+            self.holdout_live, self.holdout_candidate, self.reference_live, self.reference_candidate
+        )
+
+
+def judge(
+    task: str,
+    live_version: int,
+    scores: Scores,
+    holdout_rows: int,
+    reference: Reference,
+    registry: AdapterStore,
+    base_path: str,
+    max_len: int,
+    *,
+    margin: float,
+    tolerance: float,
+    alpha: float,
+    paired: PairedHoldout | None,
+) -> GateVerdict:
+    """The gate of either path (:func:`~streamtune.training.online.gate`), with the first released
+    version's reference score as the floor against a ratchet (live's when live is that version,
+    else :func:`first_reference`)."""
+    first = first_released_version(registry, task) or live_version
+    reference_first = (
+        scores.reference_live
+        if first == live_version
+        else first_reference(task, first, reference, registry, base_path, max_len)
+    )
+    s = scores
+    return gate(
+        task, s.holdout_live, s.holdout_candidate, s.reference_live, s.reference_candidate,
+        margin, tolerance, holdout_rows, len(reference.y),
+        paired=paired, alpha=alpha, reference_first=reference_first, first_version=first,
+    )  # fmt: skip
+
+
+def candidate_manifest(
+    registry: AdapterStore,
+    live: Manifest,
+    training: dict[str, Any],
+    scores: Scores,
+    verdict: GateVerdict,
+    cascade: dict[str, Any],
+) -> Manifest:
+    """A candidate's manifest, with the next version of ``live``'s task and ``live`` as parent:
+    its holdout metrics, live's beside them, and the gate's record."""
+    return Manifest(
+        task=live.task,
+        version=registry.next_version(live.task),
+        parent_version=live.version,
+        kind=live.kind,
+        base_model=live.base_model,
+        labels=live.labels,
+        created_at=datetime.now(UTC),
+        training=training,
+        metrics=dict(scores.holdout_candidate),
+        baselines={f"live_v{live.version}": dict(scores.holdout_live)},
+        cascade=cascade,
+        gate={
+            "passed": verdict.passed,
+            "reason": verdict.reason,
+            **verdict.details,
+            "undefined_metrics": scores.undefined(),
+        },
+    )
+
+
 def label_offsets(examples: list[Any]) -> dict[str, list[int]]:
     """The label offsets a run used, per partition: [lowest, highest] (its training window)."""
     out: dict[str, list[int]] = {}
@@ -355,7 +445,7 @@ def first_reference(
         if m.kind == "click-mlp-lora":
             model = _ClickModel(path)
         else:
-            model = _TextModel(base_path, path, m.labels, max_len, m.cascade)
+            model = _TextModel(base_path, path, m.labels, max_len, m.cascade, inference_only=True)
         scores = evaluate(task, m.labels, reference.y, model.predict(reference.x))
     except Exception as e:  # a broken first version must not stop training; the gate refuses
         log.warning("first_version_unscorable", task=task, version=version, error=str(e))
@@ -460,22 +550,14 @@ def train_candidate(
     cand_hold_p = predicted(hold_x)
     holdout_cand = scored(hold_y, cand_hold_p)
     reference_cand = score(reference.x, reference.y)
-    first = first_released_version(registry, task) or live_version
-    reference_first = (
-        reference_live
-        if first == live_version
-        else first_reference(task, first, reference, registry, base_path, cfg.max_len)
-    )
     paired = (
         PairedHoldout([index[v] for v in hold_y], live_hold_p, cand_hold_p)
         if live_hold_p is not None and cand_hold_p is not None
         else None
     )
-    verdict = gate(
-        task, holdout_live, holdout_cand, reference_live, reference_cand,
-        cfg.margin, cfg.tolerance, len(ts.holdout), len(reference.y),
-        paired=paired, alpha=cfg.alpha, reference_first=reference_first, first_version=first,
-    )  # fmt: skip
+    scores = Scores(holdout_live, holdout_cand, reference_live, reference_cand)
+    verdict = judge(task, live_version, scores, len(ts.holdout), reference, registry, base_path, cfg.max_len,
+                    margin=cfg.margin, tolerance=cfg.tolerance, alpha=cfg.alpha, paired=paired)  # fmt: skip
     every = ts.fresh + ts.holdout
     training: dict[str, Any] = {
         "source": "trainer",
@@ -505,28 +587,9 @@ def train_candidate(
     with tempfile.TemporaryDirectory(prefix="streamtune-candidate-") as tmp:
         build = Path(tmp)
         model.save(build, live.base_model.name)
-        manifest = Manifest(
-            task=live.task,
-            version=registry.next_version(task),
-            parent_version=live_version,
-            kind=live.kind,
-            base_model=live.base_model,
-            labels=labels,
-            created_at=datetime.now(UTC),
-            training=training,
-            metrics={k: v for k, v in holdout_cand.items()},
-            baselines={f"live_v{live_version}": dict(holdout_live)},
-            # the live version's stage and rule, as they were chosen (its files are saved above)
-            cascade={**live.cascade, "inherited_from": live_version} if live.cascade else {},
-            gate={
-                "passed": verdict.passed,
-                "reason": verdict.reason,
-                **verdict.details,
-                "undefined_metrics": undefined_metrics(
-                    holdout_live, holdout_cand, reference_live, reference_cand
-                ),
-            },
-        )
+        # the live version's stage and rule, as they were chosen (its files are saved above)
+        cascade = {**live.cascade, "inherited_from": live_version} if live.cascade else {}
+        manifest = candidate_manifest(registry, live, training, scores, verdict, cascade)
         published = registry.publish_next(build, manifest)
     log.info("candidate_published", task=task, version=published.version, parent=live_version,
              passed=verdict.passed, reason=verdict.reason, seconds=training["seconds"])  # fmt: skip

@@ -27,7 +27,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +42,14 @@ from streamtune.model.linear import LINEAR_FILES, LinearStage
 from streamtune.rollout.registry import AdapterStore, Manifest
 from streamtune.training.candidate import (
     NothingToTrain,
+    Scores,
     _TextModel,
+    candidate_manifest,
     evaluate,
-    first_reference,
-    first_released_version,
+    judge,
     label_offsets,
-    undefined_metrics,
 )
-from streamtune.training.online import Example, GateVerdict, PairedHoldout, TrainingSet, gate
+from streamtune.training.online import Example, GateVerdict, PairedHoldout, TrainingSet
 
 log = structlog.get_logger(__name__)
 
@@ -123,7 +122,7 @@ class TransformerCache:
         held = self._held.get(live.task)
         if held is None or held[0] != key:
             path = self.registry.fetch(live.task, live.version)
-            model = _TextModel(self.base_path, path, live.labels, self.max_len)  # the transformer alone
+            model = _TextModel(self.base_path, path, live.labels, self.max_len, inference_only=True)
             held = (key, TransformerProbs(model.predict_transformer))
             self._held[live.task] = held
         return held[1]
@@ -304,18 +303,10 @@ def fast_candidate(
     if reference_live is None:
         reference_live = evaluate(task, labels, reference.y, served_probs(stage, rule, ref_x, transformer))
     reference_cand = evaluate(task, labels, reference.y, served_probs(updated, new_rule, ref_x, transformer))
-    first = first_released_version(registry, task) or live_version
-    reference_first = (
-        reference_live
-        if first == live_version
-        else first_reference(task, first, reference, registry, base_path, max_len)
-    )
     paired = PairedHoldout([index[v] for v in hold_y], live_hold, cand_hold) if hold_y else None
-    verdict = gate(
-        task, holdout_live, holdout_cand, reference_live, reference_cand,
-        cfg.margin, cfg.tolerance, len(holdout), len(reference.y),
-        paired=paired, alpha=cfg.alpha, reference_first=reference_first, first_version=first,
-    )  # fmt: skip
+    scores = Scores(holdout_live, holdout_cand, reference_live, reference_cand)
+    verdict = judge(task, live_version, scores, len(holdout), reference, registry, base_path, max_len,
+                    margin=cfg.margin, tolerance=cfg.tolerance, alpha=cfg.alpha, paired=paired)  # fmt: skip
     every = fresh + holdout
     training: dict[str, Any] = {
         "source": "trainer",
@@ -334,30 +325,11 @@ def fast_candidate(
         "torch_threads": torch.get_num_threads(),
         "seconds": round(time.monotonic() - started, 3),
     }
-    gate_record = {
-        "passed": verdict.passed,
-        "reason": verdict.reason,
-        **verdict.details,
-        "undefined_metrics": undefined_metrics(holdout_live, holdout_cand, reference_live, reference_cand),
-    }
     cascade = {**live.cascade, "rule": new_rule.as_dict(), "updated_from": live_version}
     cascade.pop("inherited_from", None)
     if checked is not None:
         cascade["recheck"] = checked.to_json()
-    manifest = Manifest(
-        task=live.task,
-        version=registry.next_version(task),
-        parent_version=live_version,
-        kind=live.kind,
-        base_model=live.base_model,
-        labels=labels,
-        created_at=datetime.now(UTC),
-        training=training,
-        metrics=dict(holdout_cand),
-        baselines={f"live_v{live_version}": dict(holdout_live)},
-        cascade=cascade,
-        gate=gate_record,
-    )
+    manifest = candidate_manifest(registry, live, training, scores, verdict, cascade)
     if not verdict.passed:
         log.info("fast_candidate_refused", task=task, parent=live_version, reason=verdict.reason,
                  fresh=len(train), holdout=len(holdout), cpu_seconds=training["cpu_seconds"])  # fmt: skip

@@ -33,6 +33,7 @@ from streamtune.rollout.registry import LocalRegistry
 from streamtune.training.candidate import (
     OnlineConfig,
     _TextModel,
+    evaluate,
     first_reference,
     first_released_version,
     reference_set,
@@ -62,12 +63,7 @@ class CurveConfig:
 
 
 def _accuracy(y: list[str], probs: np.ndarray, labels: list[str]) -> float:
-    idx = {n: i for i, n in enumerate(labels)}
-    return (
-        float(np.mean([int(p.argmax()) == idx[v] for v, p in zip(y, probs, strict=True)]))
-        if y
-        else float("nan")
-    )
+    return float(evaluate(TASK, labels, y, probs)["accuracy"])
 
 
 def run(settings: Settings, cfg: CurveConfig, registry: LocalRegistry) -> dict[str, Any]:
@@ -138,7 +134,8 @@ def run(settings: Settings, cfg: CurveConfig, registry: LocalRegistry) -> dict[s
         slow = train_candidate(TASK, live, ts, reference, registry, base, slow_cfg)
         wall, cpu = time.monotonic() - started, time.process_time() - cpu
         m = slow.manifest
-        model = _TextModel(base, registry.fetch(TASK, m.version), labels, max_len, m.cascade)
+        path = registry.fetch(TASK, m.version)
+        model = _TextModel(base, path, labels, max_len, m.cascade, inference_only=True)
         after_drift = _accuracy(drift_y, model.predict(drift_x), labels)
         after_natural = _accuracy(nat_y, model.predict(nat_x), labels)
         rows.append(_row("slow", n, ts, m.gate, slow.verdict.passed, after_drift, after_natural,

@@ -100,7 +100,7 @@ def finetune(settings: Settings, cfg: UpdateBenchConfig, registry: LocalRegistry
     def accuracy_of(version: int) -> dict[str, float]:
         model = _TextModel(
             settings.model.base_model, registry.fetch(TASK, version), labels, settings.model.max_seq_len,
-            registry.manifest(TASK, version).cascade,
+            registry.manifest(TASK, version).cascade, inference_only=True,
         )  # fmt: skip
         return evaluate(TASK, labels, ys, model.predict(xs))
 
