@@ -21,6 +21,12 @@ def test_update_benchmark_quick(tmp_path: Path) -> None:
     assert s["old_version_results_after_swap"] == 0
     assert 0 < s["release_to_first_new_result_s"] < 60
     assert (tmp_path / "out" / "bench-update-quick.md").read_text().startswith("# One online update")
+    # the curve: both paths and the simple baselines, on the same labels and held-out rows
+    paths = ("fast", "slow", "baseline: TF-IDF refit", "baseline: majority")
+    rows = r["curve"]["rows"]
+    expected = sorted((n, p) for n in (60, 120) for p in paths)
+    assert sorted((row["labels"], row["path"]) for row in rows) == expected
+    assert all(0 <= row["drift_accuracy"] <= 1 and 0 <= row["natural_accuracy"] <= 1 for row in rows)
 
 
 def test_throughput_benchmark_quick(tmp_path: Path) -> None:

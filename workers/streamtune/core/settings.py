@@ -32,6 +32,7 @@ and :meth:`Settings.flat_items` (what ``settings_env`` and the README table iter
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -52,6 +53,14 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 BACKENDS = ("torch", "torch-bf16", "onnx-fp32", "onnx-int8")
 TEXT_TASK_NAMES = TEXT_TASKS
 ENV_PREFIX = "STREAMTUNE_"
+
+
+def cache_root() -> Path:
+    """Where fetched files are kept (Kafka's jars, the other sites' reviews): ``$STREAMTUNE_CACHE_DIR``
+    if set, else ``~/.cache/streamtune``, as ``scripts/bootstrap.sh`` has it. Read before any
+    settings object exists (the bootstrap and the embedded stack need it), so not a setting."""
+    env = os.environ.get("STREAMTUNE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "streamtune"
 
 
 def resolve_backend(task: str, backend: str, task_backends: dict[str, str]) -> str:

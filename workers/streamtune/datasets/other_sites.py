@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamtune.core.errors import StreamtuneError
+from streamtune.core.settings import cache_root
 
 PACKAGE = "sentiment@5.0.2"
 URL = "https://registry.npmjs.org/sentiment/-/sentiment-5.0.2.tgz"
@@ -45,9 +46,8 @@ class SiteReview:
 
 
 def cache_dir() -> Path:
-    """``$STREAMTUNE_CACHE_DIR/data`` (as the stack's jars: ``devtools.stack.default_cache_dir``)."""
-    env = os.environ.get("STREAMTUNE_CACHE_DIR")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "streamtune") / "data"
+    """``<cache root>/data`` (:func:`~streamtune.core.settings.cache_root`)."""
+    return cache_root() / "data"
 
 
 def fetch(directory: Path | None = None, timeout_s: float = 60.0) -> Path:

@@ -32,6 +32,7 @@ from typing import Any, Self
 import structlog
 
 from streamtune.core.errors import StackError
+from streamtune.core.settings import cache_root
 from streamtune.kafka.security import redact_url
 
 log = structlog.get_logger(__name__)
@@ -59,12 +60,6 @@ _MVN_TIMEOUT_S = 1800.0  # a fresh machine downloads ~60 jars from Maven Central
 _FORMAT_TIMEOUT_S = 60.0
 _POLL_S = 0.2
 _LOG_TAIL_LINES = 40
-
-
-def default_cache_dir() -> Path:
-    """``$STREAMTUNE_CACHE_DIR`` if set, else ``~/.cache/streamtune``."""
-    env = os.environ.get("STREAMTUNE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "streamtune"
 
 
 def find_free_port() -> int:
@@ -302,7 +297,7 @@ class LocalServer:
 
 
 def kafka_libs_dir(cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / f"kafka-{KAFKA_VERSION}" / "libs"
+    return (cache_dir or cache_root()) / f"kafka-{KAFKA_VERSION}" / "libs"
 
 
 def _pom_digest(pom: Path) -> str:
@@ -434,7 +429,7 @@ class EmbeddedKafka(LocalServer):
         sasl_users: dict[str, str] | None = None,
     ) -> None:
         super().__init__(work_dir, startup_timeout_s, stop_timeout_s)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
         # Users of a second listener, SASL_PLAINTEXT with the PLAIN mechanism (security tests).
         self.sasl_users = dict(sasl_users or {})
         self.sasl_port = find_free_port() if self.sasl_users else None

@@ -28,7 +28,7 @@ import numpy as np
 from streamtune.core.settings import Settings
 from streamtune.datasets import loaders, other_sites
 from streamtune.model.cascade import CascadeRule
-from streamtune.model.linear import LinearStage
+from streamtune.model.linear import LinearConfig, LinearStage
 from streamtune.rollout.registry import LocalRegistry
 from streamtune.training.candidate import (
     OnlineConfig,
@@ -128,6 +128,8 @@ def run(settings: Settings, cfg: CurveConfig, registry: LocalRegistry) -> dict[s
         rows.append(_row("fast", n, ts, out.manifest.gate, out.verdict.passed, after_drift, after_natural,
                          before_drift, before_natural, cpu, wall))  # fmt: skip
         rows[-1]["threshold"] = out.rule.threshold
+        sets = ((drift_x, drift_y), (nat_x, nat_y))
+        rows += _baselines(n, ts, labels, cfg.seed, sets, (before_drift, before_natural))
         if not cfg.slow:
             continue
         started, cpu = time.monotonic(), time.process_time()
@@ -156,9 +158,38 @@ def run(settings: Settings, cfg: CurveConfig, registry: LocalRegistry) -> dict[s
     }
 
 
+def _baselines(
+    n: int,
+    ts: Any,
+    labels: list[str],
+    seed: int,
+    sets: tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]],
+    before: tuple[float, float],
+) -> list[dict[str, Any]]:
+    """The simple models on the same labels and the same held-out rows (``sets``: the other
+    sites', the original reviews'): a TF-IDF + logistic regression stage refit on the fresh
+    labels alone (what the fast path's update is to beat without its prior), and the fresh
+    labels' majority class."""
+    x, y = [str(e.x) for e in ts.fresh], [str(e.y) for e in ts.fresh]
+    out = []
+    started, cpu_started = time.monotonic(), time.process_time()
+    try:
+        refit: LinearStage | None = LinearStage.fit(x, y, labels, LinearConfig(), seed)
+    except ValueError:  # fewer than two classes among the labels
+        refit = None
+    wall, cpu = time.monotonic() - started, time.process_time() - cpu_started
+    if refit is not None:
+        drift, natural = (_accuracy(ys, refit.predict_proba(xs), labels) for xs, ys in sets)
+        out.append(_row("baseline: TF-IDF refit", n, ts, {}, None, drift, natural, *before, cpu, wall))
+    top = max(set(y), key=y.count)
+    drift, natural = (float(np.mean([v == top for v in ys])) for _, ys in sets)
+    out.append(_row("baseline: majority", n, ts, {}, None, drift, natural, *before, 0.0, 0.0))
+    return out
+
+
 def _row(
-    path: str, n: int, ts: Any, gate: dict[str, Any], passed: bool, after_drift: float, after_natural: float,
-    before_drift: float, before_natural: float, cpu: float, wall: float,
+    path: str, n: int, ts: Any, gate: dict[str, Any], passed: bool | None, after_drift: float,
+    after_natural: float, before_drift: float, before_natural: float, cpu: float, wall: float,
 ) -> dict[str, Any]:  # fmt: skip
     return {
         "path": path,
@@ -191,20 +222,25 @@ def markdown(c: dict[str, Any]) -> list[str]:
         f"{live['drift_accuracy_linear_only']:.3f}); "
         f"original reviews {live['natural_accuracy']:.3f}. CPU s: the process's CPU time (every "
         f"thread) of each update; the fast path's once the trainer is warm (its first update also "
-        f"loads the transformer and scores the reference set: {c['warm_up_seconds']} s here).",
+        f"loads the transformer and scores the reference set: {c['warm_up_seconds']} s here). "
+        "Baselines on the same rows: a TF-IDF + logistic regression stage refit on the same fresh "
+        "labels alone, and their majority class.",
         "",
         "| fresh labels | path | gate | accuracy, other sites (gain) | accuracy, original reviews (change) "
         "| reference change (gate) | CPU s | wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    verdict = {True: "passed", False: "refused", None: "–"}
     for r in c["rows"]:
         ref = r["reference_change"]
         lines.append(
-            f"| {r['labels']} | {r['path']} | {'passed' if r['gate_passed'] else 'refused'} "
+            f"| {r['labels']} | {r['path']} | {verdict[r['gate_passed']]} "
             f"| {r['drift_accuracy']:.3f} ({r['drift_gain']:+.3f}) | {r['natural_accuracy']:.3f} "
             f"({r['natural_change']:+.3f}) | {'–' if ref is None else f'{ref:+.3f}'} "
             f"| {r['cpu_seconds']:.1f} | {r['seconds']:.1f} |"
         )
     lines += ["", "Gate reasons:", ""]
-    lines += [f"- {r['labels']} labels, {r['path']}: {r['gate_reason']}" for r in c["rows"]]
+    lines += [
+        f"- {r['labels']} labels, {r['path']}: {r['gate_reason']}" for r in c["rows"] if r["gate_reason"]
+    ]
     return lines
