@@ -57,6 +57,7 @@ class CurveConfig:
     holdout_fraction: float = 0.2
     eval_rows: int = 0  # rows of each evaluation set (0: the other sites' whole held-out side, 1000 reviews)
     slow: bool = True
+    replay_ratio: float | None = None  # older labels replayed per fresh one (None: the trainer's setting)
     epochs: int = 1
     budget_s: float = 3600.0
     seed: int = 13
@@ -80,15 +81,25 @@ def run(settings: Settings, cfg: CurveConfig, registry: LocalRegistry) -> dict[s
     n_eval = cfg.eval_rows or 1000
     held = held[: cfg.eval_rows] if cfg.eval_rows else held
     pct = loaders.HELD_OUT_PERCENT[TASK]
-    natural = [
-        r for r in loaders.load_reviews(settings.model.data_dir) if loaders.is_held_out(r.review_id, pct)
-    ]
+    reviews = loaders.load_reviews(settings.model.data_dir)
+    natural = [r for r in reviews if loaders.is_held_out(r.review_id, pct)]
     natural = natural[:n_eval]
     drift_x, drift_y = [r.text for r in held], [r.label for r in held]
     nat_x, nat_y = [r.model_text() for r in natural], [r.label for r in natural]
     reference = reference_set(TASK, settings.model.data_dir, settings.trainer.reference_rows)
+    # Older joined labels, as the trainer's label store holds them before the drift: reviews of
+    # the training split (what v2 learned from), replayed by the slow path at the trainer's
+    # ratio (STREAMTUNE_TRAINER_REPLAY_RATIO) against forgetting. The reference set and the
+    # evaluation rows are held-out reviews, never among them.
+    older = [r for r in reviews if not loaders.is_held_out(r.review_id, pct)][: settings.trainer.replay_max]
     examples = [
-        Example(f"{TASK}:other-{i}", r.text, r.label, 0, i, float(i), seq=i) for i, r in enumerate(stream)
+        Example(f"{TASK}:old-{i}", r.model_text(), r.label, 0, i, float(i), seq=i)
+        for i, r in enumerate(older)
+    ]
+    watermark = len(older) - 1  # everything before the drift counts as trained on
+    examples += [
+        Example(f"{TASK}:other-{seq - len(older)}", r.text, r.label, 0, seq, seq, seq=seq)
+        for seq, r in enumerate(stream, start=len(older))
     ]
     transformers = TransformerCache(registry, base, max_len)
     live_t = transformers(live_m)
@@ -103,6 +114,7 @@ def run(settings: Settings, cfg: CurveConfig, registry: LocalRegistry) -> dict[s
     transformer_only = _accuracy(drift_y, live_t(drift_x), labels)
     linear_only = _accuracy(drift_y, live_stage.predict_proba(drift_x), labels)
     s = settings.trainer
+    replay_ratio = s.replay_ratio if cfg.replay_ratio is None else cfg.replay_ratio
     fast_cfg = FastConfig(margin=s.margin, tolerance=s.reference_tolerance, alpha=s.gate_alpha,
                           prior_strength=s.fast_prior_strength, recheck_rows=s.fast_recheck_rows)  # fmt: skip
     slow_cfg = OnlineConfig(epochs=cfg.epochs, lr=s.lr, budget_s=cfg.budget_s, margin=s.margin,
@@ -118,7 +130,7 @@ def run(settings: Settings, cfg: CurveConfig, registry: LocalRegistry) -> dict[s
     warm_up_s = time.monotonic() - warm
     rows: list[dict[str, Any]] = []
     for n in cfg.sizes:
-        ts = select(examples[:n], -1, cfg.holdout_fraction, 0.0, cfg.seed)
+        ts = select(examples[: len(older) + n], watermark, cfg.holdout_fraction, replay_ratio, cfg.seed)
         started, cpu_started = time.monotonic(), time.process_time()  # every thread's (torch's too)
         out = fast_candidate(
             TASK, live, ts, reference, registry, transformers, base, max_len, fast_cfg, recheck=True
@@ -145,6 +157,7 @@ def run(settings: Settings, cfg: CurveConfig, registry: LocalRegistry) -> dict[s
     return {
         "live_version": live,
         "warm_up_seconds": round(warm_up_s, 1),
+        "replay_ratio": replay_ratio,
         "drift": f"other sites ({other_sites.PACKAGE}: UCI Sentiment Labelled Sentences, Amazon/IMDB/Yelp)",
         "drift_held_out_rows": len(drift_y),
         "natural_rows": len(nat_y),
@@ -195,6 +208,7 @@ def _row(
         "path": path,
         "labels": n,
         "trained_on": len(ts.fresh),
+        "replayed": len(ts.replay) if path == "slow" else 0,
         "holdout": len(ts.holdout),
         "gate_passed": passed,
         "gate_reason": gate.get("reason"),
@@ -223,8 +237,10 @@ def markdown(c: dict[str, Any]) -> list[str]:
         f"original reviews {live['natural_accuracy']:.3f}. CPU s: the process's CPU time (every "
         f"thread) of each update; the fast path's once the trainer is warm (its first update also "
         f"loads the transformer and scores the reference set: {c['warm_up_seconds']} s here). "
-        "Baselines on the same rows: a TF-IDF + logistic regression stage refit on the same fresh "
-        "labels alone, and their majority class.",
+        f"The slow path replays {c.get('replay_ratio', 0.0):g} older reviews of the training split per "
+        "fresh label (the trainer's `STREAMTUNE_TRAINER_REPLAY_RATIO`; the fast path needs none: its "
+        "parent is its prior). Baselines on the same rows: a TF-IDF + logistic regression stage "
+        "refit on the same fresh labels alone, and their majority class.",
         "",
         "| fresh labels | path | gate | accuracy, other sites (gain) | accuracy, original reviews (change) "
         "| reference change (gate) | CPU s | wall s |",

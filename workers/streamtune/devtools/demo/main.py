@@ -458,7 +458,7 @@ def _observe(
             continue
         live = int(cur.versions.get(task, 0))
         acc = st.book.by_version(drifted_only=False, since=st.canary_since.get(task))
-        if task == "review_sentiment":
+        if task == REVIEW.name:  # the accuracy book holds review labels only
             verdict, why = judge_canary(
                 acc.get(live, (0, 0)), acc.get(int(can), (0, 0)), opts.judge_min, 0.02
             )

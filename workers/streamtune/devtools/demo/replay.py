@@ -25,7 +25,7 @@ from streamtune.core.errors import StartupError
 from streamtune.core.events import ClickEvent, LabelEvent, ReviewEvent, SearchEvent
 from streamtune.core.features import PAGE_COLUMNS
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import LABELS_TOPIC, TASKS
+from streamtune.core.tasks import CLICK, LABELS_TOPIC, QUERY, REVIEW, TASKS
 from streamtune.datasets import loaders as data
 from streamtune.datasets import other_sites
 from streamtune.devtools.demo.drift import critical_wave
@@ -150,46 +150,74 @@ def click_events(
 MALFORMED_KINDS = ("invalid_json", "missing_field", "oversize", "bad_enum", "not_utf8", "wrong_type")
 
 
+@dataclass(frozen=True)
+class _Breaks:
+    """How a task's events break: the field a "missing_field" event lacks, the value that makes
+    an "oversize" one too long, and the field and value a "bad_enum" one gets."""
+
+    missing: str
+    oversize: tuple[str, str]
+    bad_enum: tuple[str, str]
+
+
+_BREAKS: dict[str, _Breaks] = {
+    REVIEW.name: _Breaks("text", ("text", "x" * 10_001), ("ts", "yesterday")),
+    QUERY.name: _Breaks("query", ("query", "q" * 513), ("ts", "yesterday")),
+    CLICK.name: _Breaks("page_type", ("session_id", "s" * 200), ("page_type", "checkout")),
+}
+
+
 def malform(task: str, valid: dict[str, object], kind: str) -> bytes:
     """A deliberately broken version of a valid event (each kind is one way producers break)."""
     v = dict(valid)
+    breaks = _BREAKS[task]
     if kind == "invalid_json":
         return json.dumps(v).encode()[:-7] + b"}{"
     if kind == "not_utf8":
         return b"\xff\xfe" + json.dumps(v).encode("utf-16-le")
     if kind == "missing_field":
-        v.pop({"review_sentiment": "text", "query_class": "query", "purchase_intent": "page_type"}[task])
+        v.pop(breaks.missing)
     elif kind == "oversize":
-        if task == "review_sentiment":
-            v["text"] = "x" * 10_001
-        elif task == "query_class":
-            v["query"] = "q" * 513
-        else:
-            v["session_id"] = "s" * 200
+        v[breaks.oversize[0]] = breaks.oversize[1]
     elif kind == "bad_enum":
-        if task == "purchase_intent":
-            v["page_type"] = "checkout"
-        else:
-            v["ts"] = "yesterday"
+        v[breaks.bad_enum[0]] = breaks.bad_enum[1]
     elif kind == "wrong_type":
         v["event_id"] = 12345
     return json.dumps(v).encode()
 
 
+Source = Iterator[tuple[str, list[bytes], LabelEvent | None]]
+
+
+def _review_source(data_dir: Path, reviews: ReviewSource, cycle_queries: bool) -> Source:
+    rows = critical_wave(data_dir, "train") if reviews == "critical" else None
+    source = other_site_events() if reviews == "other_sites" else review_events(data_dir, rows=rows)
+    for review, review_label in source:
+        yield review.product_id, [review.model_dump_json().encode()], review_label
+
+
+def _query_source(data_dir: Path, reviews: ReviewSource, cycle_queries: bool) -> Source:
+    for s, lab in search_events(data_dir, cycle=cycle_queries):
+        yield s.session_id, [s.model_dump_json().encode()], lab
+
+
+def _click_source(data_dir: Path, reviews: ReviewSource, cycle_queries: bool) -> Source:
+    for clicks, lab in click_events(data_dir):
+        yield clicks[0].session_id, [c.model_dump_json().encode() for c in clicks], lab
+
+
+_SOURCES: dict[str, Callable[[Path, ReviewSource, bool], Source]] = {
+    REVIEW.name: _review_source,
+    QUERY.name: _query_source,
+    CLICK.name: _click_source,
+}
+
+
 def _events(
     task: str, data_dir: Path, reviews: ReviewSource = "natural", cycle_queries: bool = False
-) -> Iterator[tuple[str, list[bytes], LabelEvent | None]]:
-    if task == "review_sentiment":
-        rows = critical_wave(data_dir, "train") if reviews == "critical" else None
-        source = other_site_events() if reviews == "other_sites" else review_events(data_dir, rows=rows)
-        for review, review_label in source:
-            yield review.product_id, [review.model_dump_json().encode()], review_label
-    elif task == "query_class":
-        for s, lab in search_events(data_dir, cycle=cycle_queries):
-            yield s.session_id, [s.model_dump_json().encode()], lab
-    else:
-        for clicks, lab in click_events(data_dir):
-            yield clicks[0].session_id, [c.model_dump_json().encode() for c in clicks], lab
+) -> Source:
+    """A task's events (key, the record values, the label that follows them)."""
+    return _SOURCES[task](data_dir, reviews, cycle_queries)
 
 
 def _task_records(
