@@ -315,3 +315,19 @@ def test_an_undefined_first_version_score_refuses() -> None:
     _, better = accuracy_case(fix=50, brk=10)
     v = judge("query_class", better, first=float("nan"))
     assert not v.passed and "v1" in v.reason
+
+
+def test_macro_f1_averages_the_classes_the_rows_contain_whatever_a_model_predicts() -> None:
+    # rows without class 2 (sites without a neutral class): A says "2" once, B says "0" instead
+    y = [0, 0, 1, 1]
+    a, b = np.eye(3)[[0, 0, 1, 2]], np.eye(3)[[0, 0, 1, 0]]
+    f1_a = M.classification_metrics(y, a)["macro_f1"]
+    f1_b = M.classification_metrics(y, b)["macro_f1"]
+    assert f1_a == pytest.approx((1.0 + 2 / 3) / 2) and f1_b == pytest.approx((0.8 + 2 / 3) / 2)
+    # the vectorised gate metrics read the same
+    ones = np.ones((1, 4))
+    assert M.resampled_metric(MetricFamily.CLASSIFICATION, "macro_f1", y, a, ones)[0] == pytest.approx(f1_a)
+    swapped = M.swapped_metric(
+        MetricFamily.CLASSIFICATION, "macro_f1", y, a, b, np.array([[0, 0, 0, 1]], bool)
+    )
+    assert swapped[0] == pytest.approx(f1_b)

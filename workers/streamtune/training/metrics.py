@@ -20,11 +20,16 @@ from streamtune.core.tasks import MetricFamily
 
 
 def classification_metrics(y_true: list[int], probs: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 (over the classes present in ``y_true`` or predicted)."""
+    """Accuracy and macro-F1 over the classes present in ``y_true``.
+
+    Not sklearn's default (the classes in ``y_true`` *or predicted*): on rows without a class
+    (reviews from sites without a neutral one) that default scores a model 0 on the absent
+    class as soon as it predicts it once, so the same model family reads 0.58 or 0.88 by how
+    often it says "neutral". A wrong "neutral" still costs its row's true class its recall."""
     pred = probs.argmax(axis=1)
     return {
         "accuracy": float(accuracy_score(y_true, pred)),
-        "macro_f1": float(f1_score(y_true, pred, average="macro")),
+        "macro_f1": float(f1_score(y_true, pred, labels=np.unique(y_true), average="macro")),
     }
 
 
@@ -133,19 +138,22 @@ def _weighted_mean(weights: np.ndarray, per_row: np.ndarray) -> np.ndarray:
 
 
 def _weighted_macro_f1(weights: np.ndarray, y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Macro-F1 per resample, as sklearn's ``f1_score(average="macro")``: the mean over the classes
-    present in the resample's true or predicted labels of 2·TP / (2·TP + FP + FN)."""
+    """Macro-F1 per resample, as :func:`classification_metrics`: the mean over the classes present
+    in the resample's true labels of 2·TP / (2·TP + FP + FN)."""
     eye = np.eye(n_classes)
     truth, guess = eye[y], eye[pred]  # rows × classes, one-hot
     return _macro_f1_of_counts(weights @ (truth * guess), weights @ truth, weights @ guess)
 
 
 def _macro_f1_of_counts(tp: np.ndarray, true_n: np.ndarray, pred_n: np.ndarray) -> np.ndarray:
-    # Per class: TP, TP + FN, TP + FP (resamples × classes); classes in neither are left out.
+    # Per class: TP, TP + FN, TP + FP (resamples × classes); classes without true rows are left out.
     denom = true_n + pred_n
-    present = denom > 0
+    present = true_n > 0
     f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
-    out: np.ndarray = (f1 * present).sum(axis=1) / present.sum(axis=1)
+    out: np.ndarray = np.divide(
+        (f1 * present).sum(axis=1), present.sum(axis=1), out=np.full(tp.shape[0], np.nan),
+        where=present.sum(axis=1) > 0,
+    )  # fmt: skip
     return out
 
 
