@@ -13,9 +13,11 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import redis
 
+from streamtune.core.tasks import CLICK, REVIEW
 from streamtune.devtools.demo.replay import Outgoing
 from streamtune.scorer.sink import product_key, score_key, session_key
 
@@ -36,6 +38,32 @@ class Audit:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.double_counted or self.undercounted)
+
+
+@dataclass(frozen=True)
+class _View:
+    """An entity view in Redis that counts a task's results: what :func:`audit` checks."""
+
+    entity_of: Callable[[Outgoing, dict[str, Any]], str]  # the entity a result counts towards
+    key_of: Callable[[str], str]  # the entity's Redis hash
+    counter: str  # the hash field counting
+    message: str  # the report line: {entity}, {counted}, {n}
+
+
+_VIEWS: dict[str, _View] = {
+    REVIEW.name: _View(
+        lambda o, rec: str(rec["product_id"]),
+        product_key,
+        "reviews",
+        "product {entity}: {counted} for {n} reviews",
+    ),
+    CLICK.name: _View(
+        lambda o, rec: o.key,
+        session_key,
+        "page_views",
+        "session {entity}: {counted} page views for {n} clicks",
+    ),
+}
 
 
 def _compare_counts(
@@ -64,8 +92,7 @@ def audit(r: redis.Redis, outs: list[Outgoing]) -> Audit:
     keys = [score_key(o.task, event_id(o)) for o in valid]
     raw = [v for i in range(0, len(keys), 500) for v in r.mget(keys[i : i + 500])]
     result = Audit(expected=len(valid), scored=sum(v is not None for v in raw))
-    by_product: dict[str, int] = defaultdict(int)
-    by_session: dict[str, int] = defaultdict(int)
+    expected: dict[str, dict[str, int]] = {task: defaultdict(int) for task in _VIEWS}
     times: list[datetime] = []
     for o, v in zip(valid, raw, strict=True):
         if v is None:
@@ -73,16 +100,10 @@ def audit(r: redis.Redis, outs: list[Outgoing]) -> Audit:
             continue
         rec = json.loads(v)
         times.append(datetime.fromisoformat(rec["scored_at"]))
-        if o.task == "review_sentiment":
-            by_product[rec["product_id"]] += 1
-        elif o.task == "purchase_intent":
-            by_session[o.key] += 1
-    views = (  # (expected count per entity, its Redis hash, the field counting, the report line)
-        (by_product, product_key, "reviews", "product {entity}: {counted} for {n} reviews"),
-        (by_session, session_key, "page_views", "session {entity}: {counted} page views for {n} clicks"),
-    )
-    for expected, key_of, counter, message in views:
-        _compare_counts(r, result, expected, key_of, counter, message)
+        if o.task in _VIEWS:
+            expected[o.task][_VIEWS[o.task].entity_of(o, rec)] += 1
+    for task, view in _VIEWS.items():
+        _compare_counts(r, result, expected[task], view.key_of, view.counter, view.message)
     times.sort()
     result.longest_gap_s = max(((b - a).total_seconds() for a, b in itertools.pairwise(times)), default=0.0)
     return result

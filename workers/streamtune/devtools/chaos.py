@@ -32,7 +32,7 @@ import structlog
 from streamtune.core.errors import AdapterError, StreamtuneError
 from streamtune.core.events import LabelEvent
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import LABELS_TOPIC
+from streamtune.core.tasks import CLICK, LABELS_TOPIC, QUERY, REVIEW
 from streamtune.datasets import loaders as data
 from streamtune.devtools.audit import Audit, audit, event_id
 from streamtune.devtools.demo.replay import Outgoing, plan, replay, review_events
@@ -49,7 +49,7 @@ from streamtune.scorer.sink import product_key, score_key
 
 log = structlog.get_logger(__name__)
 
-TASKS = ["review_sentiment", "query_class", "purchase_intent"]
+TASKS: list[str] = [REVIEW.name, QUERY.name, CLICK.name]
 
 
 class ChaosError(StreamtuneError):
@@ -456,7 +456,7 @@ def registry_full(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioRepor
                 scorer = run.scorer("scorer", adapter_dir=mount)
                 run.produce(cfg.events, cfg.events_per_s, 0.0, seed=37)
                 registry = LocalRegistry(mount)
-                task = "review_sentiment"
+                task = REVIEW.name
                 live = registry.latest(task)
                 assert live is not None
                 build = root / "build"
@@ -556,10 +556,10 @@ def poison_mix(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioReport:
             outs = run.plan(cfg.events, 0.0, seed=39)
             bad = poison_records(outs)
             hostile = [
-                Outgoing("review_sentiment", str(r["product_id"]), json.dumps(r).encode(), valid=True)
+                Outgoing(REVIEW.name, str(r["product_id"]), json.dumps(r).encode(), valid=True)
                 for r in hostile_reviews(outs)
             ]
-            reviews = [o for o in outs if o.task == "review_sentiment"]
+            reviews = [o for o in outs if o.task == REVIEW.name]
             victim = str(json.loads(reviews[len(reviews) // 2].value)["product_id"])
             run.redis.set(product_key(victim), "not a hash")
             sunk = [o for o in reviews if json.loads(o.value)["product_id"] == victim]
@@ -700,7 +700,7 @@ def release_late_files(root: Path, base: Settings, cfg: ChaosConfig) -> Scenario
     second one late (a slow sync). It must hold the release as pending (live keeps serving), then
     serve it within the retry bound once the files are there; nothing is lost meanwhile."""
     delay = 10.0 if cfg.quick else 120.0
-    task = "review_sentiment"
+    task = REVIEW.name
     report = ScenarioReport(
         "release_late_files", f"a release whose files reach one of two scorers {delay:.0f} s late (torch)"
     )
@@ -722,7 +722,7 @@ def release_late_files(root: Path, base: Settings, cfg: ChaosConfig) -> Scenario
             new = live + 1
             _copy_version(regs[0] / task, regs[0] / task, new, live)
             sha = LocalRegistry(regs[0]).manifest_sha256(task, new)
-            ReleaseLog(run.settings).publish(promote("review_sentiment", new, sha))
+            ReleaseLog(run.settings).publish(promote(REVIEW.name, new, sha))
             run.wait(lambda: metric(a, "streamtune_adapter_version", task=task) == new, cfg.timeout_s,
                      "scorer a serving the release", [a, b])  # fmt: skip
             run.wait(lambda: metric(b, "streamtune_releases_pending", task=task) == 1, cfg.timeout_s,
@@ -756,7 +756,7 @@ def label_poisoning(root: Path, base: Settings, cfg: ChaosConfig) -> ScenarioRep
     they must not own the holdout), a few dated three days ahead (beyond the default one-day
     skew: invalid, dead-lettered). The real trainer fine-tunes on them; the gate must refuse the
     candidate: it is kept in the registry as not releasable, and nothing is released."""
-    task = "review_sentiment"
+    task = REVIEW.name
     n = 60 if cfg.quick else 200
     report = ScenarioReport(
         "label_poisoning", "30 % flipped review labels, 10 % dated minutes ahead, 3 dated three days ahead",

@@ -15,13 +15,14 @@ import argparse
 import numpy as np
 
 from streamtune.core.settings import Settings
+from streamtune.core.tasks import REVIEW
 from streamtune.datasets import loaders as data
 from streamtune.devtools.demo.drift import critical_wave
 from streamtune.drift.watch import DriftWatch
 from streamtune.model.linear import LinearStage
 from streamtune.rollout.registry import LocalRegistry
 
-TASK = "review_sentiment"
+TASK = REVIEW.name
 
 
 def main() -> None:

@@ -32,11 +32,12 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 from streamtune.core.settings import Settings
+from streamtune.core.tasks import REVIEW
 from streamtune.datasets import loaders, other_sites
 from streamtune.model.linear import LinearStage
 from streamtune.rollout.registry import LocalRegistry
 
-TASK = "review_sentiment"
+TASK = REVIEW.name
 STRENGTHS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 VALIDATION_ROWS = 500
 FORGET_TOLERANCE = 0.005  # macro-F1 on the shipped reviews' validation rows

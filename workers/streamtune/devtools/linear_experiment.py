@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import TASKS
+from streamtune.core.tasks import QUERY, REVIEW, TASKS
 from streamtune.datasets import loaders
 from streamtune.model.linear import LINEAR_FILES, LinearConfig, LinearStage
 from streamtune.training import metrics as M
@@ -32,7 +32,7 @@ CONFIGS: dict[str, LinearConfig] = {
     "2^18 balanced": LinearConfig(n_features=2**18),
     "2^20 unbalanced": LinearConfig(balanced=False),
 }
-SELECT_ON = {"review_sentiment": "macro_f1", "query_class": "top1"}
+SELECT_ON: dict[str, str] = {REVIEW.name: "macro_f1", QUERY.name: "top1"}
 
 
 def _cpu() -> float:
@@ -96,7 +96,7 @@ def run(task: str, data_dir: Path, seed: int = 13, validation_percent: int = 10)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="review_sentiment", choices=sorted(SELECT_ON))
+    ap.add_argument("--task", default=REVIEW.name, choices=sorted(SELECT_ON))
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()

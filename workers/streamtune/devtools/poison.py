@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from streamtune.core.tasks import CLICK, REVIEW
 from streamtune.devtools.demo.replay import Outgoing
 
 HOSTILE_PRODUCTS = ("}evil{", "{}", "a:b\nc", "产品-42", "{tag}-1")
@@ -28,10 +29,8 @@ class Poison:
 
 def poison_records(outs: list[Outgoing], now: datetime | None = None) -> list[Poison]:
     """One of each hostile kind, built from the first valid click and review of ``outs``."""
-    click: dict[str, Any] = json.loads(next(o for o in outs if o.task == "purchase_intent" and o.valid).value)
-    review: dict[str, Any] = json.loads(
-        next(o for o in outs if o.task == "review_sentiment" and o.valid).value
-    )
+    click: dict[str, Any] = json.loads(next(o for o in outs if o.task == CLICK.name and o.valid).value)
+    review: dict[str, Any] = json.loads(next(o for o in outs if o.task == REVIEW.name and o.valid).value)
     now = now or datetime.now(UTC)
     sid = str(click["session_id"]).encode()
     big = dict(click, event_id="poison-big", page_value=1e39)
@@ -54,9 +53,7 @@ def hostile_reviews(
     outs: list[Outgoing], per_product: int = 2, now: datetime | None = None
 ) -> list[dict[str, Any]]:
     """Valid reviews of products whose ids hold braces, colons, newlines and non-ASCII."""
-    review: dict[str, Any] = json.loads(
-        next(o for o in outs if o.task == "review_sentiment" and o.valid).value
-    )
+    review: dict[str, Any] = json.loads(next(o for o in outs if o.task == REVIEW.name and o.valid).value)
     ts = (now or datetime.now(UTC)).isoformat()
     return [
         dict(review, event_id=f"hostile-{i}-{n}", product_id=pid, ts=ts)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import TASKS
+from streamtune.core.tasks import QUERY, TASKS
 from streamtune.devtools.linear_experiment import emit
 from streamtune.model.cascade import ScorePath, combine, route, shares
 from streamtune.model.linear import LinearStage
@@ -32,7 +32,7 @@ from streamtune.training import out_of_fold
 from streamtune.training.bootstrap import TrainConfig, text_split
 from streamtune.training.candidate import _TextModel
 
-TASK = "query_class"
+TASK = QUERY.name
 
 
 def _cpu_per_1000(fn: Callable[[list[str]], object], texts: list[str], reps: int) -> float:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import TASKS
+from streamtune.core.tasks import REVIEW, TASKS
 from streamtune.datasets import loaders
 from streamtune.devtools.linear_experiment import emit
 from streamtune.model.cascade import combine, route, shares
@@ -35,7 +35,7 @@ from streamtune.training import metrics as M
 from streamtune.training.attach import seen_by
 from streamtune.training.candidate import _TextModel
 
-TASK = "review_sentiment"
+TASK = REVIEW.name
 
 
 def run(settings: Settings, departments: list[str], version: int = 1, seed: int = 13) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from streamtune.core.settings import Settings
+from streamtune.core.tasks import REVIEW
 from streamtune.datasets import loaders, other_sites
 from streamtune.model.cascade import CascadeRule
 from streamtune.model.linear import LinearConfig, LinearStage
@@ -48,7 +49,7 @@ from streamtune.training.fast import (
 )
 from streamtune.training.online import Example, select
 
-TASK = "review_sentiment"
+TASK = REVIEW.name
 
 
 @dataclass(frozen=True)

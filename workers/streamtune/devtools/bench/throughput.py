@@ -22,6 +22,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import structlog
 from kafka import KafkaConsumer, KafkaProducer
 
 from streamtune.core.settings import Settings
-from streamtune.core.tasks import TEXT_TASKS
+from streamtune.core.tasks import CLICK, QUERY, REVIEW, TASKS, TEXT_TASKS
 from streamtune.datasets import loaders as data
 from streamtune.devtools.demo.replay import plan, replay
 from streamtune.devtools.stack import EmbeddedKafka, ensure_redis, find_free_port
@@ -41,8 +42,6 @@ from streamtune.kafka.topics import ensure_topics
 from streamtune.rollout.registry import LocalRegistry
 
 log = structlog.get_logger(__name__)
-INPUT = {"review_sentiment": "events.review", "query_class": "events.search"}
-OUTPUT = {"review_sentiment": "scores.review", "query_class": "scores.search"}
 
 
 @dataclass(frozen=True)
@@ -79,11 +78,15 @@ class ThroughputConfig:
         )
 
 
+# what each text task's model reads, from the shipped rows
+_TEXTS: dict[str, Callable[[Path], list[str]]] = {
+    REVIEW.name: lambda d: [r.model_text() for r in data.load_reviews(d)],
+    QUERY.name: lambda d: [q.query for q in data.load_queries(d)],
+}
+
+
 def _texts(task: str, data_dir: Path, n: int) -> list[str]:
-    if task == "review_sentiment":
-        rows = [r.model_text() for r in data.load_reviews(data_dir)]
-    else:
-        rows = [q.query for q in data.load_queries(data_dir)]
+    rows = _TEXTS[task](data_dir)
     return (rows * (n // len(rows) + 1))[:n]
 
 
@@ -96,7 +99,7 @@ def export_artifacts(settings: Settings, cfg: ThroughputConfig) -> dict[str, Any
     out: dict[str, Any] = {}
     jobs = [(b, t) for b in cfg.backends if b in ONNX_BACKENDS for t in TEXT_TASKS]
     if jobs:  # an all-ONNX scorer runs the click MLP in ONNX Runtime too (fp32)
-        jobs.append(("onnx-fp32", "purchase_intent"))
+        jobs.append(("onnx-fp32", CLICK.name))
     for backend, task in jobs:
         version = registry.default_version(task)
         assert version is not None
@@ -238,7 +241,7 @@ def _paths(worker: Worker, task: str) -> Counter[str]:
 def _latencies(s: Settings, task: str, n: int, since_ms: int) -> list[float]:
     """Seconds from event time to the result's publish time (after its Redis write)."""
     consumer = KafkaConsumer(
-        s.topic(OUTPUT[task]),
+        s.topic(TASKS[task].output_topic),
         bootstrap_servers=s.kafka.bootstrap_servers.split(","),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
@@ -503,11 +506,11 @@ def naive(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, An
             )
             producer = KafkaProducer(bootstrap_servers=s.kafka.bootstrap_servers.split(","), acks="all")
             for o in plan(s.model.data_dir, [task], cfg.naive_events, seed=13):
-                producer.send(s.topic(INPUT[task]), key=o.key.encode(), value=o.value)
+                producer.send(s.topic(TASKS[task].input_topic), key=o.key.encode(), value=o.value)
             producer.flush(60)
             producer.close()
             consumer = KafkaConsumer(
-                s.topic(INPUT[task]),
+                s.topic(TASKS[task].input_topic),
                 bootstrap_servers=s.kafka.bootstrap_servers.split(","),
                 auto_offset_reset="earliest",
                 group_id=f"naive-{task}",
@@ -536,7 +539,7 @@ def naive(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, An
     return out
 
 
-CASCADE_TASK = "review_sentiment"
+CASCADE_TASK = REVIEW.name
 
 
 def cascade_registries(settings: Settings, cfg: ThroughputConfig, work: Path) -> dict[str, Any]:

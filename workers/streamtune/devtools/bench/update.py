@@ -30,6 +30,7 @@ from kafka import KafkaConsumer
 
 from streamtune.core.errors import AdapterError, StartupError
 from streamtune.core.settings import Settings
+from streamtune.core.tasks import CLICK, QUERY, REVIEW
 from streamtune.devtools.bench import curve
 from streamtune.devtools.bench.curve import CurveConfig
 from streamtune.devtools.demo.drift import critical_wave
@@ -45,7 +46,7 @@ from streamtune.training.candidate import OnlineConfig, _TextModel, evaluate, re
 from streamtune.training.online import Example, select
 
 log = structlog.get_logger(__name__)
-TASK = "review_sentiment"
+TASK = REVIEW.name
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,8 @@ def swap(
         ensure_topics(s)
         releases = ReleaseLog(s)
         reg = LocalRegistry(registry_dir)
-        for task, version in (("review_sentiment", 1), ("query_class", 1), ("purchase_intent", 1)):
-            releases.publish(promote(task, version, reg.manifest_sha256(task, version), by="bench"))  # type: ignore[arg-type]
+        for task, version in ((REVIEW.name, 1), (QUERY.name, 1), (CLICK.name, 1)):
+            releases.publish(promote(task, version, reg.manifest_sha256(task, version), by="bench"))
         scorer = Worker("scorer", s, work / "scorer.log").wait_ready()
         results: list[tuple[float, int, str]] = []
         threading.Thread(target=_collect, args=(s, results, stop), daemon=True).start()
@@ -188,7 +189,7 @@ def swap(
         # as an operator would (`adapters promote --force`); scorers refuse it otherwise.
         forced = not reg.manifest(TASK, new_version).releasable
         sha = reg.manifest_sha256(TASK, new_version)
-        releases.publish(promote(TASK, new_version, sha, by="bench", forced=forced))  # type: ignore[arg-type]
+        releases.publish(promote(TASK, new_version, sha, by="bench", forced=forced))
         scorer.wait_for(
             lambda: sum(1 for r in list(results) if r[1] == new_version) >= cfg.swap_results,
             600,
@@ -257,7 +258,7 @@ def run(settings: Settings, cfg: UpdateBenchConfig, work: Path, out_dir: Path | 
     work.mkdir(parents=True)
     registry_dir = work / "adapters"
     shutil.copytree(settings.model.adapter_dir, registry_dir, ignore=shutil.ignore_patterns(".*"))
-    for task in ("review_sentiment", "query_class", "purchase_intent"):  # keep only v1: a clean start
+    for task in (REVIEW.name, QUERY.name, CLICK.name):  # keep only v1: a clean start
         for version in LocalRegistry(registry_dir).versions(task)[1:]:
             shutil.rmtree(registry_dir / task / str(version))
     registry = LocalRegistry(registry_dir)

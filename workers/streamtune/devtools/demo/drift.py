@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
+from streamtune.core.tasks import REVIEW
 from streamtune.datasets import loaders as data
 
 Split = Literal["train", "held_out"]
@@ -21,7 +22,7 @@ def critical_wave(
     data_dir: Path, split: Split, seed: int = 21, exclude_texts: frozenset[str] = frozenset()
 ) -> list[data.Review]:
     """Class-balanced reviews of one split, interleaved by class, deterministic for a seed."""
-    pct = data.HELD_OUT_PERCENT["review_sentiment"]
+    pct = data.HELD_OUT_PERCENT[REVIEW.name]
     rows = [
         r
         for r in data.load_reviews(data_dir)

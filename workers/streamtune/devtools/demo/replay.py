@@ -65,7 +65,7 @@ def review_events(
             title=r.title or None,
             rating=None,  # the rating is the label; it arrives later on `labels`
         )
-        yield ev, LabelEvent(event_id=ev.event_id, task="review_sentiment", label=r.rating, ts=ts)
+        yield ev, LabelEvent(event_id=ev.event_id, task=REVIEW.name, label=r.rating, ts=ts)
 
 
 def other_site_events(now: datetime | None = None) -> Iterator[tuple[ReviewEvent, LabelEvent]]:
@@ -75,7 +75,7 @@ def other_site_events(now: datetime | None = None) -> Iterator[tuple[ReviewEvent
         ts = _ts(now)
         ev = ReviewEvent(event_id=f"review-{r.site}-{i}", ts=ts, product_id=f"{r.site}-site", text=r.text)
         label = RATING_OF_SITE_LABEL[r.label]
-        yield ev, LabelEvent(event_id=ev.event_id, task="review_sentiment", label=label, ts=ts)
+        yield ev, LabelEvent(event_id=ev.event_id, task=REVIEW.name, label=label, ts=ts)
 
 
 def search_events(
@@ -92,7 +92,7 @@ def search_events(
             ts = _ts(now)
             qid = f"{q.query_id}{suffix}"
             ev = SearchEvent(event_id=f"search-{qid}", ts=ts, session_id=f"qs-{qid}", query=q.query)
-            label = q.label and LabelEvent(event_id=ev.event_id, task="query_class", label=q.label, ts=ts)
+            label = q.label and LabelEvent(event_id=ev.event_id, task=QUERY.name, label=q.label, ts=ts)
             yield ev, label or None
 
 
@@ -142,7 +142,7 @@ def click_events(
         if not clicks or len(clicks) > max_pages:
             continue
         label = LabelEvent(
-            session_id=clicks[0].session_id, task="purchase_intent", label=int(row["Revenue"]), ts=_ts(now)
+            session_id=clicks[0].session_id, task=CLICK.name, label=int(row["Revenue"]), ts=_ts(now)
         )
         yield clicks, label
 
