@@ -113,7 +113,9 @@ def test_a_drift_makes_the_fast_path_release_and_the_scorer_serve_it(
     wait_until(all_scored(redis_client, natural), 300, "the natural reviews scored", 0.5, guard)
     _send(s, natural, label=lambda lab: lab.label)  # the true ratings: v2 is mostly right
     judged = "streamtune_trainer_served_judged_total"
-    wait_until(lambda: metric(trainer, judged) >= 100, 120, "labels judged", 0.5, guard)
+    wait_until(
+        lambda: metric(trainer, judged) >= 100, 120, "labels judged", 0.5, guard, context=trainer.log_tail
+    )
     assert metric(trainer, "streamtune_trainer_drift_detected_total") == 0
     assert LocalRegistry(s.model.adapter_dir).versions(TASK) == [1, 2]  # nothing but a drift starts it
 

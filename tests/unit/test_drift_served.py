@@ -4,10 +4,14 @@ detected drift pulls (``training.online.should_train``)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
+from streamtune.core.events import LabelEvent
 from streamtune.core.tasks import TASKS
-from streamtune.drift.served import Served, ServedBook, label_ident, served_of
+from streamtune.drift.served import Served, ServedBook, served_of
 from streamtune.training.online import Trigger, should_train
+
+TS = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _result(task: str, version: int, label: str, **ids: str) -> bytes:
@@ -21,8 +25,8 @@ def test_results_name_what_their_labels_name() -> None:
         TASKS["purchase_intent"], _result("purchase_intent", 2, "purchase", event_id="c-9", session_id="s-1")
     )
     assert click == Served("purchase_intent", "s-1", 2, "purchase")  # a session's label names the session
-    assert label_ident("purchase_intent", None, "s-1") == "s-1"
-    assert label_ident("review_sentiment", "r-1", None) == "r-1"
+    assert LabelEvent(session_id="s-1", task="purchase_intent", label=1, ts=TS).target == "s-1"
+    assert LabelEvent(event_id="r-1", task="review_sentiment", label=5, ts=TS).target == "r-1"
 
 
 def test_records_that_are_not_results_of_the_task_are_ignored() -> None:
@@ -42,6 +46,22 @@ def test_a_label_is_judged_once_against_the_latest_answer() -> None:
     book.add(Served("review_sentiment", "r-1", 3, "positive"))
     assert book.judge("review_sentiment", "r-1", "negative") == (3, True)
     assert book.judge("review_sentiment", "unknown", "negative") is None
+
+
+def test_an_event_label_read_before_its_answer_waits_for_it() -> None:
+    book = ServedBook(limit=2)
+    assert book.judge("review_sentiment", "r-1", "negative", wait=True) is None
+    assert book.waiting == 1
+    assert book.add(Served("review_sentiment", "r-1", 3, "positive")) == (3, True)  # judged on arrival
+    assert book.waiting == 0 and len(book) == 0  # one label, one judgement
+    assert book.add(Served("review_sentiment", "r-1", 3, "positive")) is None  # a redelivery is kept
+    assert book.judge("review_sentiment", "r-2", "negative") is None  # without wait, not kept
+    assert book.waiting == 0
+    for i in range(4):  # waiting labels are bounded like the answers, oldest first
+        book.judge("review_sentiment", f"w-{i}", "negative", wait=True)
+    assert book.waiting == 2
+    assert book.add(Served("review_sentiment", "w-0", 3, "negative")) is None
+    assert book.add(Served("review_sentiment", "w-3", 3, "negative")) == (3, False)
 
 
 def test_the_book_is_bounded_oldest_first() -> None:

@@ -187,6 +187,13 @@ class LabelEvent(BaseModel):
             raise ValueError(error)
         return self
 
+    @property
+    def target(self) -> str:
+        """The id this label names: its event's, or its session's (exactly one is set). The
+        trainer joins on it (``training.online.label_key``) and judges served versions by it
+        (``drift.served``); a text task's label that names a session joins nothing."""
+        return self.event_id or self.session_id or ""
+
 
 # ---------------------------------------------------------------------------------------------
 # Output events

@@ -4,7 +4,12 @@ of each served version on labelled traffic (``DriftWatch.observe_errors``).
 The trainer reads the scorers' output topics; a result names its event (text tasks) or session
 (session tasks: the latest result of a session is its prediction when the session's label
 arrives) and the version that produced it. Pure and bounded: the oldest answers go first once
-``limit`` are held, and a judged answer is dropped (one label, one judgement)."""
+``limit`` are held, and a judged answer is dropped (one label, one judgement).
+
+A label can be read before the answer it judges: a trainer that starts (or restarts) behind
+both topics reads their backlogs in no set order. An event task's label then waits, bounded
+like the answers, for its one answer. A session's label does not: its session has many answers
+and the label judges the last, which a waiting label cannot tell from the first."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamtune.core.tasks import TASKS, TaskSpec
+from streamtune.core.tasks import TaskSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,27 +48,42 @@ def served_of(spec: TaskSpec, value: bytes | str) -> Served | None:
 class ServedBook:
     limit: int = 100_000
     _answers: OrderedDict[tuple[str, str], tuple[int, str]] = field(default_factory=OrderedDict)
+    _waiting: OrderedDict[tuple[str, str], str] = field(default_factory=OrderedDict)  # true labels
 
     def __len__(self) -> int:
         return len(self._answers)
 
-    def add(self, served: Served) -> None:
+    @property
+    def waiting(self) -> int:
+        """Labels read before their answer, still waiting for it."""
+        return len(self._waiting)
+
+    def add(self, served: Served) -> tuple[int, bool] | None:
+        """Remember an answer; if its label was read first, the judgement (as :meth:`judge`)."""
         key = (served.task, served.ident)
+        true_label = self._waiting.pop(key, None)
+        if true_label is not None:
+            return served.version, served.label != true_label
         self._answers.pop(key, None)  # a session's newer result replaces its older one
         self._answers[key] = (served.version, served.label)
-        while len(self._answers) > self.limit:
-            self._answers.popitem(last=False)
+        _trim(self._answers, self.limit)
+        return None
 
-    def judge(self, task: str, ident: str, true_label: str) -> tuple[int, bool] | None:
+    def judge(self, task: str, ident: str, true_label: str, wait: bool = False) -> tuple[int, bool] | None:
         """(version, whether its served label was wrong) for a label; None when nothing that
-        was served is known for it (never seen, or dropped as the oldest)."""
+        was served is known for it (not seen yet, or dropped as the oldest). With ``wait`` the
+        label is kept, and :meth:`add` judges it when its answer arrives."""
         answer = self._answers.pop((task, ident), None)
         if answer is None:
+            if wait:
+                self._waiting.pop((task, ident), None)
+                self._waiting[(task, ident)] = true_label
+                _trim(self._waiting, self.limit)
             return None
         version, label = answer
         return version, label != true_label
 
 
-def label_ident(task: str, event_id: str | None, session_id: str | None) -> str | None:
-    """What a label of ``task`` names, as :class:`Served` records it."""
-    return session_id if TASKS[task].labels_session else event_id
+def _trim(book: OrderedDict[tuple[str, str], Any], limit: int) -> None:
+    while len(book) > limit:
+        book.popitem(last=False)

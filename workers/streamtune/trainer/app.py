@@ -38,7 +38,7 @@ from streamtune.core.decode import Decoded, Source, decode
 from streamtune.core.events import DeadLetter, LabelEvent
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import DLQ_TOPIC, LABELS_TOPIC, TASK_NAMES, TASKS, TaskSpec
-from streamtune.drift.served import ServedBook, label_ident, served_of
+from streamtune.drift.served import ServedBook, served_of
 from streamtune.drift.watch import DriftWatch
 from streamtune.kafka.app import JSON_TABLE, worker_app
 from streamtune.kafka.guard import SkipGuard
@@ -182,8 +182,11 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
         async def remember(stream: faust.StreamT) -> None:
             async for event in stream.events():
                 served = served_of(spec, event.message.value)
-                if served is not None:  # not a result of ours: nothing to judge labels by
-                    res.served.add(served)
+                if served is None:  # not a result of ours: nothing to judge labels by
+                    continue
+                judged = res.served.add(served)
+                if judged is not None:  # its label was read first
+                    record(spec, *judged)
 
         return remember
 
@@ -193,13 +196,15 @@ def build_app(settings: Settings, res: TrainerResources) -> faust.App:
     def judge(lab: LabelEvent) -> None:
         """A label against what was served for it: the served version's error rate, watched."""
         spec = TASKS[lab.task]
-        ident = label_ident(lab.task, lab.event_id, lab.session_id)
-        judged = None if ident is None else res.served.judge(lab.task, ident, spec.label_of(lab.label))
-        if judged is None:
-            return
-        version, wrong = judged
-        m.served_judged.labels(lab.task, str(version), "wrong" if wrong else "right").inc()
-        for d in res.drift.observe_errors(lab.task, version, [wrong]):
+        judged = res.served.judge(
+            lab.task, lab.target, spec.label_of(lab.label), wait=not spec.labels_session
+        )
+        if judged is not None:
+            record(spec, *judged)
+
+    def record(spec: TaskSpec, version: int, wrong: bool) -> None:
+        m.served_judged.labels(spec.name, str(version), "wrong" if wrong else "right").inc()
+        for d in res.drift.observe_errors(spec.name, version, [wrong]):
             m.drift_detected.labels(d.task).inc()
             if d.after > d.before:  # the error rate rose: a fall (traffic back to normal) is no reason
                 state.drift_at[d.task] = time.monotonic()

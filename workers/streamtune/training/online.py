@@ -30,7 +30,7 @@ def label_name(label: LabelEvent) -> str:
 
 def label_key(label: LabelEvent) -> str:
     """Join key: the labelled event (text tasks) or session (purchase intent), per task."""
-    return f"{label.task}:{label.event_id or label.session_id}"
+    return f"{label.task}:{label.target}"
 
 
 @dataclass(frozen=True, slots=True)
