@@ -43,6 +43,9 @@ class Runtime:
     def __init__(self) -> None:
         self.calls = 0
 
+    def split(self, task: str, inputs: list[str], keys: list[str], shadow: bool) -> None:
+        return None  # a version without a linear stage: one pass (test_pipeline covers two)
+
     def score(self, task: str, inputs: list[str], keys: list[str], shadow: bool) -> Scored:
         self.calls += 1
         if any("POISON" in x for x in inputs):

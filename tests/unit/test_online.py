@@ -162,9 +162,14 @@ def test_gate_releases_a_better_candidate_and_records_the_comparison() -> None:
 
 
 def test_gate_rejects_a_gain_below_the_margin() -> None:
-    hl, hc, paired = holdout("query_class", 25, 26)  # +0.02 on 50 rows: one row
+    hl, hc, paired = holdout("query_class", 25, 26)  # +0.02 on 50 rows: one row, chance
     v = gate("query_class", hl, hc, {"top1": 0.5}, {"top1": 0.5}, **GATE_ARGS, paired=paired)
-    assert not v.passed and "margin" in v.reason
+    assert not v.passed and "not above 0" in v.reason
+    # 15 rows better of 1,000, none worse: surely better, but by 0.015, below the margin 0.02
+    hl, hc, paired = holdout("query_class", 500, 515, n=1000)
+    v = gate("query_class", hl, hc, {"top1": 0.5}, {"top1": 0.5}, **GATE_ARGS, paired=paired)
+    assert v.details["holdout_test"]["p_value"] < 0.01
+    assert not v.passed and "below the margin 0.02" in v.reason
 
 
 def test_gate_rejects_a_candidate_that_forgets_the_reference_set() -> None:

@@ -150,6 +150,11 @@ class ScorerSettings(_Group):
         description="Batches in progress per task: 2 lets the model score one while the previous is"
         " written and the next decoded; 1 runs them one at a time",
     )
+    early_answers: bool = Field(
+        True,
+        description="Publish a batch's linear-stage answers before the transformer scores the rest"
+        " of it (versions with a cascade); off: the whole batch waits for the transformer",
+    )
     batch_step_timeout_s: float = Field(
         60.0,
         gt=0,
@@ -334,7 +339,8 @@ class TrainerSettings(_Group):
         lt=0.5,
         description=(
             "Significance level of the release gate: the one-sided (1 - alpha) lower bound of the"
-            " candidate's holdout gain over live (paired bootstrap) must exceed the margin"
+            " candidate's holdout gain over live (paired bootstrap) must be above 0, the paired"
+            " randomisation test at p <= alpha, and the gain itself at least the margin"
         ),
     )
     max_pending: int = Field(
@@ -510,6 +516,7 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "model_batch_size": ("scorer", "model_batch_size"),
     "batch_max_ms": ("scorer", "batch_max_ms"),
     "pipeline_depth": ("scorer", "pipeline_depth"),
+    "early_answers": ("scorer", "early_answers"),
     "batch_step_timeout_s": ("scorer", "batch_step_timeout_s"),
     "task_batch_max_events": ("scorer", "task_batch_max_events"),
     "task_model_batch_size": ("scorer", "task_model_batch_size"),

@@ -143,6 +143,54 @@ class Answer:
     confidence: np.ndarray | None = None  # the linear stage's top probability, per row
 
 
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """The linear pass over a batch (:func:`first_pass`): what the rows answered by the linear
+    stage alone are served (``early``) and what :func:`complete` needs for the others."""
+
+    linear_probs: np.ndarray  # [rows, classes]
+    paths: np.ndarray  # ScorePath codes, int8 [rows]
+    features: Any  # the stage's features of every row (reasons, no second pass)
+    early: np.ndarray  # the rows answered by the linear stage alone (indices)
+    later: np.ndarray  # the rows the transformer must score (indices)
+
+
+def first_pass(stage: FirstStage, rule: CascadeRule, texts: Sequence[str]) -> Routed:
+    """The linear stage scores every text and the rule routes each one; nothing else runs."""
+    linear_probs, coverage, features = stage.analyse(texts)
+    paths = route(linear_probs, coverage, rule)
+    need = needs_transformer(paths)
+    return Routed(linear_probs, paths, features, np.flatnonzero(~need), np.flatnonzero(need))
+
+
+def served(
+    stage: FirstStage,
+    rule: CascadeRule,
+    routed: Routed,
+    texts: Sequence[str],
+    rows: np.ndarray,
+    transformer_probs: np.ndarray | None = None,
+    reasons: int = 0,
+) -> Answer:
+    """What ``rows`` of a routed batch are served: ``transformer_probs`` (one row per entry of
+    ``rows``) is needed only when some of them need the transformer (``routed.later``)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lin = routed.linear_probs[rows]
+    paths = routed.paths[rows]
+    tr = np.zeros_like(lin) if transformer_probs is None else np.asarray(transformer_probs)
+    if transformer_probs is None and needs_transformer(paths).any():
+        raise ValueError("rows that need the transformer were given no transformer probabilities")
+    probs = combine(paths, lin, tr, rule).astype(np.float32)
+    why: list[list[tuple[str, float]] | None] | None = None
+    if reasons > 0:
+        label = probs.argmax(axis=1)
+        why = [
+            stage.reasons_of(texts[int(i)], routed.features[int(i)], int(label[j]), reasons)
+            for j, i in enumerate(rows)
+        ]
+    return Answer(probs, paths, why, lin.max(axis=1).astype(np.float32))
+
+
 def answer(
     stage: FirstStage,
     rule: CascadeRule,
@@ -153,19 +201,16 @@ def answer(
     """Serve ``texts`` through the cascade: the linear stage scores every text, ``transformer``
     is called once, with only the texts whose path needs it (none: not called), and each row
     gets the probabilities of its path. With ``reasons`` > 0, each row also gets that many terms
-    explaining its served label, from the features the stage computed (no second pass)."""
-    linear_probs, coverage, features = stage.analyse(texts)
-    paths = route(linear_probs, coverage, rule)
-    need = np.flatnonzero(needs_transformer(paths))
-    transformer_probs = np.zeros_like(linear_probs)
-    if len(need):
-        transformer_probs[need] = transformer([texts[int(i)] for i in need])
-    probs = combine(paths, linear_probs, transformer_probs, rule).astype(np.float32)
-    why: list[list[tuple[str, float]] | None] | None = None
-    if reasons > 0:
-        served = probs.argmax(axis=1)
-        why = [stage.reasons_of(t, features[i], int(served[i]), reasons) for i, t in enumerate(texts)]
-    return Answer(probs, paths, why, linear_probs.max(axis=1).astype(np.float32))
+    explaining its served label, from the features the stage computed (no second pass).
+
+    The same as :func:`first_pass` then :func:`served` on every row; a scorer that publishes the
+    linear stage's answers before the transformer runs calls those two itself."""
+    routed = first_pass(stage, rule, texts)
+    rows = np.arange(len(texts))
+    transformer_probs = np.zeros_like(routed.linear_probs)
+    if len(routed.later):
+        transformer_probs[routed.later] = transformer([texts[int(i)] for i in routed.later])
+    return served(stage, rule, routed, texts, rows, transformer_probs, reasons)
 
 
 def shares(paths: Any) -> dict[str, float]:

@@ -21,7 +21,7 @@ from streamtune.core.errors import AdapterError, StartupError
 from streamtune.core.scored import Scored, Shadow
 from streamtune.core.settings import resolve_backend
 from streamtune.core.tasks import TASK_NAMES, TASKS, TEXT_TASKS
-from streamtune.model.cascade import CascadeRule, ScorePath, answer
+from streamtune.model.cascade import Answer, CascadeRule, Routed, ScorePath, answer, first_pass, served
 from streamtune.model.linear import LINEAR_FILES, LinearStage
 from streamtune.model.onnx_session import ONNX_BACKENDS, run_click, run_text, session
 from streamtune.model.tokens import TextBatcher, base_model_sha256
@@ -39,6 +39,30 @@ class Route:
     live: LoadedAdapter
     canary: LoadedAdapter | None = None
     fraction: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """The rows of a split batch one version serves (live, or canary for its entities)."""
+
+    adapter: LoadedAdapter
+    rows: list[int]  # in the batch
+    inputs: list[str]
+    routed: Routed | None  # None: a version without a linear stage (every row needs the transformer)
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """A batch after the linear pass (:meth:`ModelRuntime.split`): the rows the linear stage
+    answers alone are served already (``early``, over ``early_rows``); the rest (``later_rows``)
+    wait for :meth:`ModelRuntime.score_later`. Both lists are batch positions, ascending."""
+
+    task: str
+    early: Scored | None  # None: no row answered by the linear stage alone
+    early_rows: list[int]
+    later_rows: list[int]
+    parts: tuple[_Part, ...]
+    keys: list[str] | None
 
 
 @dataclass
@@ -376,6 +400,122 @@ class ModelRuntime:
         assert probs is not None
         return Scored(
             task, route.live.manifest.labels, probs, versions, shadow_stats, paths, reasons, confidence
+        )
+
+    def split(
+        self,
+        task: str,
+        inputs: list[str],
+        keys: list[str] | None = None,
+        shadow: bool = False,
+    ) -> Split | None:
+        """The linear pass of a text batch, so that its linear answers can be published before
+        the transformer runs on the rest: what :meth:`score` serves, in two steps (same
+        probabilities, paths, reasons and versions). None when nothing would be gained or
+        shadowing needs the whole batch at once (no version in play has a linear stage, or a
+        canary is shadowed): call :meth:`score`.
+
+        Unlike the rest of the runtime, this may run off the model thread: it only reads the
+        current route and the linear stages, which a version never changes once loaded."""
+        route = self.routes.get(task)
+        if route is None:
+            raise AdapterError(f"no active adapter for {task}")
+        if route.canary is None or keys is None:
+            groups = [(list(range(len(inputs))), route.live)]
+        elif shadow:
+            return None
+        else:
+            to_canary = [in_canary(k, route.fraction) for k in keys]
+            groups = [
+                ([i for i, c in enumerate(to_canary) if not c], route.live),
+                ([i for i, c in enumerate(to_canary) if c], route.canary),
+            ]
+        if all(a.linear is None or a.rule is None for rows, a in groups if rows):
+            return None
+        parts: list[_Part] = []
+        for rows, adapter in groups:
+            if not rows:
+                continue
+            texts = [inputs[i] for i in rows]
+            routed = None
+            if adapter.linear is not None and adapter.rule is not None:
+                routed = first_pass(adapter.linear, adapter.rule, texts)
+            parts.append(_Part(adapter, rows, texts, routed))
+        early = sorted(p.rows[int(j)] for p in parts if p.routed is not None for j in p.routed.early)
+        later = sorted(set(range(len(inputs))) - set(early))
+        answers = [
+            (p, p.routed.early, self._served(p, p.routed.early, None))
+            for p in parts
+            if p.routed is not None and len(p.routed.early)
+        ]
+        scored = self._assemble(task, early, answers) if early else None
+        return Split(task, scored, early, later, tuple(parts), keys)
+
+    def score_later(self, split: Split) -> Scored:
+        """The rows of a :class:`Split` that need the transformer, in ``later_rows`` order (on the
+        model thread, like :meth:`score`). A version that a swap unloaded since the linear pass
+        (a torch adapter is removed from the shared encoder) scores nothing more: those rows are
+        scored again by what serves now, and say so by their version."""
+        if any(not self._usable(p.adapter) for p in split.parts):
+            inputs = [x for p in split.parts for x in p.inputs]
+            order = [r for p in split.parts for r in p.rows]
+            at = {r: i for i, r in enumerate(order)}
+            rows = [at[r] for r in split.later_rows]
+            keys = None if split.keys is None else [split.keys[r] for r in split.later_rows]
+            return self.score(split.task, [inputs[i] for i in rows], keys)
+        answers: list[tuple[_Part, np.ndarray, Answer]] = []
+        for p in split.parts:
+            if p.routed is None:
+                whole = self._forward(p.adapter, p.inputs)
+                answers.append((p, np.arange(len(p.inputs)), Answer(whole.probs, whole.paths, None)))  # type: ignore[arg-type]
+            elif len(p.routed.later):
+                local = p.routed.later
+                probs = self._transformer(p.adapter, [p.inputs[int(j)] for j in local]).probs
+                answers.append((p, local, self._served(p, local, probs)))
+        return self._assemble(split.task, split.later_rows, answers)
+
+    def _usable(self, loaded: LoadedAdapter) -> bool:
+        if loaded.session is not None or self._peft is None:
+            return True
+        return loaded.name in self._peft.peft_config
+
+    def _served(self, part: _Part, local: np.ndarray, transformer_probs: np.ndarray | None) -> Answer:
+        assert part.routed is not None and part.adapter.linear is not None and part.adapter.rule is not None
+        return served(
+            part.adapter.linear, part.adapter.rule, part.routed, part.inputs, local, transformer_probs,
+            reasons=TASKS[part.adapter.manifest.task].reasons,
+        )  # fmt: skip
+
+    def _assemble(
+        self, task: str, rows: list[int], answers: list[tuple[_Part, np.ndarray, Answer]]
+    ) -> Scored:
+        """One Scored over batch ``rows`` (ascending) from what each part served for some of them."""
+        at = {r: i for i, r in enumerate(rows)}
+        n = len(rows)
+        labels = self.routes[task].live.manifest.labels
+        probs: np.ndarray | None = None
+        versions = np.zeros(n, dtype=np.int64)
+        paths = np.full(n, ScorePath.TRANSFORMER, dtype=np.int8)
+        confidence = np.full(n, np.nan, dtype=np.float32)
+        reasons: list[list[tuple[str, float]] | None] = [None] * n
+        any_reasons = False
+        for part, local, ans in answers:
+            where = [at[part.rows[int(j)]] for j in local]
+            if probs is None:
+                probs = np.zeros((n, ans.probs.shape[1]), dtype=np.float32)
+            probs[where] = ans.probs
+            versions[where] = part.adapter.manifest.version
+            if ans.paths is not None:
+                paths[where] = ans.paths
+            if ans.confidence is not None:
+                confidence[where] = ans.confidence
+            if ans.reasons is not None:
+                any_reasons = True
+                for i, r in zip(where, ans.reasons, strict=True):
+                    reasons[i] = r
+        assert probs is not None
+        return Scored(
+            task, labels, probs, versions, None, paths, reasons if any_reasons else None, confidence
         )
 
     def _forward(self, loaded: LoadedAdapter, inputs: list[str] | list[list[float]]) -> Scored:

@@ -130,14 +130,10 @@ def build_app(settings: Settings, res: ScorerResources) -> faust.App:
             for ev in events:
                 ev.message.decref()
 
-        def abandon(started: Started) -> None:
-            if started.scoring is not None:
-                started.scoring.cancel()
-
         steps = BatchSteps(
             start=lambda events: start_batch(spec, events, events_by_pos),
             finish=processor.finish,
-            abandon=abandon,
+            abandon=processor.abandon,
             done=done,
             rewind=skip_guard.rewind,
             failed=failed,

@@ -27,7 +27,7 @@ from streamtune.core.features import SessionState, session_row, vectorize
 from streamtune.core.settings import Settings
 from streamtune.core.tasks import DLQ_TOPIC, TASKS
 from streamtune.drift.watch import DriftWatch
-from streamtune.model.runtime import ModelRuntime, Scored
+from streamtune.model.runtime import ModelRuntime, Scored, Split
 from streamtune.ops.telemetry import ScorerMetrics
 from streamtune.scorer.isolation import (
     DEAD_LETTER,
@@ -88,6 +88,11 @@ class Started:
     raws: list[bytes | None] = field(default_factory=list)
     inputs: list[Any] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
+    # A batch split by its linear pass: ``eager`` is already writing and publishing the rows
+    # the linear stage answered alone (and the dead letters); ``later`` holds the rest, queued
+    # on the model thread. The batch is done (and acknowledged) when both are.
+    eager: asyncio.Task[BatchOutcome] | None = None
+    later: Started | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +169,53 @@ class BatchProcessor:
             states = await sessions(good)  # type: ignore[arg-type]
             inputs = [vectorize(session_row(st)) for st in states]
             page_views = [st.page_views for st in states]
+        if spec.is_text and self.settings.scorer.early_answers:
+            try:
+                routed = await asyncio.get_running_loop().run_in_executor(
+                    None, self.runtime.split, task, inputs, keys, self.settings.scorer.shadow
+                )
+            except Exception as e:  # one pass instead: its failure is retried and isolated there
+                log.warning("linear_pass_failed", task=task, events=len(events), error=describe(e))
+                routed = None
+            if routed is not None:
+                whole = Started(task, bad, now, None, events, page_views, sources, raws, inputs, keys)
+                return self._start_split(whole, routed)
         scoring = self._start_scoring(task, inputs, keys)
         return Started(task, bad, now, scoring, events, page_views, sources, raws, inputs, keys)
+
+    def _start_split(self, whole: Started, split: Split) -> Started:
+        """Finish the linear stage's answers now, each batch on its own (not after the batches
+        before it: their results and aggregates are per event, so order does not matter, and the
+        offsets are still acknowledged in stream order); queue the rest on the model thread."""
+        early = _part(whole, split.early_rows, bad=whole.bad)
+        if split.early is not None:
+            done: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
+            done.set_result(split.early)
+            early = replace(early, scoring=done)
+        later = None
+        if split.later_rows:
+            later = replace(_part(whole, split.later_rows, bad=[]), scoring=self._start_later(split))
+        return replace(whole, eager=asyncio.create_task(self._finish_retrying(early)), later=later)
+
+    def _start_later(self, split: Split) -> asyncio.Future[Scored]:
+        def timed() -> Scored:
+            started = time.perf_counter()
+            scored = self.runtime.score_later(split)
+            self.metrics.model_seconds.labels(split.task).observe(time.perf_counter() - started)
+            return scored
+
+        return asyncio.get_running_loop().run_in_executor(self.executor, timed)
+
+    def abandon(self, started: Started) -> None:
+        """A started batch that will not be finished (it is read again): drop its model runs and
+        stop publishing its early answers (what was delivered is not sent again by the re-read,
+        see :class:`Delivered`)."""
+        for part in (started, started.later):
+            if part is not None and part.scoring is not None:
+                part.scoring.cancel()
+        if started.eager is not None:
+            started.eager.cancel()
+            started.eager.add_done_callback(_retrieved)
 
     async def finish(self, started: Started) -> BatchOutcome:
         """Second half: wait for the model, then dead letters, Redis, output events, and flush
@@ -177,6 +227,22 @@ class BatchProcessor:
         the parts that succeed are written and a record that fails alone goes to the dead-letter
         topic with its stage. Results and dead letters already delivered for a record are not
         sent again by a retry, a split or a re-read (see :class:`Delivered`)."""
+        if started.eager is not None:
+            try:
+                outcome = await started.eager
+            except BaseException:
+                if started.later is not None and started.later.scoring is not None:
+                    started.later.scoring.cancel()  # the whole batch is read again
+                raise
+            if started.later is not None:
+                outcome += await self._finish_retrying(started.later)
+        else:
+            outcome = await self._finish_retrying(started)
+        self.delivered.forget(started)
+        return outcome
+
+    async def _finish_retrying(self, started: Started) -> BatchOutcome:
+        """:meth:`finish` for one batch or one part of a split batch (see there)."""
         task = started.task
         attempt = 0
         while True:
@@ -194,12 +260,9 @@ class BatchProcessor:
                 await asyncio.sleep(self.settings.scorer.batch_retry_backoff_s * attempt)
                 started = self._rescored(started, range(len(started.events)))
             else:
-                self.delivered.forget(started)
                 return outcome
         log.warning("batch_isolating", task=task, events=len(started.events), dead=len(started.bad))
-        outcome = await self._isolate(started)
-        self.delivered.forget(started)
-        return outcome
+        return await self._isolate(started)
 
     async def _finish_once(self, started: Started) -> BatchOutcome:
         task, spec = started.task, TASKS[started.task]
@@ -484,6 +547,27 @@ class Delivered:
 
 def _picker(rows: list[int]) -> Callable[[Sequence[T]], list[T]]:
     return lambda items: [items[i] for i in rows]
+
+
+def _part(started: Started, rows: list[int], bad: list[DeadLetter]) -> Started:
+    """``rows`` of a text batch (no model run queued yet)."""
+    pick = _picker(rows)
+    return replace(
+        started,
+        bad=bad,
+        scoring=None,
+        events=pick(list(started.events)),
+        sources=pick(started.sources),
+        raws=pick(started.raws),
+        inputs=pick(started.inputs),
+        keys=pick(started.keys),
+    )
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """An abandoned task's outcome is not awaited: read it, so asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _rows(started: Started, scored: Scored, rows: list[int]) -> tuple[Started, Scored]:
