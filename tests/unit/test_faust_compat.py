@@ -381,3 +381,20 @@ def test_no_module_but_compat_touches_the_private_members() -> None:
         "only streamtune/kafka/compat.py may touch these (call its helpers):\n" + "\n".join(offenders)
     )
     assert PRIVATE_USES.search(COMPAT_FILE.read_text())  # the pattern does find them where they are
+
+
+def test_the_worker_producer_holds_no_record_back() -> None:
+    """A batch waits for its own deliveries only (``FaustPublisher.flush``, no producer-wide
+    flush): that needs a producer without linger, or a record would wait for it."""
+    from streamtune.core.settings import Settings
+    from streamtune.kafka.app import worker_app
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        app = worker_app(Settings(bootstrap_servers="127.0.0.1:1"), "linger-test")
+        assert app.conf.producer_linger == 0.0
+        assert app.producer.linger_ms == 0  # what Faust hands aiokafka's producer
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()

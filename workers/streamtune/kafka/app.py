@@ -33,6 +33,9 @@ def worker_app(settings: Settings, app_id: str) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         producer_acks=-1,
+        # No linger: a batch waits for its own deliveries only (scorer/app.FaustPublisher.flush),
+        # so nothing may hold a record back until someone flushes the whole producer.
+        producer_linger=0.0,
         broker_credentials=faust_credentials(settings),
         broker_session_timeout=settings.kafka.session_timeout_s,
         broker_rebalance_timeout=settings.kafka.session_timeout_s,

@@ -60,8 +60,8 @@ class Publisher(Protocol):
         ...
 
     async def flush(self, deliveries: Sequence[asyncio.Future[Any]]) -> None:
-        """Send what is queued and wait for ``deliveries`` (one batch's own records); raise if
-        one failed. Cancelling this wait must leave the deliveries themselves alone."""
+        """Wait for ``deliveries`` (one batch's own records, nobody else's); raise if one
+        failed. Cancelling this wait must leave the deliveries themselves alone."""
         ...
 
 
