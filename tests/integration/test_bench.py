@@ -56,14 +56,14 @@ def test_throughput_benchmark_quick(tmp_path: Path) -> None:
     assert {t["target"] for t in r["targets"]} >= {"reviews end to end ÷ naive", "queries end to end ÷ naive"}
     # the quality/cost trade-off of reviews: every configuration on the same events
     t = r["tradeoff"]
-    assert set(t["rows"]) == {"transformer-only", "cascade", "cascade-whole-batch", "linear-only", "naive"}
+    assert set(t["rows"]) == {"transformer-only", "cascade", "cascade-early-answers", "linear-only", "naive"}
     for name, row in t["rows"].items():
         assert row["events_per_s"] > 0 and 0 <= row["share_linear"] <= 1, name
         assert 0 < row["held_out"]["macro_f1"] <= 1, name
     assert t["rows"]["transformer-only"]["share_linear"] == 0.0
     assert t["rows"]["linear-only"]["share_linear"] > 0.5  # every in-domain review
     # the same version on the same events, its linear answers published first or not
-    whole, early = t["rows"]["cascade-whole-batch"], t["rows"]["cascade"]
+    whole, early = t["rows"]["cascade"], t["rows"]["cascade-early-answers"]
     assert whole["share_linear"] == pytest.approx(early["share_linear"], abs=0.02)
     assert set(t["baselines"]) >= {"tfidf_logreg", "tfidf_logreg_unbalanced"}
     out = tmp_path / "out"

@@ -385,7 +385,7 @@ def test_no_module_but_compat_touches_the_private_members() -> None:
 
 def test_the_worker_producer_holds_no_record_back() -> None:
     """A batch waits for its own deliveries only (``FaustPublisher.flush``, no producer-wide
-    flush): that needs a producer without linger, or a record would wait for it."""
+    flush), and each of its records goes out at once: no linger."""
     from streamtune.core.settings import Settings
     from streamtune.kafka.app import worker_app
 

@@ -170,6 +170,10 @@ def test_gate_rejects_a_gain_below_the_margin() -> None:
     v = gate("query_class", hl, hc, {"top1": 0.5}, {"top1": 0.5}, **GATE_ARGS, paired=paired)
     assert v.details["holdout_test"]["p_value"] < 0.01
     assert not v.passed and "below the margin 0.02" in v.reason
+    # a gain of exactly the margin is not refused for float noise (0.57 - 0.55 < 0.02 in floats)
+    hl, hc, paired = holdout("query_class", 550, 570, n=1000)
+    v = gate("query_class", hl, hc, {"top1": 0.5}, {"top1": 0.5}, **GATE_ARGS, paired=paired)
+    assert hc["top1"] - hl["top1"] < 0.02 and v.passed, v.reason
 
 
 def test_gate_rejects_a_candidate_that_forgets_the_reference_set() -> None:

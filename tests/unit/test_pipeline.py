@@ -150,6 +150,9 @@ def test_a_batch_waits_for_its_own_deliveries_only_and_a_timeout_leaves_them_alo
     asyncio.run(go())
 
 
+EARLY = Settings(early_answers=True)  # off by default (results of one product may reorder)
+
+
 class RecordingSink:
     """Redis stand-in: records the event ids each write carried."""
 
@@ -225,7 +228,7 @@ def test_the_linear_answers_are_published_before_the_transformer_scores_the_rest
     async def go() -> None:
         runtime, sink, publisher = SplittingRuntime(), RecordingSink(), CountingPublisher()
         with ThreadPoolExecutor(1) as executor:
-            proc = BatchProcessor(Settings(), runtime, executor, sink, publisher, ScorerMetrics())  # type: ignore[arg-type]
+            proc = BatchProcessor(EARLY, runtime, executor, sink, publisher, ScorerMetrics())  # type: ignore[arg-type]
             started = await proc.start("review_sentiment", _reviews(5))
             finished = asyncio.ensure_future(proc.finish(started))
             await publisher.until_sent(4)  # 3 linear answers + 1 dead letter
@@ -263,7 +266,7 @@ def test_a_linear_pass_that_fails_leaves_the_batch_to_one_pass() -> None:
     async def go() -> None:
         runtime, sink = Failing(), RecordingSink()
         with ThreadPoolExecutor(1) as executor:
-            proc = BatchProcessor(Settings(), runtime, executor, sink, Publisher(), ScorerMetrics())  # type: ignore[arg-type]
+            proc = BatchProcessor(EARLY, runtime, executor, sink, Publisher(), ScorerMetrics())  # type: ignore[arg-type]
             outcome = await proc.finish(await proc.start("review_sentiment", _reviews(3)))
         assert (outcome.scored, outcome.dead) == (3, 1) and runtime.whole_batches == 1
 

@@ -151,9 +151,11 @@ class ScorerSettings(_Group):
         " written and the next decoded; 1 runs them one at a time",
     )
     early_answers: bool = Field(
-        True,
+        False,
         description="Publish a batch's linear-stage answers before the transformer scores the rest"
-        " of it (versions with a cascade); off: the whole batch waits for the transformer",
+        " of it (versions with a cascade). Results of one product may then leave out of order"
+        " across the two paths, and drift detectors see each batch in two parts; off: the whole"
+        " batch waits for the transformer",
     )
     batch_step_timeout_s: float = Field(
         60.0,
@@ -339,8 +341,9 @@ class TrainerSettings(_Group):
         lt=0.5,
         description=(
             "Significance level of the release gate: the one-sided (1 - alpha) lower bound of the"
-            " candidate's holdout gain over live (paired bootstrap) must be above 0, the paired"
-            " randomisation test at p <= alpha, and the gain itself at least the margin"
+            " candidate's holdout gain over live (paired bootstrap) must be above 0 (above the margin"
+            " when it is negative), the paired randomisation test at p <= alpha, and the gain"
+            " itself at least the margin"
         ),
     )
     max_pending: int = Field(

@@ -5,7 +5,7 @@ events, as ``streamtune bench throughput``'s trade-off section runs each configu
     python -m streamtune.devtools.early_answers_experiment [--backend onnx-int8] [--pairs 2]
         [--out F]
 
-A full ``bench throughput`` run has both rows (``cascade`` and ``cascade-whole-batch``) but takes
+A full ``bench throughput`` run has both rows (``cascade`` and ``cascade-early-answers``) but takes
 most of an hour; this runs only them, ``--pairs`` times each, alternating (on a 2-core machine
 the first runs of a session are slower: compare the rows of one pair). Reported per run: events/s
 end to end, p50/p95/p99 latency at 50 % and 90 % of that rate, scorer CPU seconds per 1,000

@@ -34,7 +34,7 @@ def worker_app(settings: Settings, app_id: str) -> faust.App:
         value_serializer="raw",
         producer_acks=-1,
         # No linger: a batch waits for its own deliveries only (scorer/app.FaustPublisher.flush),
-        # so nothing may hold a record back until someone flushes the whole producer.
+        # and each of its records goes out at once, not after a linger.
         producer_linger=0.0,
         broker_credentials=faust_credentials(settings),
         broker_session_timeout=settings.kafka.session_timeout_s,

@@ -73,9 +73,9 @@ class FaustPublisher:
     async def flush(self, deliveries: Sequence[asyncio.Future[Any]]) -> None:
         """Wait for this batch's deliveries only. Not the producer's ``flush()``: that waits for
         every record in flight, other batches' too (an overlapping batch, a split batch's other
-        part, another agent), a serial wait between batches that share nothing. With Faust's
-        default ``producer_linger`` of 0 the sender does not hold records back, so there is
-        nothing to push out first."""
+        part, another agent), a serial wait between batches that share nothing. aiokafka's
+        flush only waits; it forces no send (its sender drains batches on its own), and Faust's
+        ``send_soon`` buffer (the session table's changelog) is flushed by every commit."""
         if deliveries:
             await asyncio.wait(deliveries)  # a cancelled wait leaves them running
             for fut in deliveries:
